@@ -1,0 +1,192 @@
+use crate::StoredEvent;
+
+/// A message ready for a broker: the result of routing one [`StoredEvent`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The topic name pattern. `{aggregatetype}` is replaced by the event's aggregate type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicTemplate(String);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TopicTemplateError {
+    #[error("the topic template is empty; use something like \"outbox.event.{{aggregatetype}}\"")]
+    Empty,
+    #[error("the topic template {0:?} has an unknown placeholder {1:?}; the only placeholder is {{aggregatetype}}")]
+    UnknownPlaceholder(String, String),
+}
+
+impl TopicTemplate {
+    /// Debezium's default: `outbox.event.<aggregatetype>`.
+    pub const DEFAULT: &'static str = "outbox.event.{aggregatetype}";
+
+    pub fn parse(template: &str) -> Result<Self, TopicTemplateError> {
+        if template.is_empty() {
+            return Err(TopicTemplateError::Empty);
+        }
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            let end = rest[start..].find('}').map(|e| start + e + 1);
+            let placeholder = &rest[start..end.unwrap_or(rest.len())];
+            if placeholder != "{aggregatetype}" {
+                return Err(TopicTemplateError::UnknownPlaceholder(
+                    template.into(),
+                    placeholder.into(),
+                ));
+            }
+            rest = &rest[start + placeholder.len()..];
+        }
+        Ok(TopicTemplate(template.into()))
+    }
+
+    pub fn render(&self, aggregate_type: &str) -> String {
+        self.0.replace("{aggregatetype}", aggregate_type)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TopicTemplate {
+    fn default() -> Self {
+        TopicTemplate(Self::DEFAULT.into())
+    }
+}
+
+/// Why an event cannot be routed. Such an event can never be published as it is, so
+/// the relay dead-letters it at once instead of retrying.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RouteError {
+    #[error("topic name {topic:?} (from aggregatetype {aggregate_type:?}) is not a legal Kafka topic name: {why}")]
+    InvalidTopic {
+        topic: String,
+        aggregate_type: String,
+        why: &'static str,
+    },
+}
+
+/// Applies DESIGN.md's routing: topic from the template, key = `aggregateid`, value =
+/// payload bytes as stored, headers `id`, `type`, `aggregatetype` and then every entry
+/// of the `headers` column.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    template: TopicTemplate,
+}
+
+impl Router {
+    pub fn new(template: TopicTemplate) -> Self {
+        Router { template }
+    }
+
+    pub fn topic_for(&self, aggregate_type: &str) -> Result<String, RouteError> {
+        let topic = self.template.render(aggregate_type);
+        if let Err(why) = check_topic_name(&topic) {
+            return Err(RouteError::InvalidTopic {
+                topic,
+                aggregate_type: aggregate_type.into(),
+                why,
+            });
+        }
+        Ok(topic)
+    }
+
+    pub fn route(&self, event: &StoredEvent) -> Result<Message, RouteError> {
+        let topic = self.topic_for(&event.aggregate_type)?;
+        let mut headers = Vec::with_capacity(3 + event.headers.len());
+        headers.push(("id".to_string(), event.id.to_string().into_bytes()));
+        headers.push(("type".to_string(), event.event_type.clone().into_bytes()));
+        headers.push((
+            "aggregatetype".to_string(),
+            event.aggregate_type.clone().into_bytes(),
+        ));
+        for (name, value) in &event.headers {
+            headers.push((name.clone(), value.clone().into_bytes()));
+        }
+        Ok(Message {
+            topic,
+            key: event.aggregate_id.clone().into_bytes(),
+            value: event.payload.clone(),
+            headers,
+        })
+    }
+}
+
+/// Kafka's rules for topic names (`org.apache.kafka.common.internals.Topic.validate`).
+fn check_topic_name(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        return Err("it is empty");
+    }
+    if topic == "." || topic == ".." {
+        return Err("\".\" and \"..\" are reserved");
+    }
+    if topic.len() > 249 {
+        return Err("it is longer than 249 characters");
+    }
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return Err("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn stored(aggregate_type: &str) -> StoredEvent {
+        StoredEvent {
+            seq: 1,
+            id: Uuid::nil(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: "42".into(),
+            event_type: "OrderCreated".into(),
+            payload: Some(br#"{"total":12}"#.to_vec()),
+            headers: vec![("traceparent".into(), "00-1-2-01".into())],
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn default_routing_matches_debezium() {
+        let message = Router::default().route(&stored("order")).unwrap();
+        assert_eq!(message.topic, "outbox.event.order");
+        assert_eq!(message.key, b"42");
+        assert_eq!(message.value.as_deref(), Some(&br#"{"total":12}"#[..]));
+        let names: Vec<_> = message.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "type", "aggregatetype", "traceparent"]);
+        assert_eq!(message.headers[0].1, Uuid::nil().to_string().into_bytes());
+        assert_eq!(message.headers[1].1, b"OrderCreated");
+    }
+
+    #[test]
+    fn template_overrides_topic() {
+        let router = Router::new(TopicTemplate::parse("{aggregatetype}.events").unwrap());
+        assert_eq!(router.route(&stored("user")).unwrap().topic, "user.events");
+    }
+
+    #[test]
+    fn unknown_placeholder_is_rejected() {
+        let err = TopicTemplate::parse("x.{aggregateid}").unwrap_err();
+        assert!(err.to_string().contains("{aggregateid}"), "{err}");
+        assert!(TopicTemplate::parse("").is_err());
+        assert!(TopicTemplate::parse("plain").is_ok());
+    }
+
+    #[test]
+    fn illegal_topic_names_are_route_errors() {
+        let err = Router::default().route(&stored("my order")).unwrap_err();
+        assert!(matches!(err, RouteError::InvalidTopic { .. }));
+        assert!(err.to_string().contains("outbox.event.my order"));
+        let long = "a".repeat(250);
+        assert!(Router::default().route(&stored(&long)).is_err());
+    }
+}

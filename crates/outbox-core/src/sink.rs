@@ -1,0 +1,62 @@
+use std::future::Future;
+
+use crate::Message;
+
+/// Whether retrying a failed delivery can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The broker was unreachable, timed out, or refused for a reason that may pass:
+    /// retry with backoff.
+    Retriable,
+    /// The message can never be accepted as it is (too large, illegal topic): dead-letter
+    /// it at once.
+    Permanent,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DeliveryError {
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+impl DeliveryError {
+    pub fn retriable(reason: impl Into<String>) -> Self {
+        DeliveryError {
+            kind: ErrorKind::Retriable,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        DeliveryError {
+            kind: ErrorKind::Permanent,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// The broker acknowledged the message durably (for Kafka: `acks=all`).
+    Delivered,
+    Failed(DeliveryError),
+}
+
+/// A message broker the relay publishes to.
+///
+/// # Contract
+/// - `publish` returns exactly one outcome per message, in the order of `messages`.
+/// - [`DeliveryOutcome::Delivered`] means the broker has acknowledged the message
+///   durably; the relay then marks the row published and will not send it again.
+///   Anything short of that must be reported as `Failed`.
+/// - Messages with the same topic and key reach the broker in the order given, across
+///   the sink's own retries. If one of them fails with a retriable error, no later
+///   message of that key in the same batch may be delivered ahead of it: the sink
+///   reports those as failed too (retriable) rather than sending them out of order.
+/// - Delivery is at-least-once: a message may reach the broker and still be reported
+///   failed (a lost acknowledgement). Consumers deduplicate by the `id` header.
+pub trait Sink: Send + Sync {
+    fn publish(&self, messages: Vec<Message>) -> impl Future<Output = Vec<DeliveryOutcome>> + Send;
+}
