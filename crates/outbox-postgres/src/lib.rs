@@ -1,0 +1,23 @@
+//! PostgreSQL side of the outbox.
+//!
+//! - [`migrate`]: creates and upgrades the outbox table (the plain contract of DESIGN.md),
+//!   its indexes and the insert notification trigger.
+//! - [`OutboxWriter`] / [`write`] / [`write_all`]: insert events with the caller's own
+//!   executor (a transaction, a connection or a pool); never begins or commits.
+//! - [`PollingStore`]: what the polling relay does to the table: fetch pending rows in
+//!   per-aggregate order, record outcomes, report statistics, manage dead letters.
+//! - [`LeaderLock`]: the advisory lock that keeps one relay active per outbox table.
+
+mod error;
+mod leader;
+mod schema;
+mod store;
+mod writer;
+
+pub use error::Error;
+pub use leader::{LeaderLock, LockHolder};
+pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
+pub use store::{DeadLetter, OnPublish, OutboxStats, PollingStore};
+pub use writer::{write, write_all, OutboxWriter};
+
+pub use outbox_core::{Event, Payload, TableRef};

@@ -1,0 +1,197 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// How missing topics are handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicSettings {
+    /// Create a missing topic through the admin API before the first send to it. Turn it
+    /// off where ACLs forbid it; sends to a missing topic are then retried until someone
+    /// creates it.
+    pub create: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            create: true,
+            partitions: 3,
+            replication_factor: 1,
+        }
+    }
+}
+
+/// The producer's settings. Secrets in `properties` (SASL passwords and the like) are
+/// never printed: `Debug` shows only their names.
+#[derive(Clone, PartialEq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`, such as `127.0.0.1:9092`.
+    pub brokers: String,
+    /// How long the producer waits to fill a batch (`linger.ms`).
+    pub linger: Duration,
+    /// The largest batch per partition in bytes (`batch.size`).
+    pub batch_bytes: u32,
+    /// How long librdkafka keeps retrying one message before reporting it failed
+    /// (`message.timeout.ms`); the relay then retries it with backoff.
+    pub message_timeout: Duration,
+    /// `compression.type`: none, gzip, snappy, lz4 or zstd.
+    pub compression: String,
+    /// Any other librdkafka property (`security.protocol`, `sasl.*`, `ssl.*`, ...).
+    pub properties: BTreeMap<String, String>,
+    pub topics: TopicSettings,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            linger: Duration::from_millis(5),
+            batch_bytes: 1_000_000,
+            message_timeout: Duration::from_secs(30),
+            compression: "none".into(),
+            properties: BTreeMap::new(),
+            topics: TopicSettings::default(),
+        }
+    }
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("linger", &self.linger)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("message_timeout", &self.message_timeout)
+            .field("compression", &self.compression)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+/// Settings that would break the relay's guarantees or cannot work.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SettingsError {
+    #[error("kafka.properties.{0} cannot be set: outbox sets it itself ({1}) because its delivery and ordering guarantees depend on it; remove it")]
+    Protected(String, &'static str),
+    #[error("kafka.properties.{0} cannot be set; use the `kafka.{1}` setting instead")]
+    UseSetting(String, &'static str),
+    #[error("kafka_brokers is empty; set it (or OUTBOX_KAFKA_BROKERS) to host:port, such as 127.0.0.1:9092")]
+    NoBrokers,
+    #[error("kafka.compression {0:?} is not one of none, gzip, snappy, lz4, zstd")]
+    Compression(String),
+}
+
+/// Properties the relay owns, and why.
+const PROTECTED: &[(&str, &str)] = &[
+    ("enable.idempotence", "true: no reordering or duplicates from producer retries"),
+    ("acks", "all: a message counts as delivered only once all in-sync replicas have it"),
+    ("request.required.acks", "all: a message counts as delivered only once all in-sync replicas have it"),
+    ("max.in.flight.requests.per.connection", "5: the most that idempotence allows while keeping order"),
+    ("max.in.flight", "5: the most that idempotence allows while keeping order"),
+    ("partitioner", "murmur2_random: the partitions a Java client would choose"),
+    ("bootstrap.servers", "from kafka_brokers"),
+    ("metadata.broker.list", "from kafka_brokers"),
+];
+
+const AS_SETTING: &[(&str, &str)] = &[
+    ("linger.ms", "linger"),
+    ("queue.buffering.max.ms", "linger"),
+    ("batch.size", "batch_bytes"),
+    ("message.timeout.ms", "message_timeout"),
+    ("delivery.timeout.ms", "message_timeout"),
+    ("compression.type", "compression"),
+    ("compression.codec", "compression"),
+];
+
+impl KafkaSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.brokers.trim().is_empty() {
+            return Err(SettingsError::NoBrokers);
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()) {
+            return Err(SettingsError::Compression(self.compression.clone()));
+        }
+        for key in self.properties.keys() {
+            if let Some((_, why)) = PROTECTED.iter().find(|(name, _)| name == key) {
+                return Err(SettingsError::Protected(key.clone(), why));
+            }
+            if let Some((_, setting)) = AS_SETTING.iter().find(|(name, _)| name == key) {
+                return Err(SettingsError::UseSetting(key.clone(), setting));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connection and security properties, shared by the producer and the admin client.
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    pub(crate) fn producer_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("batch.size", self.batch_bytes.to_string())
+            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            .set("compression.type", &self.compression);
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guarantees_cannot_be_configured_away() {
+        let mut settings = KafkaSettings::default();
+        settings.properties.insert("acks".into(), "1".into());
+        let err = settings.validate().unwrap_err();
+        assert!(matches!(err, SettingsError::Protected(ref k, _) if k == "acks"));
+        assert!(err.to_string().contains("remove it"));
+    }
+
+    #[test]
+    fn dedicated_settings_are_pointed_to() {
+        let mut settings = KafkaSettings::default();
+        settings.properties.insert("linger.ms".into(), "50".into());
+        assert_eq!(
+            settings.validate().unwrap_err(),
+            SettingsError::UseSetting("linger.ms".into(), "linger")
+        );
+    }
+
+    #[test]
+    fn producer_config_is_idempotent_and_java_compatible() {
+        let config = KafkaSettings::default().producer_config();
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(config.get("linger.ms"), Some("5"));
+    }
+
+    #[test]
+    fn debug_hides_property_values() {
+        let mut settings = KafkaSettings::default();
+        settings
+            .properties
+            .insert("sasl.password".into(), "hunter2".into());
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("sasl.password"));
+        assert!(!shown.contains("hunter2"));
+    }
+}

@@ -1,0 +1,245 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::future::join_all;
+use outbox_core::{DeliveryError, DeliveryOutcome, Message, Sink};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tracing::{info, warn};
+
+use crate::classify::delivery_error;
+use crate::KafkaSettings;
+
+/// Kafka could not be reached or configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Settings(#[from] crate::SettingsError),
+    #[error("librdkafka refused the configuration: {0}; check kafka.properties")]
+    Client(KafkaError),
+    #[error("cannot reach the Kafka brokers {brokers} within {timeout:?}: {source}; check kafka_brokers (OUTBOX_KAFKA_BROKERS) and that the broker is running (scripts/services start)")]
+    Unreachable {
+        brokers: String,
+        timeout: Duration,
+        source: KafkaError,
+    },
+}
+
+/// Publishes outbox messages to Kafka. See [`outbox_core::Sink`] for the contract.
+pub struct KafkaSink {
+    settings: KafkaSettings,
+    producer: RwLock<Arc<FutureProducer>>,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist, so the admin API is asked once per topic.
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl KafkaSink {
+    /// Builds the producer and admin client. Does not contact the brokers; see
+    /// [`KafkaSink::check_connection`].
+    pub fn new(settings: KafkaSettings) -> Result<Self, ConnectError> {
+        settings.validate()?;
+        let producer = settings
+            .producer_config()
+            .create::<FutureProducer>()
+            .map_err(ConnectError::Client)?;
+        let admin = settings
+            .client_config()
+            .create::<AdminClient<DefaultClientContext>>()
+            .map_err(ConnectError::Client)?;
+        Ok(KafkaSink {
+            settings,
+            producer: RwLock::new(Arc::new(producer)),
+            admin,
+            known_topics: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Fetches cluster metadata once, to fail fast with a clear message when the brokers
+    /// are unreachable.
+    pub async fn check_connection(&self, timeout: Duration) -> Result<(), ConnectError> {
+        let producer = self.producer();
+        let result = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|_| ())
+        })
+        .await
+        .expect("metadata task does not panic");
+        result.map_err(|source| ConnectError::Unreachable {
+            brokers: self.settings.brokers.clone(),
+            timeout,
+            source,
+        })
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// Replaces a producer that hit a fatal error (for example a broken idempotence
+    /// sequence). Its undelivered messages were already reported failed, so the relay
+    /// sends them again with the new producer.
+    fn renew_producer_if_fatal(&self, producer: &FutureProducer) {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
+            match self.settings.producer_config().create::<FutureProducer>() {
+                Ok(fresh) => *self.producer.write().expect("producer lock") = Arc::new(fresh),
+                Err(err) => warn!(%err, "could not create a new Kafka producer"),
+            }
+        }
+    }
+
+    /// Makes sure each topic exists. Returns the topics that cannot be used, with the
+    /// error to report for their messages.
+    async fn ensure_topics(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
+        let missing: Vec<&str> = {
+            let known = self.known_topics.lock().expect("topics lock");
+            topics.iter().copied().filter(|t| !known.contains(*t)).collect()
+        };
+        let mut failed = HashMap::new();
+        if missing.is_empty() {
+            return failed;
+        }
+        if !self.settings.topics.create {
+            // Without creation rights, a send to a missing topic fails with "unknown
+            // topic" and is retried with backoff until the topic appears.
+            self.known_topics
+                .lock()
+                .expect("topics lock")
+                .extend(missing.iter().map(|t| t.to_string()));
+            return failed;
+        }
+        let new_topics: Vec<NewTopic> = missing
+            .iter()
+            .map(|topic| {
+                NewTopic::new(
+                    topic,
+                    self.settings.topics.partitions,
+                    TopicReplication::Fixed(self.settings.topics.replication_factor),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match self.admin.create_topics(&new_topics, &options).await {
+            Ok(results) => {
+                for result in results {
+                    match result {
+                        Ok(topic) => {
+                            info!(%topic, partitions = self.settings.topics.partitions, "created topic");
+                            self.known_topics.lock().expect("topics lock").insert(topic);
+                        }
+                        Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                            self.known_topics.lock().expect("topics lock").insert(topic);
+                        }
+                        Err((topic, code)) => {
+                            let err = KafkaError::AdminOp(code);
+                            let mut error = delivery_error(&err);
+                            error.reason = format!("cannot create topic {topic:?}: {}", error.reason);
+                            warn!(%topic, reason = %error.reason, "topic creation failed");
+                            failed.insert(topic, error);
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                for topic in missing {
+                    failed.insert(
+                        topic.to_string(),
+                        DeliveryError::retriable(format!("cannot create topic {topic:?}: {err}")),
+                    );
+                }
+            }
+        }
+        failed
+    }
+}
+
+impl Sink for KafkaSink {
+    async fn publish(&self, messages: Vec<Message>) -> Vec<DeliveryOutcome> {
+        let mut topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        let failed_topics = self.ensure_topics(&topics).await;
+
+        let producer = self.producer();
+        let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
+        let mut pending = Vec::with_capacity(messages.len());
+        // Keys whose earlier message could not be enqueued: their later messages must
+        // not overtake it (the Sink contract), so they are not sent in this batch.
+        let mut held: HashSet<(&str, &[u8])> = HashSet::new();
+        for (index, message) in messages.iter().enumerate() {
+            if let Some(error) = failed_topics.get(&message.topic) {
+                outcomes[index] = Some(DeliveryOutcome::Failed(error.clone()));
+                continue;
+            }
+            let key = (message.topic.as_str(), message.key.as_slice());
+            if held.contains(&key) {
+                outcomes[index] = Some(DeliveryOutcome::Failed(DeliveryError::retriable(
+                    "held back behind an earlier event of the same aggregate that failed",
+                )));
+                continue;
+            }
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::to(&message.topic)
+                .key(&message.key)
+                .headers(headers);
+            if let Some(value) = &message.value {
+                record = record.payload(value);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push((index, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // The local queue is full: let deliveries drain, then try again.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((err, _)) => {
+                        let error = delivery_error(&err);
+                        if error.kind == outbox_core::ErrorKind::Retriable {
+                            held.insert(key);
+                        }
+                        outcomes[index] = Some(DeliveryOutcome::Failed(error));
+                        break;
+                    }
+                }
+            }
+        }
+
+        let (indexes, deliveries): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+        for (index, result) in indexes.into_iter().zip(join_all(deliveries).await) {
+            outcomes[index] = Some(match result {
+                Ok(Ok(_)) => DeliveryOutcome::Delivered,
+                Ok(Err((err, _))) => DeliveryOutcome::Failed(delivery_error(&err)),
+                Err(_canceled) => DeliveryOutcome::Failed(DeliveryError::retriable(
+                    "the producer was dropped before the broker answered",
+                )),
+            });
+        }
+        self.renew_producer_if_fatal(&producer);
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every message has an outcome"))
+            .collect()
+    }
+}
+
+impl KafkaSink {
+    /// Waits until every message handed to the producer has been acknowledged or has
+    /// failed, at most `timeout`.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer().flush(timeout);
+    }
+}

@@ -1,0 +1,96 @@
+//! One active relay per outbox table, by a session-level advisory lock.
+//!
+//! The lock lives as long as the connection that took it: when a relay dies, Postgres
+//! closes its session and releases the lock, and a standby polling for it takes over.
+
+use chrono::{DateTime, Utc};
+use outbox_core::TableRef;
+use sqlx::{PgConnection, Row};
+
+use crate::Error;
+
+/// First key of the two-key advisory lock form: "outb" in ASCII, so our locks are easy to
+/// tell apart in `pg_locks`.
+const LOCK_CLASS: i32 = 0x6f75_7462;
+
+/// The relay leadership lock of one outbox table.
+#[derive(Debug, Clone)]
+pub struct LeaderLock {
+    name: String,
+}
+
+/// The session that holds a leadership lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockHolder {
+    pub pid: i32,
+    pub application_name: String,
+    pub client_addr: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl LeaderLock {
+    pub fn new(table: &TableRef) -> Self {
+        LeaderLock {
+            name: format!("outbox.relay:{table}"),
+        }
+    }
+
+    /// Takes the lock on `conn` if it is free. The lock is held until `conn` closes or
+    /// [`LeaderLock::release`] is called on the same connection.
+    pub async fn try_acquire(&self, conn: &mut PgConnection) -> Result<bool, Error> {
+        Ok(
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                .bind(LOCK_CLASS)
+                .bind(&self.name)
+                .fetch_one(&mut *conn)
+                .await?,
+        )
+    }
+
+    pub async fn release(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(&self.name)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// True if the session of `conn` still holds the lock (false after the database
+    /// restarted or terminated the session).
+    pub async fn is_held(&self, conn: &mut PgConnection) -> Result<bool, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+                   AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2)",
+        )
+        .bind(LOCK_CLASS)
+        .bind(&self.name)
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+
+    /// Who holds the lock now, if anyone.
+    pub async fn holder(&self, conn: &mut PgConnection) -> Result<Option<LockHolder>, Error> {
+        let row = sqlx::query(
+            "SELECT a.pid, a.application_name, a.client_addr::text AS client_addr,
+                    a.backend_start
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND l.classid = $1::int4::oid AND l.objid = hashtext($2)::oid AND l.objsubid = 2",
+        )
+        .bind(LOCK_CLASS)
+        .bind(&self.name)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|row| {
+            Ok(LockHolder {
+                pid: row.try_get("pid")?,
+                application_name: row.try_get("application_name")?,
+                client_addr: row.try_get("client_addr")?,
+                since: row.try_get("backend_start")?,
+            })
+        })
+        .transpose()
+    }
+}

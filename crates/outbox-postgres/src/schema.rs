@@ -1,0 +1,203 @@
+//! Embedded, versioned migrations of the outbox table. Table and schema names are
+//! configurable, so the SQL is rendered from the [`TableRef`] with quoted identifiers.
+
+use outbox_core::{quote_ident, TableRef};
+use sqlx::{Acquire, PgConnection};
+
+use crate::Error;
+
+/// The schema version this build creates and expects.
+pub const LATEST_VERSION: i32 = 1;
+
+/// How the `payload` column stores the message value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadType {
+    /// `jsonb`: JSON payloads (published as JSON text).
+    #[default]
+    Jsonb,
+    /// `bytea`: opaque bytes, published as written.
+    Bytea,
+}
+
+impl PayloadType {
+    pub fn sql_type(self) -> &'static str {
+        match self {
+            PayloadType::Jsonb => "jsonb",
+            PayloadType::Bytea => "bytea",
+        }
+    }
+}
+
+fn migrations_table(table: &TableRef) -> String {
+    table.derived_qualified("migrations")
+}
+
+/// Quotes a string literal for SQL (only used for names we render into DDL).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The SQL of migration `version`, or `None` past the latest.
+fn migration_sql(version: i32, table: &TableRef, payload: PayloadType) -> Option<String> {
+    let t = table.qualified();
+    let pending = "published_at IS NULL AND dead_lettered_at IS NULL";
+    match version {
+        1 => Some(format!(
+            r#"
+CREATE TABLE {t} (
+    -- The contract: any writer, in any language, inserts these columns.
+    id              uuid        PRIMARY KEY,
+    aggregatetype   text        NOT NULL,
+    aggregateid     text        NOT NULL,
+    type            text        NOT NULL,
+    payload         {payload_type},
+    headers         jsonb,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- The relay's bookkeeping: writers leave these to their defaults.
+    seq             bigint      GENERATED ALWAYS AS IDENTITY,
+    published_at    timestamptz,
+    attempts        integer     NOT NULL DEFAULT 0,
+    last_error      text,
+    next_attempt_at timestamptz,
+    dead_lettered_at timestamptz
+);
+CREATE INDEX {pending_idx} ON {t} (seq) WHERE {pending};
+CREATE INDEX {backoff_idx} ON {t} (next_attempt_at) WHERE {pending} AND next_attempt_at IS NOT NULL;
+CREATE INDEX {published_idx} ON {t} (published_at) WHERE published_at IS NOT NULL;
+CREATE INDEX {dead_idx} ON {t} (dead_lettered_at) WHERE dead_lettered_at IS NOT NULL;
+CREATE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- One notification per statement; Postgres folds repeats within a transaction
+    -- and delivers them at commit, which is exactly when the rows become visible.
+    PERFORM pg_notify({channel}, '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER {notify_trigger} AFTER INSERT ON {t}
+    FOR EACH STATEMENT EXECUTE FUNCTION {notify_fn}();
+"#,
+            payload_type = payload.sql_type(),
+            pending_idx = table.derived("pending_idx"),
+            backoff_idx = table.derived("backoff_idx"),
+            published_idx = table.derived("published_idx"),
+            dead_idx = table.derived("dead_letter_idx"),
+            notify_fn = table.derived_qualified("notify"),
+            notify_trigger = table.derived("notify"),
+            channel = quote_literal(&table.notify_channel()),
+        )),
+        _ => None,
+    }
+}
+
+/// Creates or upgrades the outbox table, its indexes and its notification trigger.
+/// Safe to run twice and from several processes at once (it serializes on an advisory
+/// lock). `payload` only matters when the table is created.
+///
+/// Returns the versions applied by this call (empty when already up to date).
+pub async fn migrate(
+    conn: &mut PgConnection,
+    table: &TableRef,
+    payload: PayloadType,
+) -> Result<Vec<i32>, Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("outbox.migrate:{table}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        quote_ident(&table.schema)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            version    integer     PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+        migrations_table(table)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let current: i32 = sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(version), 0) FROM {}",
+        migrations_table(table)
+    ))
+    .fetch_one(&mut *tx)
+    .await?;
+    if current > LATEST_VERSION {
+        return Err(Error::SchemaTooNew {
+            table: table.clone(),
+            found: current,
+            known: LATEST_VERSION,
+        });
+    }
+    let mut applied = Vec::new();
+    for version in current + 1..=LATEST_VERSION {
+        let sql = migration_sql(version, table, payload).expect("versions up to LATEST exist");
+        sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {} (version) VALUES ($1)",
+            migrations_table(table)
+        ))
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        applied.push(version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The schema version of `table`: `None` when the table was never migrated.
+pub async fn schema_version(conn: &mut PgConnection, table: &TableRef) -> Result<Option<i32>, Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table.derived_qualified("migrations"))
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    let version: Option<i32> = sqlx::query_scalar(&format!(
+        "SELECT max(version) FROM {}",
+        migrations_table(table)
+    ))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(version)
+}
+
+/// Checks that `table` exists at the version this build expects.
+pub(crate) async fn check_version(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
+    match schema_version(conn, table).await? {
+        None => Err(Error::TableMissing {
+            table: table.clone(),
+        }),
+        Some(found) if found < LATEST_VERSION => Err(Error::SchemaOutdated {
+            table: table.clone(),
+            found,
+            needed: LATEST_VERSION,
+        }),
+        Some(found) if found > LATEST_VERSION => Err(Error::SchemaTooNew {
+            table: table.clone(),
+            found,
+            known: LATEST_VERSION,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_sql_quotes_every_name() {
+        let table = TableRef::new("app's", "out\"box").unwrap();
+        let sql = migration_sql(1, &table, PayloadType::Bytea).unwrap();
+        assert!(sql.contains(r#"CREATE TABLE "app's"."out""box""#), "{sql}");
+        assert!(sql.contains("payload         bytea"));
+        assert!(sql.contains(r#"pg_notify('outbox:app''s.out"box', '')"#), "{sql}");
+        assert!(migration_sql(LATEST_VERSION + 1, &table, PayloadType::Jsonb).is_none());
+    }
+}

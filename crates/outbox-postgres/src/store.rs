@@ -1,0 +1,406 @@
+//! The polling relay's view of the outbox table.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{Action, StoredEvent, TableRef};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{Acquire, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::schema::check_version;
+use crate::{Error, PayloadType};
+
+/// What happens to a row once the broker acknowledged its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnPublish {
+    /// Set `published_at`; rows are purged after the retention period.
+    #[default]
+    Mark,
+    /// Delete the row at once.
+    Delete,
+}
+
+/// Counts an operator looks at first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxStats {
+    /// Rows neither published nor dead-lettered.
+    pub pending: i64,
+    /// Age of the oldest pending row, in seconds (0 when none).
+    pub oldest_pending_age_secs: f64,
+    /// Pending rows waiting for a retry after a failed delivery.
+    pub retrying: i64,
+    pub dead_lettered: i64,
+}
+
+/// A dead-lettered event and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// The queries of the polling relay, prepared for one outbox table.
+#[derive(Debug, Clone)]
+pub struct PollingStore {
+    table: TableRef,
+    fetch_sql: String,
+}
+
+const PENDING: &str = "published_at IS NULL AND dead_lettered_at IS NULL";
+
+impl PollingStore {
+    /// Checks the table (exists, migrated, readable and writable by this role) and
+    /// prepares the store's queries for its payload type.
+    pub async fn open(conn: &mut PgConnection, table: TableRef) -> Result<Self, Error> {
+        check_version(conn, &table).await?;
+        check_privileges(conn, &table).await?;
+        let payload_type: String = sqlx::query_scalar(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = to_regclass($1) AND attname = 'payload' AND NOT attisdropped",
+        )
+        .bind(table.qualified())
+        .fetch_one(&mut *conn)
+        .await?;
+        let payload_type = if payload_type == "bytea" {
+            PayloadType::Bytea
+        } else {
+            PayloadType::Jsonb
+        };
+        Ok(PollingStore {
+            fetch_sql: fetch_sql(&table, payload_type),
+            table,
+        })
+    }
+
+    pub fn table(&self) -> &TableRef {
+        &self.table
+    }
+
+    /// The next pending events, at most `limit`, in `seq` order.
+    ///
+    /// Selects by state (unpublished), never by a high-water mark, so a transaction
+    /// that commits late with a low `seq` is still found. Skips every aggregate that has
+    /// an event waiting for a retry, so its later events cannot overtake it; the other
+    /// aggregates keep flowing.
+    pub async fn fetch_pending(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let rows = sqlx::query(&self.fetch_sql)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    /// Records the outcome of a batch in one transaction. Returns the number of rows
+    /// marked published (or deleted).
+    pub async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        actions: &[Action],
+        on_publish: OnPublish,
+    ) -> Result<u64, Error> {
+        let mut published: Vec<Uuid> = Vec::new();
+        let mut retry = RowUpdates::default();
+        let mut dead = RowUpdates::default();
+        for action in actions {
+            match action {
+                Action::Published { id } => published.push(*id),
+                Action::Retry {
+                    id,
+                    attempts,
+                    backoff,
+                    error,
+                } => retry.push(*id, *attempts, *backoff, error),
+                Action::DeadLetter {
+                    id,
+                    attempts,
+                    error,
+                } => dead.push(*id, *attempts, Duration::ZERO, error),
+            }
+        }
+        let t = self.table.qualified();
+        let mut tx = conn.begin().await?;
+        let mut done = 0;
+        if !published.is_empty() {
+            let sql = match on_publish {
+                OnPublish::Mark => format!(
+                    "UPDATE {t} SET published_at = now(), next_attempt_at = NULL WHERE id = ANY($1)"
+                ),
+                OnPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            };
+            done = sqlx::query(&sql)
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if !retry.ids.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE {t} SET attempts = u.attempts, last_error = u.error,
+                     next_attempt_at = now() + u.backoff_ms * interval '1 millisecond'
+                 FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[])
+                      AS u(id, attempts, backoff_ms, error)
+                 WHERE {t}.id = u.id"
+            ))
+            .bind(&retry.ids)
+            .bind(&retry.attempts)
+            .bind(&retry.backoff_ms)
+            .bind(&retry.errors)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !dead.ids.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE {t} SET attempts = u.attempts, last_error = u.error,
+                     dead_lettered_at = now(), next_attempt_at = NULL
+                 FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempts, error)
+                 WHERE {t}.id = u.id"
+            ))
+            .bind(&dead.ids)
+            .bind(&dead.attempts)
+            .bind(&dead.errors)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Deletes published rows older than `retention`, in chunks so no statement holds
+    /// locks for long. Returns the number of rows deleted.
+    pub async fn purge_published(
+        &self,
+        conn: &mut PgConnection,
+        retention: Duration,
+    ) -> Result<u64, Error> {
+        const CHUNK: i64 = 10_000;
+        let t = self.table.qualified();
+        let sql = format!(
+            "DELETE FROM {t} WHERE id IN (
+                 SELECT id FROM {t}
+                 WHERE published_at IS NOT NULL
+                   AND published_at < now() - $1 * interval '1 millisecond'
+                 LIMIT $2)"
+        );
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(&sql)
+                .bind(retention.as_millis() as i64)
+                .bind(CHUNK)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            total += deleted;
+            if deleted < CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub async fn stats(&self, conn: &mut PgConnection) -> Result<OutboxStats, Error> {
+        let t = self.table.qualified();
+        let row = sqlx::query(&format!(
+            "SELECT count(*) AS pending,
+                    coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest,
+                    count(*) FILTER (WHERE next_attempt_at IS NOT NULL) AS retrying
+             FROM {t} WHERE {PENDING}"
+        ))
+        .fetch_one(&mut *conn)
+        .await?;
+        let dead_lettered: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {t} WHERE dead_lettered_at IS NOT NULL"
+        ))
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(OutboxStats {
+            pending: row.try_get("pending")?,
+            oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+            retrying: row.try_get("retrying")?,
+            dead_lettered,
+        })
+    }
+
+    /// Dead letters, oldest first.
+    pub async fn dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, aggregatetype, aggregateid, type, attempts, last_error, created_at,
+                    dead_lettered_at
+             FROM {} WHERE dead_lettered_at IS NOT NULL
+             ORDER BY dead_lettered_at, seq LIMIT $1",
+            self.table.qualified()
+        ))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: row.try_get("id")?,
+                    aggregate_type: row.try_get("aggregatetype")?,
+                    aggregate_id: row.try_get("aggregateid")?,
+                    event_type: row.try_get("type")?,
+                    attempts: row.try_get("attempts")?,
+                    last_error: row.try_get("last_error")?,
+                    created_at: row.try_get("created_at")?,
+                    dead_lettered_at: row.try_get("dead_lettered_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts dead letters back in the queue with a fresh attempt count: those with the
+    /// given ids, or all of them when `ids` is `None`. Returns how many.
+    pub async fn retry_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        ids: Option<&[Uuid]>,
+    ) -> Result<u64, Error> {
+        let t = self.table.qualified();
+        let reset = "dead_lettered_at = NULL, attempts = 0, next_attempt_at = NULL";
+        let result = match ids {
+            Some(ids) => {
+                sqlx::query(&format!(
+                    "UPDATE {t} SET {reset} WHERE dead_lettered_at IS NOT NULL AND id = ANY($1)"
+                ))
+                .bind(ids)
+                .execute(&mut *conn)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "UPDATE {t} SET {reset} WHERE dead_lettered_at IS NOT NULL"
+                ))
+                .execute(&mut *conn)
+                .await?
+            }
+        };
+        Ok(result.rows_affected())
+    }
+}
+
+fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {
+    let t = table.qualified();
+    let payload = match payload_type {
+        PayloadType::Jsonb => "convert_to(o.payload::text, 'UTF8')",
+        PayloadType::Bytea => "o.payload",
+    };
+    format!(
+        "WITH blocked AS (
+             SELECT DISTINCT aggregatetype, aggregateid FROM {t}
+             WHERE {PENDING} AND next_attempt_at > now()
+         )
+         SELECT o.seq, o.id, o.aggregatetype, o.aggregateid, o.type,
+                {payload} AS payload, o.headers, o.attempts
+         FROM {t} o
+         WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL
+           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND NOT EXISTS (SELECT 1 FROM blocked b
+                           WHERE b.aggregatetype = o.aggregatetype
+                             AND b.aggregateid = o.aggregateid)
+         ORDER BY o.seq
+         LIMIT $1"
+    )
+}
+
+fn stored_event(row: &PgRow) -> Result<StoredEvent, Error> {
+    let headers: Option<Json<serde_json::Value>> = row.try_get("headers")?;
+    Ok(StoredEvent {
+        seq: row.try_get("seq")?,
+        id: row.try_get("id")?,
+        aggregate_type: row.try_get("aggregatetype")?,
+        aggregate_id: row.try_get("aggregateid")?,
+        event_type: row.try_get("type")?,
+        payload: row.try_get("payload")?,
+        headers: headers.map(|h| header_entries(h.0)).unwrap_or_default(),
+        attempts: row.try_get("attempts")?,
+    })
+}
+
+/// The `headers` column as header entries: an object's string values as they are, other
+/// values as JSON text. Anything but an object is carried whole under `headers`, so a
+/// malformed column never drops information.
+fn header_entries(value: serde_json::Value) -> Vec<(String, String)> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => (name, s),
+                other => (name, other.to_string()),
+            })
+            .collect(),
+        serde_json::Value::Null => Vec::new(),
+        other => vec![("headers".to_string(), other.to_string())],
+    }
+}
+
+#[derive(Default)]
+struct RowUpdates {
+    ids: Vec<Uuid>,
+    attempts: Vec<i32>,
+    backoff_ms: Vec<i64>,
+    errors: Vec<String>,
+}
+
+impl RowUpdates {
+    fn push(&mut self, id: Uuid, attempts: i32, backoff: Duration, error: &str) {
+        self.ids.push(id);
+        self.attempts.push(attempts);
+        self.backoff_ms.push(backoff.as_millis() as i64);
+        self.errors.push(error.to_string());
+    }
+}
+
+async fn check_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
+    for privilege in ["SELECT", "UPDATE", "DELETE"] {
+        let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
+            .bind(table.qualified())
+            .bind(privilege)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !granted {
+            let role: String = sqlx::query_scalar("SELECT current_user::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            return Err(Error::MissingPrivilege {
+                role_quoted: outbox_core::quote_ident(&role),
+                role,
+                privilege,
+                table: table.clone(),
+                qualified: table.qualified(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_objects_become_entries() {
+        let entries = header_entries(serde_json::json!({"traceparent": "00-1", "n": 3}));
+        assert!(entries.contains(&("traceparent".into(), "00-1".into())));
+        assert!(entries.contains(&("n".into(), "3".into())));
+        assert_eq!(header_entries(serde_json::Value::Null), vec![]);
+        assert_eq!(
+            header_entries(serde_json::json!([1, 2])),
+            vec![("headers".to_string(), "[1,2]".to_string())]
+        );
+    }
+}

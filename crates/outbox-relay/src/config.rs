@@ -1,0 +1,499 @@
+//! Configuration: defaults, then the TOML file (`--config`), then `OUTBOX_*` environment
+//! variables (nested keys with `__`: `OUTBOX_DELIVERY__MAX_ATTEMPTS=5`), then flags.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use outbox_core::{RetryPolicy, Router, TableRef, TopicTemplate};
+use outbox_kafka::{KafkaSettings, TopicSettings};
+use outbox_postgres::OnPublish;
+use serde::{Deserialize, Serialize};
+
+use crate::RelayError;
+
+/// The configuration as written by the user (file, environment, flags).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL URL, such as `postgres://outbox@127.0.0.1:5432/app`.
+    pub database_url: Option<DatabaseUrl>,
+    /// Kafka bootstrap servers, such as `127.0.0.1:9092`.
+    pub kafka_brokers: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub table: TableSection,
+    #[serde(default)]
+    pub polling: PollingSection,
+    #[serde(default)]
+    pub delivery: DeliverySection,
+    #[serde(default)]
+    pub topics: TopicsSection,
+    #[serde(default)]
+    pub kafka: KafkaSection,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Polling,
+    Cdc,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableSection {
+    pub schema: String,
+    pub name: String,
+}
+
+impl Default for TableSection {
+    fn default() -> Self {
+        let table = TableRef::default();
+        TableSection {
+            schema: table.schema,
+            name: table.name,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollingSection {
+    /// Rows fetched and published per batch.
+    pub batch_size: u32,
+    /// Fallback poll interval when no insert notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for PollingSection {
+    fn default() -> Self {
+        PollingSection {
+            batch_size: 1000,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// `mark` (set published_at, purge after `retention`) or `delete`.
+    pub on_publish: OnPublishSetting,
+    /// How long published rows are kept when `on_publish = "mark"`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Attempts before an event is dead-lettered.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        let retry = RetryPolicy::default();
+        DeliverySection {
+            on_publish: OnPublishSetting::Mark,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: retry.max_attempts,
+            initial_backoff: retry.initial_backoff,
+            max_backoff: retry.max_backoff,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPublishSetting {
+    #[default]
+    Mark,
+    Delete,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsSection {
+    /// Topic name; `{aggregatetype}` is replaced by the event's aggregate type.
+    pub template: String,
+    /// Create missing topics through the admin API.
+    pub create: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Default for TopicsSection {
+    fn default() -> Self {
+        let topics = TopicSettings::default();
+        TopicsSection {
+            template: TopicTemplate::DEFAULT.into(),
+            create: topics.create,
+            partitions: topics.partitions,
+            replication_factor: topics.replication_factor,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    pub batch_bytes: u32,
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    pub compression: String,
+    /// Extra librdkafka properties (security, SASL, TLS...).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        let kafka = KafkaSettings::default();
+        KafkaSection {
+            linger: kafka.linger,
+            batch_bytes: kafka.batch_bytes,
+            message_timeout: kafka.message_timeout,
+            compression: kafka.compression,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Address of `/metrics` and `/healthz`, or `off`. Port 0 picks a free port.
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// A PostgreSQL URL whose password never appears in `Debug` or `Display`.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            Err(_) => "<unparseable URL>".into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), RelayError> {
+        let url = url::Url::parse(&self.0).map_err(|err| {
+            RelayError::Config(format!(
+                "database_url is not a valid URL ({err}); write it as postgres://USER[:PASSWORD]@HOST:PORT/DATABASE (flag --database-url or OUTBOX_DATABASE_URL)"
+            ))
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(RelayError::Config(format!(
+                "database_url has scheme {:?}, expected postgres:// (flag --database-url or OUTBOX_DATABASE_URL)",
+                url.scheme()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Settings given as command-line flags; they override the file and the environment.
+#[derive(Debug, Default, Serialize)]
+pub struct ConfigOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_brokers: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpOverride>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HttpOverride {
+    pub listen: String,
+}
+
+impl Config {
+    /// Reads the file (if any), then the environment, then the flags.
+    pub fn load(file: Option<&Path>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
+        Config::load_from(file, Env::prefixed("OUTBOX_").split("__"), overrides)
+    }
+
+    fn load_from(
+        file: Option<&Path>,
+        env: Env,
+        overrides: &ConfigOverrides,
+    ) -> Result<Config, RelayError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(RelayError::Config(format!(
+                    "config file {} does not exist; pass the path of a TOML file to --config",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(env).merge(Serialized::globals(overrides));
+        figment.extract().map_err(|err| RelayError::Config(describe(err)))
+    }
+
+    /// Validates the settings and turns them into what the relay runs with.
+    pub fn resolve(self) -> Result<RelayConfig, RelayError> {
+        let database_url = self.database_url.ok_or_else(|| {
+            RelayError::Config(
+                "database_url is not set; pass --database-url, set OUTBOX_DATABASE_URL, or put database_url in the config file".into(),
+            )
+        })?;
+        database_url.validate()?;
+        let table = TableRef::new(&self.table.schema, &self.table.name)
+            .map_err(|err| RelayError::Config(format!("table: {err}")))?;
+        let template = TopicTemplate::parse(&self.topics.template)
+            .map_err(|err| RelayError::Config(format!("topics.template: {err}")))?;
+        if self.polling.batch_size == 0 {
+            return Err(RelayError::Config(
+                "polling.batch_size is 0; set it to at least 1 (1000 is a good start)".into(),
+            ));
+        }
+        if self.delivery.max_attempts == 0 {
+            return Err(RelayError::Config(
+                "delivery.max_attempts is 0; set it to at least 1".into(),
+            ));
+        }
+        if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
+            return Err(RelayError::Config(
+                "topics.partitions and topics.replication_factor must be at least 1".into(),
+            ));
+        }
+        let http_listen = match self.http.listen.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse::<SocketAddr>().map_err(|_| {
+                RelayError::Config(format!(
+                    "http.listen {addr:?} is not an address such as 127.0.0.1:9464 (or \"off\"); set it in the config file or OUTBOX_HTTP__LISTEN"
+                ))
+            })?),
+        };
+        let kafka = KafkaSettings {
+            brokers: self.kafka_brokers.unwrap_or_default(),
+            linger: self.kafka.linger,
+            batch_bytes: self.kafka.batch_bytes,
+            message_timeout: self.kafka.message_timeout,
+            compression: self.kafka.compression,
+            properties: self.kafka.properties,
+            topics: TopicSettings {
+                create: self.topics.create,
+                partitions: self.topics.partitions,
+                replication_factor: self.topics.replication_factor,
+            },
+        };
+        Ok(RelayConfig {
+            database_url,
+            mode: self.mode,
+            table,
+            batch_size: self.polling.batch_size,
+            poll_interval: self.polling.interval,
+            on_publish: match self.delivery.on_publish {
+                OnPublishSetting::Mark => OnPublish::Mark,
+                OnPublishSetting::Delete => OnPublish::Delete,
+            },
+            retention: self.delivery.retention,
+            retry: RetryPolicy {
+                max_attempts: self.delivery.max_attempts,
+                initial_backoff: self.delivery.initial_backoff,
+                max_backoff: self.delivery.max_backoff,
+            },
+            router: Router::new(template),
+            kafka,
+            http_listen,
+            standby_interval: Duration::from_secs(1),
+        })
+    }
+}
+
+/// Renders a figment error as one line that names the key and where it came from.
+fn describe(err: figment::Error) -> String {
+    let mut lines = Vec::new();
+    for err in err {
+        let source = err
+            .metadata
+            .as_ref()
+            .map(|m| match &m.source {
+                Some(source) => format!("{} ({source})", m.name),
+                None => m.name.to_string(),
+            })
+            .unwrap_or_else(|| "configuration".into());
+        let key = if err.path.is_empty() {
+            String::new()
+        } else {
+            format!(" at key `{}`", err.path.join("."))
+        };
+        let hint = match &err.kind {
+            figment::error::Kind::UnknownField(field, _) => format!(
+                "; remove or correct it (in the environment, OUTBOX_{} is read as the key `{}`)",
+                field.to_uppercase(),
+                field
+            ),
+            _ => String::new(),
+        };
+        lines.push(format!("bad configuration in {source}{key}: {}{hint}", err.kind));
+    }
+    lines.join("\n")
+}
+
+/// Validated settings of a relay run.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub database_url: DatabaseUrl,
+    pub mode: Mode,
+    pub table: TableRef,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    pub on_publish: OnPublish,
+    pub retention: Duration,
+    pub retry: RetryPolicy,
+    pub router: Router,
+    pub kafka: KafkaSettings,
+    pub http_listen: Option<SocketAddr>,
+    /// How often a standby tries to take the leadership lock.
+    pub standby_interval: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load(jail: &Jail, file: Option<&str>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
+        let path = file.map(|f| jail.directory().join(f));
+        Config::load_from(path.as_deref(), Env::prefixed("OUTBOX_").split("__"), overrides)
+    }
+
+    #[test]
+    fn flags_override_environment_which_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "outbox.toml",
+                r#"
+                database_url = "postgres://file@localhost/db"
+                kafka_brokers = "file:9092"
+                [delivery]
+                max_attempts = 3
+                "#,
+            )?;
+            jail.set_env("OUTBOX_KAFKA_BROKERS", "env:9092");
+            jail.set_env("OUTBOX_DELIVERY__MAX_ATTEMPTS", "7");
+            let overrides = ConfigOverrides {
+                database_url: Some("postgres://flag@localhost/db".into()),
+                ..ConfigOverrides::default()
+            };
+            let config = load(jail, Some("outbox.toml"), &overrides).unwrap().resolve().unwrap();
+            assert_eq!(config.database_url.expose(), "postgres://flag@localhost/db");
+            assert_eq!(config.kafka.brokers, "env:9092");
+            assert_eq!(config.retry.max_attempts, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("outbox.toml", "[polling]\nbatch_sise = 10\n")?;
+            let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(err.is_config());
+            assert!(text.contains("batch_sise"), "{text}");
+            assert!(text.contains("outbox.toml"), "{text}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("OUTBOX_BROKERS", "x");
+            let err = load(jail, None, &ConfigOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("OUTBOX_BROKERS"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "outbox.toml",
+                "database_url = \"postgres://localhost/db\"\n[polling]\ninterval = \"250ms\"\n[delivery]\nretention = \"3d\"\n",
+            )?;
+            let config = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(config.poll_interval, Duration::from_millis(250));
+            assert_eq!(config.retention, Duration::from_secs(3 * 24 * 3600));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn malformed_url_is_explained_without_the_password() {
+        let config = Config {
+            database_url: Some(DatabaseUrl::new("mysql://u:s3cret@host/db")),
+            ..Config::default()
+        };
+        let err = config.resolve().unwrap_err().to_string();
+        assert!(err.contains("database_url"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let url = DatabaseUrl::new("postgres://u:s3cret@host/db");
+        assert_eq!(url.to_string(), "postgres://u:***@host/db");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn missing_database_url_says_how_to_set_it() {
+        let err = Config::default().resolve().unwrap_err().to_string();
+        assert!(err.contains("OUTBOX_DATABASE_URL"), "{err}");
+    }
+}
