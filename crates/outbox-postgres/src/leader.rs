@@ -73,7 +73,7 @@ impl LeaderLock {
     /// Who holds the lock now, if anyone.
     pub async fn holder(&self, conn: &mut PgConnection) -> Result<Option<LockHolder>, Error> {
         let row = sqlx::query(
-            "SELECT a.pid, a.application_name, a.client_addr::text AS client_addr,
+            "SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr,
                     a.backend_start
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
              WHERE l.locktype = 'advisory' AND l.granted

@@ -263,12 +263,18 @@ pub struct HttpOverride {
 impl Config {
     /// Reads the file (if any), then the environment, then the flags.
     pub fn load(file: Option<&Path>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
-        Config::load_from(file, Env::prefixed("OUTBOX_").split("__"), overrides)
+        Config::load_from(file, Some(Env::prefixed("OUTBOX_").split("__")), overrides)
+    }
+
+    /// Reads the file and the flags only, ignoring the environment (for programs that
+    /// embed the relay and for tests).
+    pub fn load_file_only(file: &Path, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
+        Config::load_from(Some(file), None, overrides)
     }
 
     fn load_from(
         file: Option<&Path>,
-        env: Env,
+        env: Option<Env>,
         overrides: &ConfigOverrides,
     ) -> Result<Config, RelayError> {
         let mut figment = Figment::new();
@@ -281,7 +287,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(env).merge(Serialized::globals(overrides));
+        if let Some(env) = env {
+            figment = figment.merge(env);
+        }
+        figment = figment.merge(Serialized::globals(overrides));
         figment.extract().map_err(|err| RelayError::Config(describe(err)))
     }
 
@@ -412,7 +421,7 @@ mod tests {
 
     fn load(jail: &Jail, file: Option<&str>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
         let path = file.map(|f| jail.directory().join(f));
-        Config::load_from(path.as_deref(), Env::prefixed("OUTBOX_").split("__"), overrides)
+        Config::load_from(path.as_deref(), Some(Env::prefixed("OUTBOX_").split("__")), overrides)
     }
 
     #[test]

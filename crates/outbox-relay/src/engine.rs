@@ -102,6 +102,14 @@ pub async fn run_with_metrics(
     result
 }
 
+/// Opens one connection for the administrative commands (migrate, status, dead
+/// letters), with the same messages as the relay when the database cannot be reached.
+pub async fn connect(config: &RelayConfig) -> Result<PgConnection, RelayError> {
+    PgConnection::connect_with(&connect_options(config)?)
+        .await
+        .map_err(|err| unreachable_database(config, &err))
+}
+
 fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError> {
     let options = PgConnectOptions::from_str(config.database_url.expose()).map_err(|err| {
         RelayError::Config(format!(

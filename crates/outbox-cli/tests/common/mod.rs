@@ -1,0 +1,430 @@
+//! Shared helpers of the integration tests. Every test gets its own database and its
+//! own topics on the real PostgreSQL and Kafka that `scripts/services start` runs.
+//!
+//! OUTBOX_DATABASE_URL (an admin URL; default postgres://postgres@127.0.0.1:5432/postgres)
+//! and OUTBOX_KAFKA_BROKERS (default 127.0.0.1:9092) point the tests elsewhere.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use outbox::{Event, TableRef};
+use outbox_relay::{Config, ConfigOverrides, RelayConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn admin_url() -> String {
+    std::env::var("OUTBOX_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A database of its own, migrated, plus a topic prefix of its own.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    /// Topic template: `t<uuid>.{aggregatetype}`.
+    pub template: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        TestDb::with_payload(outbox::PayloadType::Jsonb).await
+    }
+
+    pub async fn with_payload(payload: outbox::PayloadType) -> TestDb {
+        let db = TestDb::unmigrated().await;
+        let mut conn = db.pool.acquire().await.unwrap();
+        outbox::migrate(&mut conn, &TableRef::default(), payload)
+            .await
+            .unwrap();
+        drop(conn);
+        db
+    }
+
+    /// A fresh database without the outbox table.
+    pub async fn unmigrated() -> TestDb {
+        let suffix = Uuid::new_v4().simple().to_string();
+        let name = format!("outbox_test_{}", &suffix[..16]);
+        let mut admin = PgConnection::connect(&admin_url()).await.expect(
+            "cannot reach PostgreSQL; start it with scripts/services start",
+        );
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let options = PgConnectOptions::from_str(&admin_url())
+            .unwrap()
+            .database(&name)
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let url = {
+            let mut url = url::Url::parse(&admin_url()).unwrap();
+            url.set_path(&name);
+            url.to_string()
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(options)
+            .await
+            .unwrap();
+        TestDb {
+            name,
+            url,
+            pool,
+            template: format!("t{}.{{aggregatetype}}", &suffix[..12]),
+        }
+    }
+
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        self.template.replace("{aggregatetype}", aggregate_type)
+    }
+
+    /// Relay settings for an in-process relay on this database and these topics.
+    pub fn relay_config(&self, extra_toml: &str) -> RelayConfig {
+        let toml = format!(
+            "database_url = {:?}\nkafka_brokers = {:?}\n{extra_toml}\n[topics]\ntemplate = {:?}\n[http]\nlisten = \"off\"\n",
+            self.url,
+            brokers(),
+            self.template
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.toml");
+        std::fs::write(&path, toml).unwrap();
+        // Without the environment: the test process' OUTBOX_* point at the admin database.
+        Config::load_file_only(&path, &ConfigOverrides::default())
+            .unwrap()
+            .resolve()
+            .unwrap()
+    }
+
+    pub async fn write(&self, events: &[Event]) {
+        let mut tx = self.pool.begin().await.unwrap();
+        outbox::write_all(&mut *tx, events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// (id, aggregateid, seq) of every row, in seq order.
+    pub async fn rows(&self) -> Vec<(Uuid, String, i64)> {
+        sqlx::query_as("SELECT id, aggregateid, seq FROM outbox ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn pending(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_lettered_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until nothing is pending, at most `timeout`.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = self.pending().await;
+            if pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pending} events still pending after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+/// An in-process relay; cancel `shutdown` and await `handle` to stop it.
+pub struct InProcessRelay {
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), outbox_relay::RelayError>>,
+}
+
+impl InProcessRelay {
+    pub fn start(config: RelayConfig) -> InProcessRelay {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
+        InProcessRelay { shutdown, handle }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("relay stops within 60 s")
+            .unwrap()
+            .expect("relay ends cleanly");
+    }
+}
+
+/// A message as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Received {
+    pub fn id(&self) -> Uuid {
+        self.headers["id"].parse().expect("id header is a UUID")
+    }
+}
+
+/// Reads `topics` from the beginning until `done` says so or `timeout` passes. Waits
+/// for topics that do not exist yet.
+pub async fn consume_until<F>(topics: Vec<String>, timeout: Duration, done: F) -> Vec<Received>
+where
+    F: Fn(&[Received]) -> bool + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || consume_blocking(&topics, timeout, done))
+        .await
+        .unwrap()
+}
+
+/// Reads until every id in `ids` has been seen (or `timeout`).
+pub async fn consume_ids(topics: Vec<String>, ids: &[Uuid], timeout: Duration) -> Vec<Received> {
+    let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    consume_until(topics, timeout, move |received| {
+        let seen: HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
+        wanted.is_subset(&seen)
+    })
+    .await
+}
+
+fn consume_blocking<F: Fn(&[Received]) -> bool>(
+    topics: &[String],
+    timeout: Duration,
+    done: F,
+) -> Vec<Received> {
+    let deadline = Instant::now() + timeout;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("test-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        loop {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok();
+            let partitions = metadata.as_ref().and_then(|m| {
+                m.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+            });
+            match partitions {
+                Some(n) if n > 0 => {
+                    for p in 0..n as i32 {
+                        assignment
+                            .add_partition_offset(topic, p, Offset::Beginning)
+                            .unwrap();
+                    }
+                    break;
+                }
+                _ if Instant::now() > deadline => {
+                    return Vec::new();
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut received = Vec::new();
+    while Instant::now() < deadline && !done(&received) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = message.headers() {
+                    for header in h.iter() {
+                        headers.insert(
+                            header.key.to_string(),
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                received.push(Received {
+                    topic: message.topic().to_string(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                    value: message.payload().map(|p| p.to_vec()),
+                    headers,
+                });
+            }
+            Some(Err(err)) => eprintln!("consumer: {err}"),
+            None => {}
+        }
+    }
+    received
+}
+
+/// The audit every delivery test ends with: every committed event arrived, and each
+/// aggregate's events arrived in commit order once repeated ids are dropped.
+#[derive(Debug)]
+pub struct Audit {
+    pub committed: usize,
+    pub received: usize,
+    pub distinct: usize,
+    pub duplicates: usize,
+    pub missing: Vec<Uuid>,
+    pub order_violations: Vec<String>,
+}
+
+pub fn audit(rows: &[(Uuid, String, i64)], received: &[Received]) -> Audit {
+    // Within a partition the consumer sees offset order; one aggregate is one key, so
+    // one partition. Keep the first sighting of each id.
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    let mut duplicates = 0;
+    let mut by_aggregate: HashMap<String, Vec<Uuid>> = HashMap::new();
+    let mut ordered: Vec<&Received> = received.iter().collect();
+    ordered.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    for message in ordered {
+        let id = message.id();
+        if !seen.insert(id) {
+            duplicates += 1;
+            continue;
+        }
+        by_aggregate.entry(message.key.clone()).or_default().push(id);
+    }
+    let missing: Vec<Uuid> = rows
+        .iter()
+        .filter(|(id, _, _)| !seen.contains(id))
+        .map(|(id, _, _)| *id)
+        .collect();
+    let mut expected: HashMap<&str, Vec<Uuid>> = HashMap::new();
+    for (id, aggregate, _) in rows {
+        expected.entry(aggregate.as_str()).or_default().push(*id);
+    }
+    let mut order_violations = Vec::new();
+    for (aggregate, want) in &expected {
+        let got: Vec<Uuid> = by_aggregate
+            .get(*aggregate)
+            .map(|ids| ids.iter().filter(|id| want.contains(id)).copied().collect())
+            .unwrap_or_default();
+        let want_present: Vec<Uuid> = want.iter().filter(|id| seen.contains(id)).copied().collect();
+        if got != want_present {
+            order_violations.push(format!(
+                "aggregate {aggregate}: expected {} events in commit order, got them in another order",
+                want_present.len()
+            ));
+        }
+    }
+    Audit {
+        committed: rows.len(),
+        received: received.len(),
+        distinct: seen.len(),
+        duplicates,
+        missing,
+        order_violations,
+    }
+}
+
+impl Audit {
+    pub fn assert_complete_and_ordered(&self) {
+        eprintln!(
+            "audit: committed={} received={} distinct={} duplicates={} missing={} order_violations={}",
+            self.committed,
+            self.received,
+            self.distinct,
+            self.duplicates,
+            self.missing.len(),
+            self.order_violations.len()
+        );
+        assert!(self.missing.is_empty(), "{} committed events never arrived, first: {:?}", self.missing.len(), &self.missing[..self.missing.len().min(5)]);
+        assert!(self.order_violations.is_empty(), "order violations: {:?}", &self.order_violations[..self.order_violations.len().min(5)]);
+    }
+}
+
+/// The real `outbox` binary relaying `db`.
+pub fn spawn_relay(db: &TestDb, log: &std::path::Path, extra_env: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command
+        .arg("relay")
+        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env("OUTBOX_KAFKA_BROKERS", brokers())
+        .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
+        .env("OUTBOX_HTTP__LISTEN", "off")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the outbox binary starts")
+}
+
+pub fn sigkill(child: &mut Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+pub fn sigterm(child: &Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+/// Runs `scripts/services ARGS...` and asserts it succeeded.
+pub fn services(args: &[&str]) {
+    let status = Command::new(repo_root().join("scripts/services"))
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/services {args:?} failed");
+}
+
+/// An `OrderCreated`-like event with a JSON payload carrying its sequence number.
+pub fn event(aggregate_type: &str, aggregate_id: &str, n: usize) -> Event {
+    Event::new(
+        aggregate_type,
+        aggregate_id,
+        "Tested",
+        serde_json::json!({ "n": n, "aggregate": aggregate_id }),
+    )
+}
