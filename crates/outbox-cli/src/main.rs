@@ -14,7 +14,11 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "outbox", version, about = "Reliable event publishing from a PostgreSQL outbox table to Kafka")]
+#[command(
+    name = "outbox",
+    version,
+    about = "Reliable event publishing from a PostgreSQL outbox table to Kafka"
+)]
 struct Cli {
     /// TOML configuration file. Environment variables OUTBOX_* override it; flags override both.
     #[arg(long, global = true, value_name = "FILE")]
@@ -150,7 +154,11 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg) -> Result<(), RelayE
         .await
         .map_err(privilege_is_config)?;
     if applied.is_empty() {
-        println!("{} is up to date (schema version {})", config.table, outbox_postgres::LATEST_VERSION);
+        println!(
+            "{} is up to date (schema version {})",
+            config.table,
+            outbox_postgres::LATEST_VERSION
+        );
     } else {
         println!("{}: applied schema version(s) {:?}", config.table, applied);
     }
@@ -196,7 +204,9 @@ async fn relay(config: RelayConfig) -> Result<(), RelayError> {
     outbox_relay::run(config, shutdown).await
 }
 
-async fn open_store(config: &RelayConfig) -> Result<(sqlx::PgConnection, PollingStore), RelayError> {
+async fn open_store(
+    config: &RelayConfig,
+) -> Result<(sqlx::PgConnection, PollingStore), RelayError> {
     let mut conn = outbox_relay::engine::connect(config).await?;
     let store = PollingStore::open(&mut conn, config.table.clone())
         .await
@@ -232,7 +242,11 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
     println!(
         "  dead letters:  {}{}",
         stats.dead_lettered,
-        if stats.dead_lettered > 0 { "  (outbox dead-letters list)" } else { "" }
+        if stats.dead_lettered > 0 {
+            "  (outbox dead-letters list)"
+        } else {
+            ""
+        }
     );
     match holder {
         Some(h) => println!(
@@ -285,11 +299,17 @@ async fn list_dead_letters(config: &RelayConfig, limit: i64, json: bool) -> Resu
             d.last_error.as_deref().unwrap_or("(no reason recorded)")
         );
     }
-    println!("{} dead letter(s); `outbox dead-letters retry ID...` or `--all` queues them again", letters.len());
+    println!(
+        "{} dead letter(s); `outbox dead-letters retry ID...` or `--all` queues them again",
+        letters.len()
+    );
     Ok(())
 }
 
-async fn retry_dead_letters(config: &RelayConfig, ids: Option<Vec<Uuid>>) -> Result<(), RelayError> {
+async fn retry_dead_letters(
+    config: &RelayConfig,
+    ids: Option<Vec<Uuid>>,
+) -> Result<(), RelayError> {
     let (mut conn, store) = open_store(config).await?;
     let count = store.retry_dead_letters(&mut conn, ids.as_deref()).await?;
     println!("queued {count} dead letter(s) for delivery again");

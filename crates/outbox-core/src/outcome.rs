@@ -170,9 +170,15 @@ mod tests {
         let actions = plan_batch(
             &RetryPolicy::default(),
             &events,
-            &[permanent(), DeliveryOutcome::Delivered, DeliveryOutcome::Delivered],
+            &[
+                permanent(),
+                DeliveryOutcome::Delivered,
+                DeliveryOutcome::Delivered,
+            ],
         );
-        assert!(matches!(&actions[0], Action::DeadLetter { attempts: 1, error, .. } if error == "too large"));
+        assert!(
+            matches!(&actions[0], Action::DeadLetter { attempts: 1, error, .. } if error == "too large")
+        );
         assert!(matches!(actions[1], Action::Published { .. }));
         assert!(matches!(actions[2], Action::Published { .. }));
     }
@@ -211,9 +217,14 @@ mod tests {
         };
         let actions = plan_batch(&policy, &[event("a", 1, 2)], &[retriable()]);
         match &actions[0] {
-            Action::DeadLetter { attempts, error, .. } => {
+            Action::DeadLetter {
+                attempts, error, ..
+            } => {
                 assert_eq!(*attempts, 3);
-                assert!(error.contains("gave up after 3 attempts: broker down"), "{error}");
+                assert!(
+                    error.contains("gave up after 3 attempts: broker down"),
+                    "{error}"
+                );
             }
             other => panic!("expected a dead letter, got {other:?}"),
         }

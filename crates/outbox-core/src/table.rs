@@ -12,7 +12,9 @@ pub struct TableRef {
 pub enum TableRefError {
     #[error("the {what} name is empty; set it to a table or schema name such as \"outbox\"")]
     Empty { what: &'static str },
-    #[error("the {what} name {name:?} is longer than PostgreSQL's 63-byte limit; choose a shorter name")]
+    #[error(
+        "the {what} name {name:?} is longer than PostgreSQL's 63-byte limit; choose a shorter name"
+    )]
     TooLong { what: &'static str, name: String },
     #[error("the {what} name {name:?} contains a NUL character; choose another name")]
     Nul { what: &'static str, name: String },

@@ -88,12 +88,30 @@ pub enum SettingsError {
 
 /// Properties the relay owns, and why.
 const PROTECTED: &[(&str, &str)] = &[
-    ("enable.idempotence", "true: no reordering or duplicates from producer retries"),
-    ("acks", "all: a message counts as delivered only once all in-sync replicas have it"),
-    ("request.required.acks", "all: a message counts as delivered only once all in-sync replicas have it"),
-    ("max.in.flight.requests.per.connection", "5: the most that idempotence allows while keeping order"),
-    ("max.in.flight", "5: the most that idempotence allows while keeping order"),
-    ("partitioner", "murmur2_random: the partitions a Java client would choose"),
+    (
+        "enable.idempotence",
+        "true: no reordering or duplicates from producer retries",
+    ),
+    (
+        "acks",
+        "all: a message counts as delivered only once all in-sync replicas have it",
+    ),
+    (
+        "request.required.acks",
+        "all: a message counts as delivered only once all in-sync replicas have it",
+    ),
+    (
+        "max.in.flight.requests.per.connection",
+        "5: the most that idempotence allows while keeping order",
+    ),
+    (
+        "max.in.flight",
+        "5: the most that idempotence allows while keeping order",
+    ),
+    (
+        "partitioner",
+        "murmur2_random: the partitions a Java client would choose",
+    ),
     ("bootstrap.servers", "from kafka_brokers"),
     ("metadata.broker.list", "from kafka_brokers"),
 ];
@@ -109,10 +127,8 @@ const AS_SETTING: &[(&str, &str)] = &[
 ];
 
 impl KafkaSettings {
+    /// Checks everything but the brokers (which only the relay needs).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        if self.brokers.trim().is_empty() {
-            return Err(SettingsError::NoBrokers);
-        }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()) {
             return Err(SettingsError::Compression(self.compression.clone()));
         }
@@ -146,7 +162,10 @@ impl KafkaSettings {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set("batch.size", self.batch_bytes.to_string())
-            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
             .set("compression.type", &self.compression);
         config
     }

@@ -43,6 +43,9 @@ impl KafkaSink {
     /// [`KafkaSink::check_connection`].
     pub fn new(settings: KafkaSettings) -> Result<Self, ConnectError> {
         settings.validate()?;
+        if settings.brokers.trim().is_empty() {
+            return Err(crate::SettingsError::NoBrokers.into());
+        }
         let producer = settings
             .producer_config()
             .create::<FutureProducer>()
@@ -97,7 +100,11 @@ impl KafkaSink {
     async fn ensure_topics(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
         let missing: Vec<&str> = {
             let known = self.known_topics.lock().expect("topics lock");
-            topics.iter().copied().filter(|t| !known.contains(*t)).collect()
+            topics
+                .iter()
+                .copied()
+                .filter(|t| !known.contains(*t))
+                .collect()
         };
         let mut failed = HashMap::new();
         if missing.is_empty() {
@@ -137,7 +144,8 @@ impl KafkaSink {
                         Err((topic, code)) => {
                             let err = KafkaError::AdminOp(code);
                             let mut error = delivery_error(&err);
-                            error.reason = format!("cannot create topic {topic:?}: {}", error.reason);
+                            error.reason =
+                                format!("cannot create topic {topic:?}: {}", error.reason);
                             warn!(%topic, reason = %error.reason, "topic creation failed");
                             failed.insert(topic, error);
                         }

@@ -150,7 +150,10 @@ pub async fn migrate(
 }
 
 /// The schema version of `table`: `None` when the table was never migrated.
-pub async fn schema_version(conn: &mut PgConnection, table: &TableRef) -> Result<Option<i32>, Error> {
+pub async fn schema_version(
+    conn: &mut PgConnection,
+    table: &TableRef,
+) -> Result<Option<i32>, Error> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(table.derived_qualified("migrations"))
         .fetch_one(&mut *conn)
@@ -197,7 +200,10 @@ mod tests {
         let sql = migration_sql(1, &table, PayloadType::Bytea).unwrap();
         assert!(sql.contains(r#"CREATE TABLE "app's"."out""box""#), "{sql}");
         assert!(sql.contains("payload         bytea"));
-        assert!(sql.contains(r#"pg_notify('outbox:app''s.out"box', '')"#), "{sql}");
+        assert!(
+            sql.contains(r#"pg_notify('outbox:app''s.out"box', '')"#),
+            "{sql}"
+        );
         assert!(migration_sql(LATEST_VERSION + 1, &table, PayloadType::Jsonb).is_none());
     }
 }

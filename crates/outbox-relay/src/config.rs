@@ -291,7 +291,9 @@ impl Config {
             figment = figment.merge(env);
         }
         figment = figment.merge(Serialized::globals(overrides));
-        figment.extract().map_err(|err| RelayError::Config(describe(err)))
+        figment
+            .extract()
+            .map_err(|err| RelayError::Config(describe(err)))
     }
 
     /// Validates the settings and turns them into what the relay runs with.
@@ -342,6 +344,9 @@ impl Config {
                 replication_factor: self.topics.replication_factor,
             },
         };
+        kafka
+            .validate()
+            .map_err(|err| RelayError::Config(err.to_string()))?;
         Ok(RelayConfig {
             database_url,
             mode: self.mode,
@@ -391,7 +396,10 @@ fn describe(err: figment::Error) -> String {
             ),
             _ => String::new(),
         };
-        lines.push(format!("bad configuration in {source}{key}: {}{hint}", err.kind));
+        lines.push(format!(
+            "bad configuration in {source}{key}: {}{hint}",
+            err.kind
+        ));
     }
     lines.join("\n")
 }
@@ -419,9 +427,17 @@ mod tests {
     use super::*;
     use figment::Jail;
 
-    fn load(jail: &Jail, file: Option<&str>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
+    fn load(
+        jail: &Jail,
+        file: Option<&str>,
+        overrides: &ConfigOverrides,
+    ) -> Result<Config, RelayError> {
         let path = file.map(|f| jail.directory().join(f));
-        Config::load_from(path.as_deref(), Some(Env::prefixed("OUTBOX_").split("__")), overrides)
+        Config::load_from(
+            path.as_deref(),
+            Some(Env::prefixed("OUTBOX_").split("__")),
+            overrides,
+        )
     }
 
     #[test]
@@ -442,7 +458,10 @@ mod tests {
                 database_url: Some("postgres://flag@localhost/db".into()),
                 ..ConfigOverrides::default()
             };
-            let config = load(jail, Some("outbox.toml"), &overrides).unwrap().resolve().unwrap();
+            let config = load(jail, Some("outbox.toml"), &overrides)
+                .unwrap()
+                .resolve()
+                .unwrap();
             assert_eq!(config.database_url.expose(), "postgres://flag@localhost/db");
             assert_eq!(config.kafka.brokers, "env:9092");
             assert_eq!(config.retry.max_attempts, 7);

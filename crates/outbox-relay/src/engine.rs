@@ -61,7 +61,10 @@ pub async fn run_with_metrics(
         .await
         .map_err(|err| unreachable_database(&config, &err))?;
     let store = {
-        let mut conn = pool.acquire().await.map_err(|err| unreachable_database(&config, &err))?;
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(|err| unreachable_database(&config, &err))?;
         PollingStore::open(&mut conn, config.table.clone())
             .await
             .map_err(|err| match err {
@@ -69,7 +72,8 @@ pub async fn run_with_metrics(
                 other => RelayError::Config(other.to_string()),
             })?
     };
-    let sink = KafkaSink::new(config.kafka.clone()).map_err(|e| RelayError::Config(e.to_string()))?;
+    let sink =
+        KafkaSink::new(config.kafka.clone()).map_err(|e| RelayError::Config(e.to_string()))?;
     sink.check_connection(Duration::from_secs(10))
         .await
         .map_err(|e| RelayError::Config(e.to_string()))?;
@@ -145,7 +149,11 @@ enum LeadEnd {
 }
 
 impl PollingRelay<'_> {
-    async fn run(&self, connect: PgConnectOptions, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    async fn run(
+        &self,
+        connect: PgConnectOptions,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
         let lock = LeaderLock::new(&self.config.table);
         let mut announced_standby = false;
         while !shutdown.is_cancelled() {
@@ -205,7 +213,12 @@ impl PollingRelay<'_> {
 
     /// Waits as a standby until the lock is ours (true) or the connection or the run
     /// ended (false: reconnect or stop).
-    async fn standby(&self, conn: &mut PgConnection, lock: &LeaderLock, shutdown: &CancellationToken) -> bool {
+    async fn standby(
+        &self,
+        conn: &mut PgConnection,
+        lock: &LeaderLock,
+        shutdown: &CancellationToken,
+    ) -> bool {
         loop {
             sleep_or_shutdown(self.config.standby_interval, shutdown).await;
             if shutdown.is_cancelled() {
@@ -239,7 +252,11 @@ impl PollingRelay<'_> {
             }
             if self.config.on_publish == OnPublish::Mark && Instant::now() >= next_purge {
                 next_purge = Instant::now() + PURGE_INTERVAL;
-                match self.store.purge_published(conn, self.config.retention).await {
+                match self
+                    .store
+                    .purge_published(conn, self.config.retention)
+                    .await
+                {
                     Ok(0) => {}
                     Ok(purged) => info!(purged, "purged published rows past their retention"),
                     Err(err) => return LeadEnd::Lost(err.into()),
@@ -289,7 +306,9 @@ impl PollingRelay<'_> {
                     sent.push(index);
                 }
                 Err(err) => {
-                    outcomes[index] = Some(DeliveryOutcome::Failed(DeliveryError::permanent(err.to_string())));
+                    outcomes[index] = Some(DeliveryOutcome::Failed(DeliveryError::permanent(
+                        err.to_string(),
+                    )));
                 }
             }
         }
@@ -304,7 +323,9 @@ impl PollingRelay<'_> {
             .map(|o| o.expect("every event has an outcome"))
             .collect();
         let actions = plan_batch(&self.config.retry, &events, &outcomes);
-        self.store.apply(conn, &actions, self.config.on_publish).await?;
+        self.store
+            .apply(conn, &actions, self.config.on_publish)
+            .await?;
         self.record(&actions, &outcomes);
         self.metrics
             .batch_duration
@@ -321,10 +342,19 @@ impl PollingRelay<'_> {
             }
             match action {
                 Action::Published { .. } => published += 1,
-                Action::Retry { id, attempts, backoff, error } => {
+                Action::Retry {
+                    id,
+                    attempts,
+                    backoff,
+                    error,
+                } => {
                     debug!(%id, attempts, ?backoff, %error, "will retry");
                 }
-                Action::DeadLetter { id, attempts, error } => {
+                Action::DeadLetter {
+                    id,
+                    attempts,
+                    error,
+                } => {
                     self.metrics.dead_lettered.inc();
                     warn!(%id, attempts, %error, "event dead-lettered; see `outbox dead-letters list`");
                 }
@@ -337,7 +367,12 @@ impl PollingRelay<'_> {
                 DeliveryOutcome::Failed(err) => Some(err.reason.as_str()),
                 DeliveryOutcome::Delivered => None,
             });
-            warn!(failed, published, reason = first.unwrap_or(""), "some deliveries failed");
+            warn!(
+                failed,
+                published,
+                reason = first.unwrap_or(""),
+                "some deliveries failed"
+            );
         }
     }
 }
@@ -361,7 +396,9 @@ async fn refresh_stats(
         match stats {
             Ok(stats) => {
                 metrics.pending.set(stats.pending);
-                metrics.oldest_pending_age.set(stats.oldest_pending_age_secs);
+                metrics
+                    .oldest_pending_age
+                    .set(stats.oldest_pending_age_secs);
                 metrics.retrying.set(stats.retrying);
                 metrics.dead_letters.set(stats.dead_lettered);
             }

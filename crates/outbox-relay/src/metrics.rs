@@ -35,21 +35,37 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::with_opts(Opts::new(name, help)).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
-        let published = counter(PUBLISHED_TOTAL, "Events acknowledged by the broker and marked published.");
-        let delivery_failures = counter(DELIVERY_FAILURES_TOTAL, "Failed delivery attempts (each will be retried or dead-lettered).");
+        let published = counter(
+            PUBLISHED_TOTAL,
+            "Events acknowledged by the broker and marked published.",
+        );
+        let delivery_failures = counter(
+            DELIVERY_FAILURES_TOTAL,
+            "Failed delivery attempts (each will be retried or dead-lettered).",
+        );
         let dead_lettered = counter(DEAD_LETTERED_TOTAL, "Events dead-lettered by this relay.");
         let pending = gauge(PENDING, "Rows neither published nor dead-lettered.");
-        let retrying = gauge(RETRYING, "Pending rows waiting for a retry after a failed delivery.");
+        let retrying = gauge(
+            RETRYING,
+            "Pending rows waiting for a retry after a failed delivery.",
+        );
         let dead_letters = gauge(DEAD_LETTERS, "Dead-lettered rows in the table.");
-        let active = gauge(ACTIVE, "1 while this relay holds the leadership lock, 0 as a standby.");
+        let active = gauge(
+            ACTIVE,
+            "1 while this relay holds the leadership lock, 0 as a standby.",
+        );
         let oldest_pending_age = prometheus::Gauge::with_opts(Opts::new(
             OLDEST_PENDING_AGE,
             "Age of the oldest pending row.",
@@ -59,8 +75,13 @@ impl Metrics {
             .register(Box::new(oldest_pending_age.clone()))
             .expect("unique metric");
         let batch_duration = Histogram::with_opts(
-            HistogramOpts::new(BATCH_DURATION, "Time from fetching a batch to recording its outcome.")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            HistogramOpts::new(
+                BATCH_DURATION,
+                "Time from fetching a batch to recording its outcome.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
         )
         .expect("valid metric");
         registry
@@ -105,7 +126,15 @@ mod tests {
         let metrics = Metrics::new();
         metrics.published.inc_by(3);
         let text = metrics.render();
-        for name in [PUBLISHED_TOTAL, DELIVERY_FAILURES_TOTAL, DEAD_LETTERED_TOTAL, PENDING, OLDEST_PENDING_AGE, BATCH_DURATION, ACTIVE] {
+        for name in [
+            PUBLISHED_TOTAL,
+            DELIVERY_FAILURES_TOTAL,
+            DEAD_LETTERED_TOTAL,
+            PENDING,
+            OLDEST_PENDING_AGE,
+            BATCH_DURATION,
+            ACTIVE,
+        ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains("outbox_events_published_total 3"));

@@ -63,9 +63,9 @@ impl TestDb {
     pub async fn unmigrated() -> TestDb {
         let suffix = Uuid::new_v4().simple().to_string();
         let name = format!("outbox_test_{}", &suffix[..16]);
-        let mut admin = PgConnection::connect(&admin_url()).await.expect(
-            "cannot reach PostgreSQL; start it with scripts/services start",
-        );
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("cannot reach PostgreSQL; start it with scripts/services start");
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
@@ -156,9 +156,12 @@ impl TestDb {
     pub async fn drop_db(self) {
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&mut admin)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await;
         }
     }
 }
@@ -207,7 +210,7 @@ impl Received {
 /// for topics that do not exist yet.
 pub async fn consume_until<F>(topics: Vec<String>, timeout: Duration, done: F) -> Vec<Received>
 where
-    F: Fn(&[Received]) -> bool + Send + 'static,
+    F: FnMut(&[Received]) -> bool + Send + 'static,
 {
     tokio::task::spawn_blocking(move || consume_blocking(&topics, timeout, done))
         .await
@@ -216,18 +219,22 @@ where
 
 /// Reads until every id in `ids` has been seen (or `timeout`).
 pub async fn consume_ids(topics: Vec<String>, ids: &[Uuid], timeout: Duration) -> Vec<Received> {
-    let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    let mut wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    let mut checked = 0;
     consume_until(topics, timeout, move |received| {
-        let seen: HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
-        wanted.is_subset(&seen)
+        for message in &received[checked..] {
+            wanted.remove(&message.id());
+        }
+        checked = received.len();
+        wanted.is_empty()
     })
     .await
 }
 
-fn consume_blocking<F: Fn(&[Received]) -> bool>(
+fn consume_blocking<F: FnMut(&[Received]) -> bool>(
     topics: &[String],
     timeout: Duration,
-    done: F,
+    mut done: F,
 ) -> Vec<Received> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = ClientConfig::new()
@@ -314,14 +321,18 @@ pub fn audit(rows: &[(Uuid, String, i64)], received: &[Received]) -> Audit {
     let mut duplicates = 0;
     let mut by_aggregate: HashMap<String, Vec<Uuid>> = HashMap::new();
     let mut ordered: Vec<&Received> = received.iter().collect();
-    ordered.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    ordered
+        .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     for message in ordered {
         let id = message.id();
         if !seen.insert(id) {
             duplicates += 1;
             continue;
         }
-        by_aggregate.entry(message.key.clone()).or_default().push(id);
+        by_aggregate
+            .entry(message.key.clone())
+            .or_default()
+            .push(id);
     }
     let missing: Vec<Uuid> = rows
         .iter()
@@ -338,7 +349,11 @@ pub fn audit(rows: &[(Uuid, String, i64)], received: &[Received]) -> Audit {
             .get(*aggregate)
             .map(|ids| ids.iter().filter(|id| want.contains(id)).copied().collect())
             .unwrap_or_default();
-        let want_present: Vec<Uuid> = want.iter().filter(|id| seen.contains(id)).copied().collect();
+        let want_present: Vec<Uuid> = want
+            .iter()
+            .filter(|id| seen.contains(id))
+            .copied()
+            .collect();
         if got != want_present {
             order_violations.push(format!(
                 "aggregate {aggregate}: expected {} events in commit order, got them in another order",
@@ -367,8 +382,17 @@ impl Audit {
             self.missing.len(),
             self.order_violations.len()
         );
-        assert!(self.missing.is_empty(), "{} committed events never arrived, first: {:?}", self.missing.len(), &self.missing[..self.missing.len().min(5)]);
-        assert!(self.order_violations.is_empty(), "order violations: {:?}", &self.order_violations[..self.order_violations.len().min(5)]);
+        assert!(
+            self.missing.is_empty(),
+            "{} committed events never arrived, first: {:?}",
+            self.missing.len(),
+            &self.missing[..self.missing.len().min(5)]
+        );
+        assert!(
+            self.order_violations.is_empty(),
+            "order violations: {:?}",
+            &self.order_violations[..self.order_violations.len().min(5)]
+        );
     }
 }
 

@@ -1,0 +1,208 @@
+//! Bad configuration: each case exits with code 2 and one message that names the
+//! setting and what to do, and no secret appears in the output.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+const SECRET: &str = "pa55-w0rd-never-printed";
+
+fn outbox(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command.args(args).env("OUTBOX_HTTP__LISTEN", "off");
+    // The test environment's own OUTBOX_* must not leak into these cases.
+    command
+        .env_remove("OUTBOX_DATABASE_URL")
+        .env_remove("OUTBOX_KAFKA_BROKERS");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().unwrap()
+}
+
+fn expect_config_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit code 2 expected; stderr:\n{stderr}"
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains(SECRET) && !stdout.contains(SECRET),
+        "a secret leaked:\n{stderr}"
+    );
+}
+
+#[test]
+fn unknown_key_in_the_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.toml");
+    std::fs::write(&path, "[polling]\nbatch_sise = 10\n").unwrap();
+    let output = outbox(&["--config", path.to_str().unwrap(), "relay"], &[]);
+    expect_config_error(&output, &["batch_sise", "outbox.toml"]);
+}
+
+#[test]
+fn unknown_environment_variable_is_named() {
+    let output = outbox(&["status"], &[("OUTBOX_BATCH_SIZE", "10")]);
+    expect_config_error(&output, &["OUTBOX_BATCH_SIZE"]);
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let output = outbox(&["--config", "/nonexistent/outbox.toml", "relay"], &[]);
+    expect_config_error(&output, &["/nonexistent/outbox.toml", "does not exist"]);
+}
+
+#[test]
+fn missing_database_url_says_how_to_set_it() {
+    let output = outbox(&["relay"], &[]);
+    expect_config_error(&output, &["database_url", "OUTBOX_DATABASE_URL"]);
+}
+
+#[test]
+fn malformed_database_url_is_explained() {
+    let output = outbox(&["--database-url", "postgres//nohost", "status"], &[]);
+    expect_config_error(&output, &["database_url", "postgres://"]);
+}
+
+#[test]
+fn unreachable_database_is_explained_without_the_password() {
+    let url = format!("postgres://app:{SECRET}@127.0.0.1:1/app");
+    let output = outbox(
+        &[
+            "--database-url",
+            &url,
+            "--kafka-brokers",
+            "127.0.0.1:9092",
+            "relay",
+        ],
+        &[],
+    );
+    expect_config_error(
+        &output,
+        &["cannot connect to PostgreSQL", "127.0.0.1:1", "***"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_kafka_is_explained() {
+    let db = TestDb::new().await;
+    let output = outbox(
+        &[
+            "--database-url",
+            &db.url,
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "relay",
+        ],
+        &[],
+    );
+    expect_config_error(
+        &output,
+        &[
+            "cannot reach the Kafka brokers 127.0.0.1:1",
+            "kafka_brokers",
+        ],
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_table_says_run_migrate() {
+    let db = TestDb::unmigrated().await;
+    let output = outbox(
+        &[
+            "--database-url",
+            &db.url,
+            "--kafka-brokers",
+            &brokers(),
+            "relay",
+        ],
+        &[],
+    );
+    expect_config_error(&output, &["does not exist", "outbox migrate"]);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_privileges_name_the_grant() {
+    let db = TestDb::new().await;
+    let role = format!("reader_{}", &db.name[12..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{SECRET}';
+         GRANT SELECT ON outbox, outbox_migrations TO {role};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(Some(SECRET)).unwrap();
+    let output = outbox(
+        &[
+            "--database-url",
+            url.as_str(),
+            "--kafka-brokers",
+            &brokers(),
+            "relay",
+        ],
+        &[],
+    );
+    expect_config_error(
+        &output,
+        &["lacks UPDATE", "GRANT UPDATE ON \"public\".\"outbox\""],
+    );
+    db.drop_db().await;
+    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(
+            &mut <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+#[test]
+fn guarantee_breaking_kafka_property_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"postgres://postgres:{SECRET}@127.0.0.1:5432/postgres\"\nkafka_brokers = \"127.0.0.1:9092\"\n[kafka.properties]\nacks = \"1\"\n\"sasl.password\" = \"{SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    let output = outbox(&["--config", path.to_str().unwrap(), "relay"], &[]);
+    expect_config_error(&output, &["kafka.properties.acks", "remove it"]);
+}
+
+#[test]
+fn bad_http_listen_address_is_named() {
+    let output = outbox(
+        &[
+            "--database-url",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            "relay",
+            "--http-listen",
+            "nowhere",
+        ],
+        &[],
+    );
+    expect_config_error(&output, &["http.listen", "nowhere"]);
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let output = outbox(&["relay", "--mode", "teleport"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("teleport"));
+}
