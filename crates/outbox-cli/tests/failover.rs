@@ -34,7 +34,7 @@ async fn one_relay_publishes_and_the_standby_takes_over() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
-    let mut relays = vec![
+    let mut relays = [
         spawn_relay(&db, &logs[0], &[]),
         spawn_relay(&db, &logs[1], &[]),
     ];

@@ -74,7 +74,8 @@ pub fn plan_batch(
         let action = match outcome {
             DeliveryOutcome::Delivered => Action::Published { id: event.id },
             DeliveryOutcome::Failed(err) => {
-                let exhausted = attempts as i64 >= policy.max_attempts as i64;
+                let exhausted = err.kind == ErrorKind::Retriable
+                    && attempts as i64 >= policy.max_attempts as i64;
                 let behind_a_retry = held.contains(&aggregate);
                 if err.kind == ErrorKind::Permanent && !behind_a_retry {
                     Action::DeadLetter {
@@ -90,9 +91,10 @@ pub fn plan_batch(
                     }
                 } else {
                     held.insert(aggregate);
-                    // An event only held back by an earlier failure has not failed itself:
-                    // its attempt count stays, so it is not dead-lettered for another's fault.
-                    let attempts = if behind_a_retry {
+                    // An event only held back by an earlier failure has not failed itself,
+                    // and an unreachable broker says nothing about the event: in both
+                    // cases its attempt count stays, so it is never dead-lettered for that.
+                    let attempts = if behind_a_retry || err.kind == ErrorKind::Unavailable {
                         event.attempts
                     } else {
                         attempts
@@ -207,6 +209,20 @@ mod tests {
         // and a held-back event keeps its attempt count.
         assert!(matches!(actions[2], Action::Retry { attempts: 0, .. }));
         assert!(matches!(actions[3], Action::Retry { attempts: 0, .. }));
+    }
+
+    #[test]
+    fn an_unreachable_broker_uses_up_no_attempt() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let outage = DeliveryOutcome::Failed(DeliveryError::unavailable("all brokers down"));
+        let actions = plan_batch(&policy, &[event("a", 1, 7)], &[outage]);
+        assert!(
+            matches!(actions[0], Action::Retry { attempts: 7, .. }),
+            "{actions:?}"
+        );
     }
 
     #[test]

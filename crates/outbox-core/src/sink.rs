@@ -5,9 +5,14 @@ use crate::Message;
 /// Whether retrying a failed delivery can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The broker was unreachable, timed out, or refused for a reason that may pass:
-    /// retry with backoff.
+    /// The broker refused this message for a reason that may pass (a missing topic,
+    /// authorization an operator may still grant): retry with backoff; after
+    /// `max_attempts` the event is dead-lettered.
     Retriable,
+    /// The broker could not be reached or did not answer in time. That says nothing
+    /// about the message, so it is retried without using up one of its attempts: an
+    /// outage, however long, never dead-letters anything.
+    Unavailable,
     /// The message can never be accepted as it is (too large, illegal topic): dead-letter
     /// it at once.
     Permanent,
@@ -24,6 +29,13 @@ impl DeliveryError {
     pub fn retriable(reason: impl Into<String>) -> Self {
         DeliveryError {
             kind: ErrorKind::Retriable,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        DeliveryError {
+            kind: ErrorKind::Unavailable,
             reason: reason.into(),
         }
     }
@@ -52,9 +64,9 @@ pub enum DeliveryOutcome {
 ///   durably; the relay then marks the row published and will not send it again.
 ///   Anything short of that must be reported as `Failed`.
 /// - Messages with the same topic and key reach the broker in the order given, across
-///   the sink's own retries. If one of them fails with a retriable error, no later
+///   the sink's own retries. If one of them fails with a non-permanent error, no later
 ///   message of that key in the same batch may be delivered ahead of it: the sink
-///   reports those as failed too (retriable) rather than sending them out of order.
+///   reports those as failed too rather than sending them out of order.
 /// - Delivery is at-least-once: a message may reach the broker and still be reported
 ///   failed (a lost acknowledgement). Consumers deduplicate by the `id` header.
 pub trait Sink: Send + Sync {

@@ -7,9 +7,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 ///
 /// Permanent: the message itself can never be accepted (too large for the producer or
 /// the broker, a record the broker calls invalid, an illegal topic). Retrying those would
-/// only block the relay, so they are dead-lettered at once. Everything else (broker down,
-/// timeouts, leadership changes, missing topics, authorization that an operator may still
-/// grant) may pass, and is retried with backoff.
+/// only block the relay, so they are dead-lettered at once.
+///
+/// Unavailable: the cluster could not be reached or did not answer in time (broker down,
+/// timeouts, no leader, too few in-sync replicas). Retried without using up attempts, so
+/// an outage never dead-letters events.
+///
+/// Everything else (a missing topic, authorization an operator may still grant) is
+/// retried with backoff and dead-lettered after `max_attempts`.
 pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
     let code = err.rdkafka_error_code();
     let reason = match code {
@@ -24,6 +29,21 @@ pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::InvalidTopic,
         ) => DeliveryError::permanent(reason),
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::QueueFull,
+        ) => DeliveryError::unavailable(reason),
         _ => DeliveryError::retriable(reason),
     }
 }
@@ -40,12 +60,26 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_and_outages_are_retried() {
+    fn outages_use_up_no_attempts() {
         for code in [
             RDKafkaErrorCode::MessageTimedOut,
             RDKafkaErrorCode::AllBrokersDown,
-            RDKafkaErrorCode::UnknownTopicOrPartition,
             RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            let err = KafkaError::MessageProduction(code);
+            assert_eq!(
+                delivery_error(&err).kind,
+                ErrorKind::Unavailable,
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_that_may_pass_are_retried() {
+        for code in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
         ] {
             let err = KafkaError::MessageProduction(code);
             assert_eq!(delivery_error(&err).kind, ErrorKind::Retriable, "{code:?}");

@@ -216,7 +216,7 @@ impl Sink for KafkaSink {
                     }
                     Err((err, _)) => {
                         let error = delivery_error(&err);
-                        if error.kind == outbox_core::ErrorKind::Retriable {
+                        if error.kind != outbox_core::ErrorKind::Permanent {
                             held.insert(key);
                         }
                         outcomes[index] = Some(DeliveryOutcome::Failed(error));
@@ -230,8 +230,17 @@ impl Sink for KafkaSink {
         for (index, result) in indexes.into_iter().zip(join_all(deliveries).await) {
             outcomes[index] = Some(match result {
                 Ok(Ok(_)) => DeliveryOutcome::Delivered,
-                Ok(Err((err, _))) => DeliveryOutcome::Failed(delivery_error(&err)),
-                Err(_canceled) => DeliveryOutcome::Failed(DeliveryError::retriable(
+                Ok(Err((err, _))) => {
+                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+                        // Deleted behind our back: ask the admin API again next time.
+                        self.known_topics
+                            .lock()
+                            .expect("topics lock")
+                            .remove(&messages[index].topic);
+                    }
+                    DeliveryOutcome::Failed(delivery_error(&err))
+                }
+                Err(_canceled) => DeliveryOutcome::Failed(DeliveryError::unavailable(
                     "the producer was dropped before the broker answered",
                 )),
             });

@@ -18,13 +18,11 @@ pub enum Error {
         found: i32,
         known: i32,
     },
-    #[error("the database role {role:?} lacks {privilege} on {table}; grant it with: GRANT {privilege} ON {qualified} TO {role_quoted}")]
+    #[error("the database role {role:?} lacks {privilege} on {table}; grant it with: GRANT {privilege} ON {} TO {}", table.qualified(), outbox_core::quote_ident(role))]
     MissingPrivilege {
         role: String,
-        role_quoted: String,
         privilege: &'static str,
         table: TableRef,
-        qualified: String,
     },
     #[error(transparent)]
     Payload(#[from] PayloadError),

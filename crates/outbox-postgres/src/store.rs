@@ -377,11 +377,9 @@ async fn check_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(
                 .fetch_one(&mut *conn)
                 .await?;
             return Err(Error::MissingPrivilege {
-                role_quoted: outbox_core::quote_ident(&role),
                 role,
                 privilege,
                 table: table.clone(),
-                qualified: table.qualified(),
             });
         }
     }

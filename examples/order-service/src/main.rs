@@ -60,7 +60,15 @@ async fn main() -> Result<()> {
             kafka_brokers,
             topic,
             timeout_secs,
-        } => check(&pool, &kafka_brokers, &topic, Duration::from_secs(timeout_secs)).await,
+        } => {
+            check(
+                &pool,
+                &kafka_brokers,
+                &topic,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
+        }
     }
 }
 
@@ -106,7 +114,10 @@ async fn create(pool: &sqlx::PgPool, orders: u32, rate: u32) -> Result<()> {
             tokio::time::sleep(wait).await;
         }
     }
-    eprintln!("order-service: created {orders} orders in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "order-service: created {orders} orders in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
