@@ -398,3 +398,180 @@ async fn published_rows_past_retention_are_purged() {
     );
     db.drop_db().await;
 }
+
+/// Retriable failures back off and, after `max_attempts`, dead-letter the event with its
+/// reason; meanwhile they hold back only their own aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hold_back_one_aggregate_then_dead_letter() {
+    let db = TestDb::new().await;
+    // Topic creation is off and only the `order` topic exists, so `missing` events fail
+    // (unknown topic) on every attempt.
+    create_topic(&db.topic("order")).await;
+    let relay = InProcessRelay::start(db.relay_config(
+        "[delivery]\nmax_attempts = 3\ninitial_backoff = \"100ms\"\nmax_backoff = \"200ms\"\n\
+         [kafka]\nmessage_timeout = \"3s\"\n\
+         [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"500\"\n\
+         [topics]\ncreate = false\n",
+    ));
+    let stuck = [event("missing", "m", 0), event("missing", "m", 1)];
+    let flowing: Vec<Event> = (0..50)
+        .map(|n| event("order", &format!("{}", n % 5), n))
+        .collect();
+    db.write(&stuck).await;
+    db.write(&flowing).await;
+    let ids: Vec<Uuid> = flowing.iter().map(|e| e.id).collect();
+    consume_ids(vec![db.topic("order")], &ids, WAIT).await;
+    let stuck_pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE aggregatetype = 'missing' AND dead_lettered_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stuck_pending, 2,
+        "the failing aggregate was still retrying while others flowed"
+    );
+    db.wait_drained(Duration::from_secs(120)).await;
+    relay.stop().await;
+    let dead: Vec<(Uuid, i32, String)> = sqlx::query_as(
+        "SELECT id, attempts, last_error FROM outbox WHERE dead_lettered_at IS NOT NULL ORDER BY dead_lettered_at, seq",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, stuck[0].id, "the older event gave up first");
+    for (_, attempts, error) in &dead {
+        assert_eq!(*attempts, 3);
+        assert!(error.starts_with("gave up after 3 attempts"), "{error}");
+        assert!(error.to_lowercase().contains("unknown topic"), "{error}");
+    }
+    db.drop_db().await;
+}
+
+/// `/metrics` and `/healthz` of a running relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_endpoints_report_the_relay() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = db.relay_config("");
+    config.http_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let relay = InProcessRelay::start(config);
+    let events: Vec<Event> = (0..25).map(|n| event("order", "1", n)).collect();
+    db.write(&events).await;
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    consume_ids(vec![db.topic("order")], &ids, WAIT).await;
+    db.wait_drained(WAIT).await;
+    let metrics = http_get(port, "/metrics").await;
+    let health = http_get(port, "/healthz").await;
+    relay.stop().await;
+    assert!(
+        metrics.contains("outbox_events_published_total 25"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outbox_relay_active 1"), "{metrics}");
+    assert!(
+        metrics.contains("outbox_batch_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("ok role=active"), "{health}");
+    db.drop_db().await;
+}
+
+/// `outbox dead-letters list` shows a dead letter with its reason; `retry` queues it
+/// again and the relay then tries it once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_retried_from_the_command_line() {
+    let db = TestDb::new().await;
+    let relay = InProcessRelay::start(db.relay_config(""));
+    let bad = event("bad topic", "1", 0);
+    db.write(std::slice::from_ref(&bad)).await;
+    db.wait_drained(WAIT).await;
+    let list = cli(&db, &["dead-letters", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(rows[0]["id"], bad.id.to_string());
+    assert!(rows[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("not a legal Kafka topic name"));
+    let status = cli(&db, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["dead_lettered"], 1);
+    assert_eq!(status["pending"], 0);
+    assert!(
+        status["active_relay"].is_object(),
+        "the in-process relay holds the lock: {status}"
+    );
+
+    let retried = cli(&db, &["dead-letters", "retry", &bad.id.to_string()]);
+    assert!(retried.contains("queued 1"), "{retried}");
+    // The relay tries it again (and, the topic still being illegal, dead-letters it again).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    db.wait_drained(WAIT).await;
+    relay.stop().await;
+    let attempts: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM outbox WHERE id = $1 AND dead_lettered_at IS NOT NULL",
+    )
+    .bind(bad.id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts, 1,
+        "attempts were reset by retry, then one more attempt was made"
+    );
+    db.drop_db().await;
+}
+
+fn cli(db: &TestDb, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env_remove("OUTBOX_KAFKA_BROKERS")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "outbox {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+async fn create_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results[0].as_ref().unwrap();
+}

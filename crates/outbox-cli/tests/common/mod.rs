@@ -99,19 +99,22 @@ impl TestDb {
     /// Relay settings for an in-process relay on this database and these topics.
     pub fn relay_config(&self, extra_toml: &str) -> RelayConfig {
         let toml = format!(
-            "database_url = {:?}\nkafka_brokers = {:?}\n{extra_toml}\n[topics]\ntemplate = {:?}\n[http]\nlisten = \"off\"\n",
+            "database_url = {:?}\nkafka_brokers = {:?}\n{extra_toml}\n",
             self.url,
             brokers(),
-            self.template
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.toml");
         std::fs::write(&path, toml).unwrap();
         // Without the environment: the test process' OUTBOX_* point at the admin database.
-        Config::load_file_only(&path, &ConfigOverrides::default())
+        let mut config = Config::load_file_only(&path, &ConfigOverrides::default())
             .unwrap()
             .resolve()
-            .unwrap()
+            .unwrap();
+        config.router =
+            outbox_core::Router::new(outbox_core::TopicTemplate::parse(&self.template).unwrap());
+        config.http_listen = None;
+        config
     }
 
     pub async fn write(&self, events: &[Event]) {
