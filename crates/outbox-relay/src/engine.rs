@@ -175,8 +175,9 @@ impl PollingRelay<'_> {
                         info!(table = %self.config.table, "another relay is active on this table; waiting as a standby");
                         announced_standby = true;
                     }
-                    // Keep the connection: trying again on it is cheap.
-                    if self.standby(&mut conn, &lock, shutdown).await {
+                    // Keep the connection: trying again on it is cheap. Without the lock
+                    // (shutdown or a lost connection), start over.
+                    if !self.standby(&mut conn, &lock, shutdown).await {
                         continue;
                     }
                 }
