@@ -48,7 +48,7 @@ async fn broker_outage_of_20_seconds_loses_nothing() {
     );
 
     writer.await.unwrap();
-    db.wait_drained(Duration::from_secs(180)).await;
+    db.wait_drained(Duration::from_secs(90)).await;
     relay.stop().await;
 
     let rows = db.rows().await;

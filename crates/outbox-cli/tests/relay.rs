@@ -575,3 +575,48 @@ async fn create_topic(topic: &str) {
         .unwrap();
     results[0].as_ref().unwrap();
 }
+
+/// A topic deleted while the relay runs is created again, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_topic_is_recreated() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let db = TestDb::new().await;
+    let relay = InProcessRelay::start(db.relay_config(
+        "[delivery]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n[kafka]\nmessage_timeout = \"5s\"\n[kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"2000\"\n",
+    ));
+    let first = event("order", "1", 0);
+    db.write(std::slice::from_ref(&first)).await;
+    consume_ids(vec![db.topic("order")], &[first.id], WAIT).await;
+    db.wait_drained(WAIT).await;
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    admin
+        .delete_topics(&[&db.topic("order")], &AdminOptions::new())
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    // Deletion completes asynchronously in the broker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later: Vec<Event> = (1..20).map(|n| event("order", "1", n)).collect();
+    db.write(&later).await;
+    let ids: Vec<Uuid> = later.iter().map(|e| e.id).collect();
+    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(90)).await;
+    db.wait_drained(WAIT).await;
+    relay.stop().await;
+    let seen: HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "events after the deletion were published"
+    );
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, 0);
+    db.drop_db().await;
+}

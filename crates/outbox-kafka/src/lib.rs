@@ -6,6 +6,7 @@
 //!   creates missing topics and reports one [`outbox_core::DeliveryOutcome`] per message.
 
 mod classify;
+mod context;
 mod settings;
 mod sink;
 

@@ -5,13 +5,13 @@ use std::time::Duration;
 use futures::future::join_all;
 use outbox_core::{DeliveryError, DeliveryOutcome, Message, Sink};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tracing::{info, warn};
 
 use crate::classify::delivery_error;
+use crate::context::QuietContext;
 use crate::KafkaSettings;
 
 /// Kafka could not be reached or configured.
@@ -32,8 +32,8 @@ pub enum ConnectError {
 /// Publishes outbox messages to Kafka. See [`outbox_core::Sink`] for the contract.
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: RwLock<Arc<FutureProducer>>,
-    admin: AdminClient<DefaultClientContext>,
+    producer: RwLock<Arc<FutureProducer<QuietContext>>>,
+    admin: AdminClient<QuietContext>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
 }
@@ -48,11 +48,11 @@ impl KafkaSink {
         }
         let producer = settings
             .producer_config()
-            .create::<FutureProducer>()
+            .create_with_context(QuietContext::default())
             .map_err(ConnectError::Client)?;
         let admin = settings
             .client_config()
-            .create::<AdminClient<DefaultClientContext>>()
+            .create_with_context(QuietContext::default())
             .map_err(ConnectError::Client)?;
         Ok(KafkaSink {
             settings,
@@ -78,17 +78,21 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<FutureProducer<QuietContext>> {
         self.producer.read().expect("producer lock").clone()
     }
 
     /// Replaces a producer that hit a fatal error (for example a broken idempotence
     /// sequence). Its undelivered messages were already reported failed, so the relay
     /// sends them again with the new producer.
-    fn renew_producer_if_fatal(&self, producer: &FutureProducer) {
+    fn renew_producer_if_fatal(&self, producer: &FutureProducer<QuietContext>) {
         if let Some((code, reason)) = producer.client().fatal_error() {
             warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
-            match self.settings.producer_config().create::<FutureProducer>() {
+            match self
+                .settings
+                .producer_config()
+                .create_with_context(QuietContext::default())
+            {
                 Ok(fresh) => *self.producer.write().expect("producer lock") = Arc::new(fresh),
                 Err(err) => warn!(%err, "could not create a new Kafka producer"),
             }
@@ -215,6 +219,7 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((err, _)) => {
+                        self.forget_topic_if_missing(&err, &message.topic);
                         let error = delivery_error(&err);
                         if error.kind != outbox_core::ErrorKind::Permanent {
                             held.insert(key);
@@ -231,13 +236,7 @@ impl Sink for KafkaSink {
             outcomes[index] = Some(match result {
                 Ok(Ok(_)) => DeliveryOutcome::Delivered,
                 Ok(Err((err, _))) => {
-                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                        // Deleted behind our back: ask the admin API again next time.
-                        self.known_topics
-                            .lock()
-                            .expect("topics lock")
-                            .remove(&messages[index].topic);
-                    }
+                    self.forget_topic_if_missing(&err, &messages[index].topic);
                     DeliveryOutcome::Failed(delivery_error(&err))
                 }
                 Err(_canceled) => DeliveryOutcome::Failed(DeliveryError::unavailable(
@@ -254,6 +253,21 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
+    /// A topic deleted behind our back (or a broker replaced by an empty one): ask the
+    /// admin API to create it again before the next send.
+    fn forget_topic_if_missing(&self, err: &KafkaError, topic: &str) {
+        if matches!(
+            err.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownPartition
+            )
+        ) {
+            self.known_topics.lock().expect("topics lock").remove(topic);
+        }
+    }
+
     /// Waits until every message handed to the producer has been acknowledged or has
     /// failed, at most `timeout`.
     pub fn flush(&self, timeout: Duration) {

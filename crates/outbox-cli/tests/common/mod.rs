@@ -177,6 +177,11 @@ pub struct InProcessRelay {
 
 impl InProcessRelay {
     pub fn start(config: RelayConfig) -> InProcessRelay {
+        // RUST_LOG=info shows the relay's log in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
         InProcessRelay { shutdown, handle }
