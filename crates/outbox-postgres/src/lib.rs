@@ -17,7 +17,7 @@ mod writer;
 pub use error::Error;
 pub use leader::{LeaderLock, LockHolder};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
-pub use store::{DeadLetter, OnPublish, OutboxStats, PollingStore};
+pub use store::{header_entries, DeadLetter, OnPublish, OutboxStats, PollingStore};
 pub use writer::{write, write_all, OutboxWriter};
 
 pub use outbox_core::{Event, Payload, TableRef};

@@ -334,7 +334,7 @@ fn stored_event(row: &PgRow) -> Result<StoredEvent, Error> {
 /// The `headers` column as header entries: an object's string values as they are, other
 /// values as JSON text. Anything but an object is carried whole under `headers`, so a
 /// malformed column never drops information.
-fn header_entries(value: serde_json::Value) -> Vec<(String, String)> {
+pub fn header_entries(value: serde_json::Value) -> Vec<(String, String)> {
     match value {
         serde_json::Value::Object(map) => map
             .into_iter()

@@ -1,0 +1,314 @@
+//! The replication stream of an outbox table, as outbox events.
+
+use std::time::Duration;
+
+use outbox_core::{StoredEvent, TableRef};
+use pgwire_replication::{
+    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use tracing::debug;
+use uuid::Uuid;
+
+use crate::pgoutput::{Change, DecodeError, Decoder, Relation, Value, BYTEA_OID};
+use crate::{CdcNames, Lsn};
+
+/// What the stream yields, in commit order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CdcEvent {
+    /// A transaction begins; its rows follow.
+    Begin,
+    /// An outbox row inserted by a committed transaction.
+    Row(StoredEvent),
+    /// The end of a transaction: once every row before it has been acknowledged by
+    /// the broker, `end_lsn` may be confirmed.
+    Commit { end_lsn: Lsn },
+    /// The server has nothing for us up to `wal_end`: confirmable when nothing is in
+    /// flight, so an idle outbox does not hold WAL back.
+    Idle { wal_end: Lsn },
+    /// Someone updated an outbox row; outbox rows are immutable events, so the update is
+    /// not published.
+    RejectedUpdate { id: Option<Uuid> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    /// Postgres invalidated the slot (it fell behind `max_slot_wal_keep_size`). WAL the
+    /// relay never read is gone; the slot must not be silently re-created.
+    #[error("the replication slot {slot:?} was invalidated by PostgreSQL ({detail}); events written while it was behind may not have been published. Recovery: rows still in the outbox table can be republished by polling mode (`outbox relay --mode polling`); then drop the slot (SELECT pg_drop_replication_slot('{slot}')) and run `outbox migrate --cdc` to create a new one. See README, \"CDC slot invalidated\".")]
+    SlotLost { slot: String, detail: String },
+    #[error("database_url cannot be used for replication: {0}")]
+    Url(String),
+    #[error("replication stream: {0}")]
+    Stream(#[from] PgWireError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("outbox row cannot be read: {0}")]
+    Row(String),
+}
+
+impl CdcError {
+    fn classify(err: PgWireError, slot: &str) -> CdcError {
+        let text = err.to_string();
+        if text.contains("SQLSTATE 55000") && text.contains("replication slot") {
+            return CdcError::SlotLost {
+                slot: slot.to_string(),
+                detail: text,
+            };
+        }
+        CdcError::Stream(err)
+    }
+}
+
+/// Reads outbox inserts from the table's slot.
+pub struct CdcStream {
+    client: ReplicationClient,
+    decoder: Decoder,
+    table: TableRef,
+    slot: String,
+}
+
+impl CdcStream {
+    /// Starts streaming from the slot's confirmed position.
+    pub async fn start(
+        database_url: &str,
+        names: &CdcNames,
+        table: TableRef,
+    ) -> Result<Self, CdcError> {
+        let url = url::Url::parse(database_url).map_err(|e| CdcError::Url(e.to_string()))?;
+        let decode = |s: &str| percent_decode(s);
+        let host = url.host_str().unwrap_or("localhost").to_string();
+        let user = decode(url.username());
+        let password = url.password().map(decode).unwrap_or_default();
+        let database = decode(url.path().trim_start_matches('/'));
+        let config = ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            names.slot.clone(),
+            names.publication.as_str(),
+        )
+        .with_port(url.port().unwrap_or(5432))
+        .with_tls(TlsConfig::disabled())
+        .with_start_lsn(Lsn::ZERO)
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_application_name("outbox-relay-cdc");
+        let mut client = ReplicationClient::connect(config)
+            .await
+            .map_err(|e| CdcError::classify(e, &names.slot))?;
+        client
+            .wait_started()
+            .await
+            .map_err(|e| CdcError::classify(e, &names.slot))?;
+        Ok(CdcStream {
+            client,
+            decoder: Decoder::default(),
+            table,
+            slot: names.slot.clone(),
+        })
+    }
+
+    /// The next event; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<CdcEvent>, CdcError> {
+        loop {
+            let event = match self.client.recv().await {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(None),
+                Err(err) => return Err(CdcError::classify(err, &self.slot)),
+            };
+            match event {
+                ReplicationEvent::Begin { .. } => return Ok(Some(CdcEvent::Begin)),
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    return Ok(Some(CdcEvent::Commit { end_lsn }))
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    return Ok(Some(CdcEvent::Idle { wal_end }))
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    if let Some(event) = self.change(&data)? {
+                        return Ok(Some(event));
+                    }
+                }
+                ReplicationEvent::StoppedAt { .. } => return Ok(None),
+                other => debug!(?other, "ignored replication event"),
+            }
+        }
+    }
+
+    fn change(&mut self, data: &[u8]) -> Result<Option<CdcEvent>, CdcError> {
+        let Some(change) = self.decoder.decode(data)? else {
+            return Ok(None);
+        };
+        let (relation, values, is_insert) = match change {
+            Change::Insert { relation, values } => (relation, values, true),
+            Change::Update { relation, values } => (relation, values, false),
+            Change::Delete { .. } | Change::Truncate => return Ok(None),
+        };
+        let relation = self
+            .decoder
+            .relation(relation)
+            .ok_or_else(|| CdcError::Row(format!("change for unknown relation {relation}")))?;
+        if relation.schema != self.table.schema || relation.name != self.table.name {
+            return Ok(None);
+        }
+        // Rows the relay itself keeps as dead letters are not events to publish.
+        if !matches!(
+            column(relation, &values, "dead_lettered_at"),
+            None | Some(Value::Null)
+        ) {
+            return Ok(None);
+        }
+        if !is_insert {
+            let id = text(relation, &values, "id")
+                .ok()
+                .and_then(|id| id.parse().ok());
+            return Ok(Some(CdcEvent::RejectedUpdate { id }));
+        }
+        Ok(Some(CdcEvent::Row(stored_event(relation, &values)?)))
+    }
+
+    /// Confirms `lsn` to Postgres: everything before it may be discarded.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn);
+    }
+
+    /// Sends the last confirmed position and closes the stream.
+    pub async fn shutdown(mut self) {
+        let _ = self.client.shutdown().await;
+    }
+}
+
+fn column<'a>(relation: &Relation, values: &'a [Value], name: &str) -> Option<&'a Value> {
+    relation.column(name).and_then(|i| values.get(i))
+}
+
+fn text(relation: &Relation, values: &[Value], name: &str) -> Result<String, CdcError> {
+    match column(relation, values, name) {
+        Some(Value::Text(bytes)) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+        _ => Err(CdcError::Row(format!("column {name} is missing or null"))),
+    }
+}
+
+fn stored_event(relation: &Relation, values: &[Value]) -> Result<StoredEvent, CdcError> {
+    let id: Uuid = text(relation, values, "id")?
+        .parse()
+        .map_err(|e| CdcError::Row(format!("id is not a UUID: {e}")))?;
+    let seq: i64 = text(relation, values, "seq")?
+        .parse()
+        .map_err(|e| CdcError::Row(format!("seq is not a number: {e}")))?;
+    let payload = match (
+        relation.column("payload"),
+        column(relation, values, "payload"),
+    ) {
+        (Some(i), Some(Value::Text(bytes))) if relation.types.get(i) == Some(&BYTEA_OID) => Some(
+            decode_bytea_hex(bytes)
+                .ok_or_else(|| CdcError::Row("payload is not hex bytea".into()))?,
+        ),
+        (_, Some(Value::Text(bytes))) => Some(bytes.clone()),
+        _ => None,
+    };
+    let headers = match column(relation, values, "headers") {
+        Some(Value::Text(bytes)) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(value) => outbox_postgres::header_entries(value),
+            Err(e) => return Err(CdcError::Row(format!("headers are not JSON: {e}"))),
+        },
+        _ => Vec::new(),
+    };
+    Ok(StoredEvent {
+        seq,
+        id,
+        aggregate_type: text(relation, values, "aggregatetype")?,
+        aggregate_id: text(relation, values, "aggregateid")?,
+        event_type: text(relation, values, "type")?,
+        payload,
+        headers,
+        attempts: 0,
+    })
+}
+
+/// bytea's text output: `\x` then two hex digits per byte.
+fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::tests::{insert_message, relation_message};
+
+    #[test]
+    fn bytea_hex_decodes() {
+        assert_eq!(decode_bytea_hex(b"\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_bytea_hex(b"\\x0"), None);
+        assert_eq!(decode_bytea_hex(b"00"), None);
+    }
+
+    #[test]
+    fn percent_decoding_of_url_parts() {
+        assert_eq!(percent_decode("p%40ss%2Bw"), "p@ss+w");
+        assert_eq!(percent_decode("plain"), "plain");
+    }
+
+    #[test]
+    fn an_insert_becomes_a_stored_event() {
+        let mut decoder = Decoder::default();
+        let columns = [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "headers",
+            "created_at",
+            "seq",
+            "dead_lettered_at",
+        ];
+        decoder
+            .decode(&relation_message(1, "public", "outbox", &columns))
+            .unwrap();
+        let id = Uuid::now_v7().to_string();
+        let change = decoder
+            .decode(&insert_message(
+                1,
+                &[
+                    Some(&id),
+                    Some("order"),
+                    Some("42"),
+                    Some("OrderCreated"),
+                    Some("{\"a\": 1}"),
+                    Some("{\"t\": \"x\"}"),
+                    Some("2026-01-01"),
+                    Some("7"),
+                    None,
+                ],
+            ))
+            .unwrap()
+            .unwrap();
+        let Change::Insert { values, .. } = change else {
+            panic!("insert expected")
+        };
+        let event = stored_event(decoder.relation(1).unwrap(), &values).unwrap();
+        assert_eq!(event.id.to_string(), id);
+        assert_eq!(event.seq, 7);
+        assert_eq!(event.aggregate_id, "42");
+        assert_eq!(event.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
+        assert_eq!(event.headers, vec![("t".to_string(), "x".to_string())]);
+    }
+}
