@@ -40,6 +40,10 @@ enum Command {
         /// Payload column type of a new table: jsonb (JSON payloads) or bytea (opaque bytes).
         #[arg(long, value_enum, default_value = "jsonb")]
         payload_type: PayloadArg,
+        /// Also create the publication and the logical replication slot that
+        /// `outbox relay --mode cdc` reads (needs the table's owner with REPLICATION).
+        #[arg(long)]
+        cdc: bool,
     },
     /// Publish the outbox until SIGINT or SIGTERM, then drain in-flight deliveries and exit 0.
     Relay {
@@ -108,10 +112,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
-            if err.is_config() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
+            match err {
+                RelayError::Config(_) => ExitCode::from(2),
+                RelayError::SlotLost(_) => ExitCode::from(3),
+                _ => ExitCode::from(1),
             }
         }
     }
@@ -132,7 +136,7 @@ async fn execute(cli: Cli) -> Result<(), RelayError> {
     }
     let config = Config::load(cli.config.as_deref(), &overrides)?.resolve()?;
     match cli.command {
-        Command::Migrate { payload_type } => migrate(&config, payload_type).await,
+        Command::Migrate { payload_type, cdc } => migrate(&config, payload_type, cdc).await,
         Command::Relay { .. } => relay(config).await,
         Command::Status { json } => status(&config, json).await,
         Command::DeadLetters(DeadLetterCommand::List { limit, json }) => {
@@ -144,7 +148,7 @@ async fn execute(cli: Cli) -> Result<(), RelayError> {
     }
 }
 
-async fn migrate(config: &RelayConfig, payload: PayloadArg) -> Result<(), RelayError> {
+async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result<(), RelayError> {
     let mut conn = outbox_relay::engine::connect(config).await?;
     let payload = match payload {
         PayloadArg::Jsonb => PayloadType::Jsonb,
@@ -161,6 +165,39 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg) -> Result<(), RelayE
         );
     } else {
         println!("{}: applied schema version(s) {:?}", config.table, applied);
+    }
+    if cdc {
+        use outbox_postgres_cdc::slot;
+        let database = slot::current_database(&mut conn)
+            .await
+            .map_err(|e| RelayError::Store(e.into()))?;
+        let names = outbox_postgres_cdc::CdcNames::for_table(&database, &config.table);
+        let cdc_error = |err: sqlx::Error| {
+            RelayError::Config(format!(
+                "cannot create the CDC publication and slot: {err}; run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute (see README, \"CDC mode\")"
+            ))
+        };
+        let created = slot::ensure_publication(&mut conn, &config.table, &names)
+            .await
+            .map_err(cdc_error)?;
+        println!(
+            "publication {:?}: {}",
+            names.publication,
+            if created { "created" } else { "exists" }
+        );
+        match slot::slot_status(&mut conn, &names).await.map_err(cdc_error)? {
+            Some(status) if status.is_lost() => {
+                return Err(RelayError::SlotLost(format!(
+                    "the replication slot {:?} was invalidated by PostgreSQL (wal_status = lost); it is not re-created silently. Republish retained rows with polling mode, drop the slot (SELECT pg_drop_replication_slot('{}')), then run `outbox migrate --cdc` again",
+                    names.slot, names.slot
+                )))
+            }
+            Some(_) => println!("replication slot {:?}: exists", names.slot),
+            None => {
+                slot::ensure_slot(&mut conn, &names).await.map_err(cdc_error)?;
+                println!("replication slot {:?}: created", names.slot);
+            }
+        }
     }
     Ok(())
 }

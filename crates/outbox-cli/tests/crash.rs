@@ -16,11 +16,28 @@ const WRITERS: usize = 4;
 const KILLS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_loop_loses_nothing_and_keeps_order() {
-    let db = TestDb::new().await;
+async fn sigkill_loop_loses_nothing_and_keeps_order_polling() {
+    sigkill_loop(Mode::Polling).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loop_loses_nothing_and_keeps_order_cdc() {
+    sigkill_loop(Mode::Cdc).await
+}
+
+async fn sigkill_loop(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("relay.log");
-    let mut relay = spawn_relay(&db, &log, &[("OUTBOX_POLLING__BATCH_SIZE", "250")]);
+    let mode_name = match mode {
+        Mode::Polling => "polling",
+        Mode::Cdc => "cdc",
+    };
+    let env = [
+        ("OUTBOX_POLLING__BATCH_SIZE", "250"),
+        ("OUTBOX_MODE", mode_name),
+    ];
+    let mut relay = spawn_relay(&db, &log, &env);
 
     // Writers own disjoint aggregates and write at a bounded pace (about 2,000 events/s)
     // so the stream outlives the kills.
@@ -50,20 +67,15 @@ async fn sigkill_loop_loses_nothing_and_keeps_order() {
     }
 
     let mut kills = 0;
+    let mut progress = Vec::new();
     while kills < KILLS {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         sigkill(&mut relay);
         kills += 1;
-        let published: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-        eprintln!(
-            "kill {kills} at {:?}: {published} published so far",
-            started.elapsed()
-        );
-        relay = spawn_relay(&db, &log, &[("OUTBOX_POLLING__BATCH_SIZE", "250")]);
+        let position = progress_of(&db, mode).await;
+        eprintln!("kill {kills} at {:?}: {position}", started.elapsed());
+        progress.push(position);
+        relay = spawn_relay(&db, &log, &env);
     }
     for writer in writers {
         writer.await.unwrap();
@@ -71,24 +83,60 @@ async fn sigkill_loop_loses_nothing_and_keeps_order() {
     let written_by = started.elapsed();
     let pending_at_end_of_stream = db.pending().await;
     assert!(kills >= 3);
-    db.wait_drained(Duration::from_secs(120)).await;
+    let rows = db.rows().await;
+    assert_eq!(rows.len(), EVENTS);
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    if mode == Mode::Polling {
+        db.wait_drained(Duration::from_secs(120)).await;
+    }
+    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(120)).await;
     sigterm(&relay);
     let status = relay.wait().unwrap();
     assert!(status.success(), "relay exits 0 on SIGTERM, got {status:?}");
 
-    let rows = db.rows().await;
-    assert_eq!(rows.len(), EVENTS);
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(120)).await;
     let audit = audit(&rows, &received);
     eprintln!(
-        "crash test: {EVENTS} events written in {written_by:?} with {kills} SIGKILLs ({pending_at_end_of_stream} pending when writers finished); duplicates={}",
+        "crash test ({mode_name}): {EVENTS} events written in {written_by:?} with {kills} SIGKILLs ({pending_at_end_of_stream} pending when writers finished); duplicates={}",
         audit.duplicates
     );
     audit.assert_complete_and_ordered();
-    assert!(
-        pending_at_end_of_stream < EVENTS as i64,
-        "the relay published during the stream"
-    );
+    match mode {
+        Mode::Polling => assert!(
+            pending_at_end_of_stream < EVENTS as i64,
+            "the relay published during the stream"
+        ),
+        Mode::Cdc => {
+            progress.dedup();
+            assert!(
+                progress.len() >= 3,
+                "the slot's confirmed position moved between kills: {progress:?}"
+            );
+        }
+    }
     db.drop_db().await;
+}
+
+/// How far the relay got: rows marked published (polling), or the slot's confirmed
+/// position (CDC, where rows are never marked).
+async fn progress_of(db: &TestDb, mode: Mode) -> String {
+    match mode {
+        Mode::Polling => {
+            let published: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            format!("{published} published so far")
+        }
+        Mode::Cdc => {
+            let lsn: Option<String> = sqlx::query_scalar(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(db.cdc_names().slot)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            format!("slot confirmed up to {}", lsn.unwrap_or_default())
+        }
+    }
 }

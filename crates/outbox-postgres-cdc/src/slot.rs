@@ -11,10 +11,11 @@ pub struct CdcNames {
 }
 
 impl CdcNames {
-    /// Defaults derived from the table: `<table>_pub` and `outbox_<schema>_<table>`
-    /// (slot names allow only lower-case letters, digits and underscores).
-    pub fn for_table(table: &TableRef) -> Self {
-        let slot: String = format!("outbox_{}_{}", table.schema, table.name)
+    /// Defaults derived from the table: `<table>_pub` and `outbox_<database>_<schema>_<table>`
+    /// (slots belong to the whole server, so the database is part of the name; slot names
+    /// allow only lower-case letters, digits and underscores).
+    pub fn for_table(database: &str, table: &TableRef) -> Self {
+        let slot: String = format!("outbox_{}_{}_{}", database, table.schema, table.name)
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() {
@@ -112,16 +113,23 @@ pub async fn slot_status(
     .transpose()
 }
 
+/// The database `conn` is connected to (part of the default slot name).
+pub async fn current_database(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *conn)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_are_legal_slot_and_publication_names() {
-        let names = CdcNames::for_table(&TableRef::new("Sales-EU", "Out Box").unwrap());
-        assert_eq!(names.slot, "outbox_sales_eu_out_box");
+        let names = CdcNames::for_table("app", &TableRef::new("Sales-EU", "Out Box").unwrap());
+        assert_eq!(names.slot, "outbox_app_sales_eu_out_box");
         assert_eq!(names.publication, "Out Box_pub");
-        let long = CdcNames::for_table(&TableRef::new("s", "x".repeat(63)).unwrap());
+        let long = CdcNames::for_table("app", &TableRef::new("s", "x".repeat(63)).unwrap());
         assert!(long.slot.len() <= 63);
     }
 }

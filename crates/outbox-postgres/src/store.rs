@@ -51,6 +51,7 @@ pub struct DeadLetter {
 #[derive(Debug, Clone)]
 pub struct PollingStore {
     table: TableRef,
+    payload_type: PayloadType,
     fetch_sql: String,
 }
 
@@ -76,6 +77,7 @@ impl PollingStore {
         };
         Ok(PollingStore {
             fetch_sql: fetch_sql(&table, payload_type),
+            payload_type,
             table,
         })
     }
@@ -175,6 +177,74 @@ impl PollingStore {
         }
         tx.commit().await?;
         Ok(done)
+    }
+
+    /// Records an event read from the write-ahead log (CDC mode) as a dead letter. The
+    /// row may be gone (writers that insert and delete in one transaction): then it is
+    /// inserted again, flagged, so the event and its reason are kept.
+    pub async fn record_dead_letter(
+        &self,
+        conn: &mut PgConnection,
+        event: &StoredEvent,
+        attempts: i32,
+        error: &str,
+    ) -> Result<(), Error> {
+        let t = self.table.qualified();
+        let updated = sqlx::query(&format!(
+            "UPDATE {t} SET dead_lettered_at = now(), attempts = $2, last_error = $3 WHERE id = $1"
+        ))
+        .bind(event.id)
+        .bind(attempts)
+        .bind(error)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            return Ok(());
+        }
+        let payload = match self.payload_type {
+            PayloadType::Jsonb => "convert_from($5, 'UTF8')::jsonb",
+            PayloadType::Bytea => "$5",
+        };
+        let headers: serde_json::Map<String, serde_json::Value> = event
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        sqlx::query(&format!(
+            "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers,
+                              dead_lettered_at, attempts, last_error)
+             VALUES ($1, $2, $3, $4, {payload}, $6, now(), $7, $8)"
+        ))
+        .bind(event.id)
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(&event.event_type)
+        .bind(&event.payload)
+        .bind((!headers.is_empty()).then_some(Json(headers)))
+        .bind(attempts)
+        .bind(error)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// CDC mode: deletes rows older than `retention` (dead letters excepted). The log,
+    /// not the table, is the source there, so rows only serve audits and polling fallback.
+    pub async fn purge_older_than(
+        &self,
+        conn: &mut PgConnection,
+        retention: Duration,
+    ) -> Result<u64, Error> {
+        let t = self.table.qualified();
+        Ok(sqlx::query(&format!(
+            "DELETE FROM {t} WHERE dead_lettered_at IS NULL
+               AND created_at < now() - $1 * interval '1 millisecond'"
+        ))
+        .bind(retention.as_millis() as i64)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
     }
 
     /// Deletes published rows older than `retention`, in chunks so no statement holds

@@ -16,9 +16,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_core::{plan_batch, Action, DeliveryError, DeliveryOutcome, Sink};
+use outbox_core::{plan_batch, Action, DeliveryError, DeliveryOutcome, Sink, StoredEvent};
 use outbox_kafka::KafkaSink;
 use outbox_postgres::{LeaderLock, OnPublish, PollingStore};
+use outbox_postgres_cdc::CdcNames;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -48,11 +49,6 @@ pub async fn run_with_metrics(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    if config.mode == Mode::Cdc {
-        return Err(RelayError::Config(
-            "mode \"cdc\" is not available in this version yet; use --mode polling".into(),
-        ));
-    }
     let connect = connect_options(&config)?;
     let pool = PgPoolOptions::new()
         .max_connections(3)
@@ -83,21 +79,36 @@ pub async fn run_with_metrics(
     if let Some(addr) = config.http_listen {
         http::serve(addr, metrics.clone(), health.clone(), shutdown.clone()).await?;
     }
+
+    let cdc = match config.mode {
+        Mode::Polling => None,
+        Mode::Cdc => {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|err| unreachable_database(&config, &err))?;
+            let database = outbox_postgres_cdc::slot::current_database(&mut conn)
+                .await
+                .map_err(|e| RelayError::Store(e.into()))?;
+            Some(CdcNames::for_table(&database, &config.table))
+        }
+    };
     let stats_task = tokio::spawn(refresh_stats(
         pool.clone(),
         store.clone(),
+        cdc.clone(),
         metrics.clone(),
         health.clone(),
         shutdown.clone(),
     ));
-
-    let relay = PollingRelay {
+    let relay = Relay {
         config: &config,
         store,
         sink,
         metrics,
         health,
         pool: pool.clone(),
+        cdc,
     };
     let result = relay.run(connect, &shutdown).await;
     shutdown.cancel();
@@ -133,22 +144,27 @@ fn unreachable_database(config: &RelayConfig, err: &sqlx::Error) -> RelayError {
     ))
 }
 
-struct PollingRelay<'a> {
-    config: &'a RelayConfig,
-    store: PollingStore,
-    sink: KafkaSink,
-    metrics: Metrics,
-    health: Arc<Health>,
-    pool: PgPool,
+pub(crate) struct Relay<'a> {
+    pub(crate) config: &'a RelayConfig,
+    pub(crate) store: PollingStore,
+    pub(crate) sink: KafkaSink,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Arc<Health>,
+    pub(crate) pool: PgPool,
+    /// Set in CDC mode: the publication and slot read from.
+    pub(crate) cdc: Option<CdcNames>,
 }
 
 /// Why leading stopped.
-enum LeadEnd {
+pub(crate) enum LeadEnd {
     Shutdown,
+    /// Lost the database or the stream: reconnect and try for leadership again.
     Lost(RelayError),
+    /// Cannot go on at all (an invalidated slot): stop the relay with this error.
+    Fatal(RelayError),
 }
 
-impl PollingRelay<'_> {
+impl Relay<'_> {
     async fn run(
         &self,
         connect: PgConnectOptions,
@@ -200,6 +216,10 @@ impl PollingRelay<'_> {
                     let _ = conn.close().await;
                     break;
                 }
+                LeadEnd::Fatal(err) => {
+                    let _ = conn.close().await;
+                    return Err(err);
+                }
                 LeadEnd::Lost(err) => {
                     self.metrics.active.set(0);
                     self.health.set_role(Role::Starting);
@@ -239,6 +259,9 @@ impl PollingRelay<'_> {
 
     /// The active relay's loop, on the connection that holds the lock.
     async fn lead(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> LeadEnd {
+        if let Some(names) = &self.cdc {
+            return self.lead_cdc(conn, names, shutdown).await;
+        }
         let mut listener = match PgListener::connect_with(&self.pool).await {
             Ok(listener) => listener,
             Err(err) => return LeadEnd::Lost(RelayError::Store(err.into())),
@@ -297,6 +320,23 @@ impl PollingRelay<'_> {
         if events.is_empty() {
             return Ok(0);
         }
+        let (actions, outcomes) = self.deliver(&events).await;
+        self.store
+            .apply(conn, &actions, self.config.on_publish)
+            .await?;
+        self.record(&actions, &outcomes);
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(events.len())
+    }
+
+    /// Routes and publishes `events`, and decides what becomes of each (an event that
+    /// cannot be routed fails permanently without reaching the sink).
+    pub(crate) async fn deliver(
+        &self,
+        events: &[StoredEvent],
+    ) -> (Vec<Action>, Vec<DeliveryOutcome>) {
         let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; events.len()];
         let mut messages = Vec::with_capacity(events.len());
         let mut sent = Vec::with_capacity(events.len());
@@ -323,18 +363,11 @@ impl PollingRelay<'_> {
             .into_iter()
             .map(|o| o.expect("every event has an outcome"))
             .collect();
-        let actions = plan_batch(&self.config.retry, &events, &outcomes);
-        self.store
-            .apply(conn, &actions, self.config.on_publish)
-            .await?;
-        self.record(&actions, &outcomes);
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(events.len())
+        let actions = plan_batch(&self.config.retry, events, &outcomes);
+        (actions, outcomes)
     }
 
-    fn record(&self, actions: &[Action], outcomes: &[DeliveryOutcome]) {
+    pub(crate) fn record(&self, actions: &[Action], outcomes: &[DeliveryOutcome]) {
         let mut published = 0;
         for (action, outcome) in actions.iter().zip(outcomes) {
             if let DeliveryOutcome::Failed(err) = outcome {
@@ -381,6 +414,7 @@ impl PollingRelay<'_> {
 async fn refresh_stats(
     pool: PgPool,
     store: PollingStore,
+    cdc: Option<CdcNames>,
     metrics: Metrics,
     health: Arc<Health>,
     shutdown: CancellationToken,
@@ -394,7 +428,27 @@ async fn refresh_stats(
             })
         }
         .await;
+        if let Some(names) = &cdc {
+            if let Ok(mut conn) = pool.acquire().await {
+                if let Ok(Some(slot)) =
+                    outbox_postgres_cdc::slot::slot_status(&mut conn, names).await
+                {
+                    metrics.slot_lag.set(slot.lag_bytes.unwrap_or(0));
+                    metrics.slot_wal_status.reset();
+                    if let Some(status) = &slot.wal_status {
+                        metrics
+                            .slot_wal_status
+                            .with_label_values(&[status.as_str()])
+                            .set(1);
+                    }
+                }
+            }
+        }
         match stats {
+            Ok(stats) if cdc.is_some() => {
+                // In CDC mode rows are never marked: only dead letters are meaningful.
+                metrics.dead_letters.set(stats.dead_lettered);
+            }
             Ok(stats) => {
                 metrics.pending.set(stats.pending);
                 metrics
@@ -412,7 +466,7 @@ async fn refresh_stats(
     }
 }
 
-async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) {
+pub(crate) async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) {
     tokio::select! {
         _ = tokio::time::sleep(duration) => {}
         _ = shutdown.cancelled() => {}

@@ -8,6 +8,9 @@ pub enum RelayError {
     /// Any other failure (exit code 1).
     #[error(transparent)]
     Store(#[from] outbox_postgres::Error),
+    /// CDC: PostgreSQL invalidated the replication slot. The command exits with code 3.
+    #[error("{0}")]
+    SlotLost(String),
     #[error("{0}")]
     Other(String),
 }

@@ -6,6 +6,7 @@
 //! - [`engine`]: leadership (one active relay per table) and the polling loop.
 //! - [`metrics`] and the HTTP endpoint (`/metrics`, `/healthz`).
 
+mod cdc;
 pub mod config;
 pub mod engine;
 mod error;

@@ -14,6 +14,9 @@ pub const RETRYING: &str = "outbox_retrying_events";
 pub const DEAD_LETTERS: &str = "outbox_dead_letter_events";
 pub const BATCH_DURATION: &str = "outbox_batch_duration_seconds";
 pub const ACTIVE: &str = "outbox_relay_active";
+pub const REJECTED_UPDATES_TOTAL: &str = "outbox_cdc_rejected_updates_total";
+pub const SLOT_LAG: &str = "outbox_cdc_slot_lag_bytes";
+pub const SLOT_WAL_STATUS: &str = "outbox_cdc_slot_wal_status";
 
 /// The relay's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -28,6 +31,10 @@ pub struct Metrics {
     pub dead_letters: IntGauge,
     pub batch_duration: Histogram,
     pub active: IntGauge,
+    pub rejected_updates: IntCounter,
+    pub slot_lag: IntGauge,
+    /// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
+    pub slot_wal_status: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -66,6 +73,25 @@ impl Metrics {
             ACTIVE,
             "1 while this relay holds the leadership lock, 0 as a standby.",
         );
+        let rejected_updates = counter(
+            REJECTED_UPDATES_TOTAL,
+            "CDC: UPDATEs of outbox rows seen and refused.",
+        );
+        let slot_lag = gauge(
+            SLOT_LAG,
+            "CDC: WAL bytes between the current position and the slot's confirmed position.",
+        );
+        let slot_wal_status = prometheus::IntGaugeVec::new(
+            Opts::new(
+                SLOT_WAL_STATUS,
+                "CDC: 1 for the replication slot's wal_status.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(slot_wal_status.clone()))
+            .expect("unique metric");
         let oldest_pending_age = prometheus::Gauge::with_opts(Opts::new(
             OLDEST_PENDING_AGE,
             "Age of the oldest pending row.",
@@ -98,6 +124,9 @@ impl Metrics {
             dead_letters,
             batch_duration,
             active,
+            rejected_updates,
+            slot_lag,
+            slot_wal_status,
         }
     }
 

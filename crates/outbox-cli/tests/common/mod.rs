@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use outbox::{Event, TableRef};
+pub use outbox_relay::Mode;
 use outbox_relay::{Config, ConfigOverrides, RelayConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -47,6 +48,34 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         TestDb::with_payload(outbox::PayloadType::Jsonb).await
+    }
+
+    /// A migrated database ready for `mode`: in CDC mode the publication and slot exist
+    /// before the first write, as after `outbox migrate --cdc`.
+    pub async fn for_mode(mode: Mode) -> TestDb {
+        let db = TestDb::new().await;
+        if mode == Mode::Cdc {
+            let mut conn = db.pool.acquire().await.unwrap();
+            let names = db.cdc_names();
+            outbox_postgres_cdc::slot::ensure_publication(&mut conn, &TableRef::default(), &names)
+                .await
+                .unwrap();
+            outbox_postgres_cdc::slot::ensure_slot(&mut conn, &names)
+                .await
+                .unwrap();
+        }
+        db
+    }
+
+    pub fn cdc_names(&self) -> outbox_postgres_cdc::CdcNames {
+        outbox_postgres_cdc::CdcNames::for_table(&self.name, &TableRef::default())
+    }
+
+    /// In-process relay settings for `mode`.
+    pub fn relay_config_for(&self, mode: Mode, extra_toml: &str) -> RelayConfig {
+        let mut config = self.relay_config(extra_toml);
+        config.mode = mode;
+        config
     }
 
     pub async fn with_payload(payload: outbox::PayloadType) -> TestDb {
@@ -159,6 +188,28 @@ impl TestDb {
     pub async fn drop_db(self) {
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+            // Slots belong to the server and keep their database alive: drop them first
+            // (a stopping relay's walsender may need a moment to let go of its slot).
+            for _ in 0..50 {
+                let _ = sqlx::query(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                     WHERE database = $1 AND NOT active",
+                )
+                .bind(&self.name)
+                .execute(&mut admin)
+                .await;
+                let remaining: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                )
+                .bind(&self.name)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap_or(0);
+                if remaining == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let _ = sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
