@@ -6,7 +6,6 @@ use outbox_core::{StoredEvent, TableRef};
 use pgwire_replication::{
     PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
-use tracing::debug;
 use uuid::Uuid;
 
 use crate::pgoutput::{Change, DecodeError, Decoder, Relation, Value, BYTEA_OID};
@@ -22,8 +21,9 @@ pub enum CdcEvent {
     /// The end of a transaction: once every row before it has been acknowledged by
     /// the broker, `end_lsn` may be confirmed.
     Commit { end_lsn: Lsn },
-    /// The server has nothing for us up to `wal_end`: confirmable when nothing is in
-    /// flight, so an idle outbox does not hold WAL back.
+    /// The server has nothing for us up to `wal_end` (a keepalive, or the relay's own
+    /// heartbeat message): confirmable when nothing is in flight, so an idle outbox
+    /// next to a busy database does not hold WAL back.
     Idle { wal_end: Lsn },
     /// Someone updated an outbox row; outbox rows are immutable events, so the update is
     /// not published.
@@ -130,8 +130,12 @@ impl CdcStream {
                         return Ok(Some(event));
                     }
                 }
+                // The relay's own heartbeats (pg_logical_emit_message): a position
+                // with nothing before it left to read.
+                ReplicationEvent::Message { lsn, .. } => {
+                    return Ok(Some(CdcEvent::Idle { wal_end: lsn }))
+                }
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
-                other => debug!(?other, "ignored replication event"),
             }
         }
     }

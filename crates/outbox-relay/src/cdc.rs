@@ -67,6 +67,18 @@ impl Relay<'_> {
             let next = if idle {
                 tokio::select! {
                     next = stream.next() => Some(next),
+                    _ = tokio::time::sleep(self.config.cdc_heartbeat) => {
+                        // A non-transactional logical message comes back through the slot
+                        // as a position we may confirm, even when the database's traffic
+                        // is all in other tables (which the slot skips, holding WAL).
+                        if let Err(err) = sqlx::query("SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')")
+                            .execute(&mut *conn)
+                            .await
+                        {
+                            return LeadEnd::Lost(RelayError::Store(err.into()));
+                        }
+                        continue;
+                    }
                     _ = shutdown.cancelled() => {
                         stream.shutdown().await;
                         return LeadEnd::Shutdown;

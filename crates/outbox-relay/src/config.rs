@@ -39,6 +39,25 @@ pub struct Config {
     pub kafka: KafkaSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub cdc: CdcSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdcSection {
+    /// How often an idle CDC relay writes a heartbeat into the WAL so the slot's
+    /// confirmed position keeps moving when the outbox is quiet.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for CdcSection {
+    fn default() -> Self {
+        CdcSection {
+            heartbeat: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -367,6 +386,7 @@ impl Config {
             kafka,
             http_listen,
             standby_interval: Duration::from_secs(1),
+            cdc_heartbeat: self.cdc.heartbeat,
         })
     }
 }
@@ -420,6 +440,8 @@ pub struct RelayConfig {
     pub http_listen: Option<SocketAddr>,
     /// How often a standby tries to take the leadership lock.
     pub standby_interval: Duration,
+    /// CDC: heartbeat interval of an idle relay.
+    pub cdc_heartbeat: Duration,
 }
 
 #[cfg(test)]

@@ -222,6 +222,7 @@ impl TestDb {
 
 /// An in-process relay; cancel `shutdown` and await `handle` to stop it.
 pub struct InProcessRelay {
+    pub metrics: outbox_relay::metrics::Metrics,
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), outbox_relay::RelayError>>,
 }
@@ -234,8 +235,17 @@ impl InProcessRelay {
             .with_test_writer()
             .try_init();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
-        InProcessRelay { shutdown, handle }
+        let metrics = outbox_relay::metrics::Metrics::new();
+        let handle = tokio::spawn(outbox_relay::engine::run_with_metrics(
+            config,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        InProcessRelay {
+            metrics,
+            shutdown,
+            handle,
+        }
     }
 
     pub async fn stop(self) {
