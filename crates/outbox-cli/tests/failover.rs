@@ -30,17 +30,33 @@ async fn write_batch(db: &TestDb, from: usize, count: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_relay_publishes_and_the_standby_takes_over() {
-    let db = TestDb::new().await;
+async fn one_relay_publishes_and_the_standby_takes_over_polling() {
+    failover(Mode::Polling).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_publishes_and_the_standby_takes_over_cdc() {
+    failover(Mode::Cdc).await
+}
+
+async fn failover(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    let env = [(
+        "OUTBOX_MODE",
+        match mode {
+            Mode::Polling => "polling",
+            Mode::Cdc => "cdc",
+        },
+    )];
     let mut relays = [
-        spawn_relay(&db, &logs[0], &[]),
-        spawn_relay(&db, &logs[1], &[]),
+        spawn_relay(&db, &logs[0], &env),
+        spawn_relay(&db, &logs[1], &env),
     ];
 
     write_batch(&db, 0, 2000).await;
-    db.wait_drained(Duration::from_secs(60)).await;
+    settle(&db, mode).await;
     // Give the second relay time to have tried the lock.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let active: Vec<usize> = (0..2).filter(|&i| log_has(&logs[i], ACTIVE)).collect();
@@ -66,7 +82,7 @@ async fn one_relay_publishes_and_the_standby_takes_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("standby took over {:?} after the kill", killed.elapsed());
-    db.wait_drained(Duration::from_secs(60)).await;
+    settle(&db, mode).await;
     sigterm(&relays[second]);
     let status = relays[second].wait().unwrap();
     assert!(
@@ -79,4 +95,21 @@ async fn one_relay_publishes_and_the_standby_takes_over() {
     let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(60)).await;
     audit(&rows, &received).assert_complete_and_ordered();
     db.drop_db().await;
+}
+
+/// Waits until every row written so far has been published.
+async fn settle(db: &TestDb, mode: Mode) {
+    match mode {
+        Mode::Polling => db.wait_drained(Duration::from_secs(60)).await,
+        Mode::Cdc => {
+            let ids: Vec<Uuid> = db.rows().await.iter().map(|r| r.0).collect();
+            let received =
+                consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(60)).await;
+            let seen: std::collections::HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
+            assert!(
+                ids.iter().all(|id| seen.contains(id)),
+                "not everything was published"
+            );
+        }
+    }
 }
