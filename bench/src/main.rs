@@ -11,7 +11,7 @@
 //!
 //! Prints a markdown table and writes JSON (`--out`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,9 @@ struct Args {
     /// Duration of the latency scenario.
     #[arg(long, default_value = "20", value_name = "SECONDS")]
     latency_secs: u64,
+    /// Relay modes to measure, side by side: polling, cdc, or both.
+    #[arg(long, default_value = "polling,cdc")]
+    modes: String,
     /// Write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -70,6 +73,13 @@ struct Args {
 struct Report {
     machine: Machine,
     relay_bin: String,
+    runs: Vec<ModeRun>,
+}
+
+/// Every scenario for one relay mode.
+#[derive(Serialize)]
+struct ModeRun {
+    mode: String,
     throughput: Throughput,
     backlog: Backlog,
     latency: Latency,
@@ -127,15 +137,29 @@ async fn main() -> Result<()> {
             args.relay_bin.display()
         );
     }
-    let throughput = throughput(&args).await?;
-    let backlog = backlog(&args).await?;
-    let latency = latency(&args).await?;
+    let mut runs = Vec::new();
+    for mode in args.modes.split(',') {
+        let mode = mode.trim();
+        if !["polling", "cdc"].contains(&mode) {
+            bail!("--modes takes polling and/or cdc, not {mode:?}");
+        }
+        eprintln!("bench: {mode}: throughput");
+        let throughput = throughput(&args, mode).await?;
+        eprintln!("bench: {mode}: backlog");
+        let backlog = backlog(&args, mode).await?;
+        eprintln!("bench: {mode}: latency");
+        let latency = latency(&args, mode).await?;
+        runs.push(ModeRun {
+            mode: mode.to_string(),
+            throughput,
+            backlog,
+            latency,
+        });
+    }
     let report = Report {
         machine: machine(),
         relay_bin: args.relay_bin.display().to_string(),
-        throughput,
-        backlog,
-        latency,
+        runs,
     };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}\n");
@@ -146,16 +170,29 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// A database of its own for one scenario, migrated, with a fresh topic name.
+/// A database of its own for one scenario, migrated (and, for CDC, with its publication
+/// and slot, as `outbox migrate --cdc` makes them), with a fresh topic name.
 struct BenchDb {
     url: String,
     pool: PgPool,
     template: String,
 }
 
-async fn bench_db(args: &Args, scenario: &str) -> Result<BenchDb> {
-    let name = format!("outbox_bench_{scenario}");
+impl BenchDb {
+    fn topic(&self) -> String {
+        self.template.replace("{aggregatetype}", "order")
+    }
+}
+
+async fn bench_db(args: &Args, scenario: &str, mode: &str) -> Result<BenchDb> {
+    let name = format!("outbox_bench_{scenario}_{mode}");
     let mut admin = PgConnection::connect(&args.database_url).await?;
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+    )
+    .bind(&name)
+    .execute(&mut admin)
+    .await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut admin)
         .await?;
@@ -163,19 +200,25 @@ async fn bench_db(args: &Args, scenario: &str) -> Result<BenchDb> {
         .execute(&mut admin)
         .await?;
     let url = url_with_db(&args.database_url, &name)?;
+    let mut migrate = Command::new(&args.relay_bin);
+    migrate
+        .arg("migrate")
+        .env("OUTBOX_DATABASE_URL", &url)
+        .stdout(Stdio::null());
+    if mode == "cdc" {
+        migrate.arg("--cdc");
+    }
+    if !migrate.status()?.success() {
+        bail!("outbox migrate failed on {name}");
+    }
     let pool = PgPoolOptions::new()
         .max_connections(args.writers as u32 + 2)
         .connect(&url)
         .await?;
-    outbox::migrate(
-        &mut *pool.acquire().await?,
-        &outbox::TableRef::default(),
-        outbox::PayloadType::Jsonb,
-    )
-    .await?;
     let template = format!(
-        "bench-{}-{}.{{aggregatetype}}",
+        "bench-{}-{}-{}.{{aggregatetype}}",
         scenario,
+        mode,
         &Uuid::now_v7().simple().to_string()[..12]
     );
     Ok(BenchDb {
@@ -191,9 +234,10 @@ fn url_with_db(url: &str, db: &str) -> Result<String> {
     Ok(url.to_string())
 }
 
-fn spawn_relay(args: &Args, db: &BenchDb) -> Result<Child> {
+fn spawn_relay(args: &Args, db: &BenchDb, mode: &str) -> Result<Child> {
     Command::new(&args.relay_bin)
         .arg("relay")
+        .env("OUTBOX_MODE", mode)
         .env("OUTBOX_DATABASE_URL", &db.url)
         .env("OUTBOX_KAFKA_BROKERS", &args.kafka_brokers)
         .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
@@ -246,45 +290,42 @@ async fn write_events(args: &Args, db: &BenchDb) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-async fn wait_published(db: &BenchDb) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(&db.pool)
-                .await?;
-        if pending == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{pending} events still pending after 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-/// Publishes one event and removes it, so the topic exists and the relay is connected
-/// before any clock starts.
+/// Publishes one event and waits for it on the topic, so the topic exists and the relay
+/// is connected before any clock starts; then removes it again.
 async fn warm_up(args: &Args, db: &BenchDb) -> Result<()> {
     let warmup = Event::new("order", "warmup", "Warmup", payload(args.payload_bytes, 0));
     outbox::write(&db.pool, &warmup).await?;
-    wait_published(db).await?;
+    let brokers = args.kafka_brokers.clone();
+    let topic = db.topic();
+    let wanted = HashSet::from([warmup.id]);
+    tokio::task::spawn_blocking(move || consume_all(&brokers, &topic, wanted, Offset::Beginning))
+        .await??;
     sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
     Ok(())
 }
 
-async fn throughput(args: &Args) -> Result<Throughput> {
-    let db = bench_db(args, "throughput").await?;
-    let mut relay = spawn_relay(args, &db)?;
+/// The ids of every event in the table.
+async fn all_ids(db: &BenchDb) -> Result<HashSet<Uuid>> {
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_all(&db.pool)
+        .await?;
+    Ok(ids.into_iter().collect())
+}
+
+async fn throughput(args: &Args, mode: &str) -> Result<Throughput> {
+    let db = bench_db(args, "throughput", mode).await?;
+    let mut relay = spawn_relay(args, &db, mode)?;
     warm_up(args, &db).await?;
+    let first_commit = now_micros();
     let write_seconds = write_events(args, &db).await?;
-    wait_published(&db).await?;
-    let end_to_end: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM max(published_at) - min(created_at))::float8 FROM outbox",
-    )
-    .fetch_one(&db.pool)
-    .await?;
+    let wanted = all_ids(&db).await?;
+    let brokers = args.kafka_brokers.clone();
+    let topic = db.topic();
+    let last_received = tokio::task::spawn_blocking(move || {
+        consume_all(&brokers, &topic, wanted, Offset::Beginning)
+    })
+    .await??;
+    let end_to_end = (last_received - first_commit) as f64 / 1e6;
     let rss = peak_rss_mib(relay.id());
     let cpu = cpu_seconds(relay.id());
     stop(&mut relay);
@@ -303,26 +344,26 @@ async fn throughput(args: &Args) -> Result<Throughput> {
     })
 }
 
-async fn backlog(args: &Args) -> Result<Backlog> {
-    let db = bench_db(args, "backlog").await?;
-    let mut relay = spawn_relay(args, &db)?;
+async fn backlog(args: &Args, mode: &str) -> Result<Backlog> {
+    let db = bench_db(args, "backlog", mode).await?;
+    let mut relay = spawn_relay(args, &db, mode)?;
     warm_up(args, &db).await?;
     stop(&mut relay);
     write_events(args, &db).await?;
-    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(&db.pool)
-        .await?;
-    let mut relay = spawn_relay(args, &db)?;
-    wait_published(&db).await?;
-    let last: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT max(published_at) FROM outbox")
-            .fetch_one(&db.pool)
-            .await?;
+    let wanted = all_ids(&db).await?;
+    let started = now_micros();
+    let mut relay = spawn_relay(args, &db, mode)?;
+    let brokers = args.kafka_brokers.clone();
+    let topic = db.topic();
+    let last_received = tokio::task::spawn_blocking(move || {
+        consume_all(&brokers, &topic, wanted, Offset::Beginning)
+    })
+    .await??;
     let rss = peak_rss_mib(relay.id());
     let cpu = cpu_seconds(relay.id());
     stop(&mut relay);
     let events = (args.events / args.writers) * args.writers;
-    let drain_seconds = (last - started).num_microseconds().unwrap_or(0) as f64 / 1e6;
+    let drain_seconds = (last_received - started) as f64 / 1e6;
     Ok(Backlog {
         events,
         drain_seconds,
@@ -332,10 +373,66 @@ async fn backlog(args: &Args) -> Result<Backlog> {
     })
 }
 
-async fn latency(args: &Args) -> Result<Latency> {
-    let db = bench_db(args, "latency").await?;
-    let mut relay = spawn_relay(args, &db)?;
-    let topic = db.template.replace("{aggregatetype}", "order");
+/// Reads `topic` from `from` until every id in `wanted` arrived (at most 10 minutes).
+/// Returns the wall-clock time, in microseconds, at which the last one arrived.
+fn consume_all(brokers: &str, topic: &str, mut wanted: HashSet<Uuid>, from: Offset) -> Result<u64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-{}", Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let n = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if n > 0 {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, p, from)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut last = now_micros();
+    while !wanted.is_empty() {
+        if Instant::now() > deadline {
+            bail!("{} events never arrived on {topic}", wanted.len());
+        }
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            if let Some(id) = message_id(&message) {
+                if wanted.remove(&id) {
+                    last = now_micros();
+                }
+            }
+        }
+    }
+    Ok(last)
+}
+
+fn message_id(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Uuid> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == "id")
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<Uuid>().ok())
+    })
+}
+
+async fn latency(args: &Args, mode: &str) -> Result<Latency> {
+    let db = bench_db(args, "latency", mode).await?;
+    let mut relay = spawn_relay(args, &db, mode)?;
+    let topic = db.topic();
     warm_up(args, &db).await?;
 
     let total = args.rate as usize * args.latency_secs as usize;
@@ -502,33 +599,81 @@ fn machine() -> Machine {
 }
 
 fn markdown(report: &Report) -> String {
-    let t = &report.throughput;
-    let b = &report.backlog;
-    let l = &report.latency;
-    format!(
-        "| scenario | figure | value |\n| --- | --- | --- |\n\
-         | throughput ({} × {} B events, {} writers, {} events/tx) | writers' insert rate | {:.0} events/s |\n\
-         | | end to end, first commit → last Kafka ack | {:.0} events/s ({:.2} s) |\n\
-         | | relay peak RSS | {:.1} MiB |\n\
-         | | relay CPU | {:.2} s ({:.1} µs/event) |\n\
-         | backlog of {} events drained by the relay alone | events/s (relay start → last ack) | {:.0} events/s ({:.2} s) |\n\
-         | | relay peak RSS | {:.1} MiB |\n\
-         | | relay CPU | {:.2} s ({:.1} µs/event) |\n\
-         | latency at {} events/s (achieved {:.0}/s, {} events) | commit → consume p50 | {:.1} ms |\n\
-         | | p99 | {:.1} ms |\n\
-         | | p99.9 | {:.1} ms |\n\
-         | | max | {:.1} ms |\n\
-         | | relay peak RSS | {:.1} MiB |\n\
-         \nMachine: {} cores, {} GiB, Linux {}; PostgreSQL, Kafka, writers and relay on the same machine.",
+    let mut out = String::from("| figure |");
+    for run in &report.runs {
+        out.push_str(&format!(" {} |", run.mode));
+    }
+    out.push_str("\n| --- |");
+    for _ in &report.runs {
+        out.push_str(" --- |");
+    }
+    out.push('\n');
+    let mut row = |name: &str, value: &dyn Fn(&ModeRun) -> String| {
+        out.push_str(&format!("| {name} |"));
+        for run in &report.runs {
+            out.push_str(&format!(" {} |", value(run)));
+        }
+        out.push('\n');
+    };
+    row("throughput: writers' insert rate (events/s)", &|r| {
+        format!("{:.0}", r.throughput.writer_events_per_sec)
+    });
+    row(
+        "throughput: first commit → last event consumed (events/s)",
+        &|r| {
+            format!(
+                "{:.0} ({:.2} s)",
+                r.throughput.end_to_end_events_per_sec, r.throughput.end_to_end_seconds
+            )
+        },
+    );
+    row("throughput: relay peak RSS (MiB)", &|r| {
+        format!("{:.1}", r.throughput.relay_peak_rss_mib)
+    });
+    row("throughput: relay CPU (µs/event)", &|r| {
+        format!(
+            "{:.1}",
+            r.throughput.relay_cpu_seconds * 1e6 / r.throughput.events as f64
+        )
+    });
+    row(
+        "backlog drain, relay start → last event consumed (events/s)",
+        &|r| {
+            format!(
+                "{:.0} ({:.2} s)",
+                r.backlog.events_per_sec, r.backlog.drain_seconds
+            )
+        },
+    );
+    row("backlog: relay peak RSS (MiB)", &|r| {
+        format!("{:.1}", r.backlog.relay_peak_rss_mib)
+    });
+    row("backlog: relay CPU (µs/event)", &|r| {
+        format!(
+            "{:.1}",
+            r.backlog.relay_cpu_seconds * 1e6 / r.backlog.events as f64
+        )
+    });
+    row("latency: target / achieved rate (events/s)", &|r| {
+        format!("{} / {:.0}", r.latency.target_rate, r.latency.achieved_rate)
+    });
+    row("latency: commit → consume p50 (ms)", &|r| {
+        format!("{:.1}", r.latency.p50_ms)
+    });
+    row("latency: p99 (ms)", &|r| format!("{:.1}", r.latency.p99_ms));
+    row("latency: p99.9 (ms)", &|r| {
+        format!("{:.1}", r.latency.p999_ms)
+    });
+    row("latency: max (ms)", &|r| format!("{:.1}", r.latency.max_ms));
+    row("latency: relay peak RSS (MiB)", &|r| {
+        format!("{:.1}", r.latency.relay_peak_rss_mib)
+    });
+    let t = &report.runs[0].throughput;
+    out.push_str(&format!(
+        "\n{} events of {} B, {} writers, {} events per transaction; latency: one event per transaction.\n\
+         Machine: {} cores, {} GiB, Linux {}; PostgreSQL, Kafka, writers, consumer and relay on the same machine.",
         t.events, t.payload_bytes, t.writers, t.events_per_tx,
-        t.writer_events_per_sec,
-        t.end_to_end_events_per_sec, t.end_to_end_seconds,
-        t.relay_peak_rss_mib,
-        t.relay_cpu_seconds, t.relay_cpu_seconds * 1e6 / t.events as f64,
-        b.events, b.events_per_sec, b.drain_seconds, b.relay_peak_rss_mib,
-        b.relay_cpu_seconds, b.relay_cpu_seconds * 1e6 / b.events as f64,
-        l.target_rate, l.achieved_rate, l.events,
-        l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.relay_peak_rss_mib,
         report.machine.cores, report.machine.memory_gib, report.machine.kernel,
-    )
+    ));
+    out
 }

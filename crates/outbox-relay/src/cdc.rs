@@ -23,6 +23,9 @@ use crate::RelayError;
 
 /// How long a batch waits for more rows once the stream pauses.
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// The longest a batch collects rows before it is published, however busy the stream:
+/// bounds the latency a steady trickle of events would otherwise add.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 
 impl Relay<'_> {
     pub(crate) async fn lead_cdc(
@@ -49,6 +52,7 @@ impl Relay<'_> {
         // End LSN of the last complete transaction whose rows are all in `batch`.
         let mut confirm_after: Option<Lsn> = None;
         let mut in_transaction = false;
+        let mut batch_started: Option<std::time::Instant> = None;
         let mut next_purge = std::time::Instant::now();
         loop {
             if std::time::Instant::now() >= next_purge {
@@ -85,14 +89,27 @@ impl Relay<'_> {
                     }
                 }
             } else {
-                tokio::time::timeout(FLUSH_AFTER, stream.next()).await.ok()
+                let waited = batch_started.map(|t| t.elapsed()).unwrap_or_default();
+                match MAX_BATCH_WAIT.checked_sub(waited) {
+                    Some(left) if !left.is_zero() => {
+                        tokio::time::timeout(FLUSH_AFTER.min(left), stream.next())
+                            .await
+                            .ok()
+                    }
+                    _ => None,
+                }
             };
             let mut flush = next.is_none();
             match next {
                 None => {}
                 Some(Ok(Some(event))) => match event {
                     CdcEvent::Begin => in_transaction = true,
-                    CdcEvent::Row(row) => batch.push(row),
+                    CdcEvent::Row(row) => {
+                        if batch.is_empty() {
+                            batch_started = Some(std::time::Instant::now());
+                        }
+                        batch.push(row)
+                    }
                     CdcEvent::Commit { end_lsn } => {
                         in_transaction = false;
                         confirm_after = Some(end_lsn);
@@ -121,6 +138,7 @@ impl Relay<'_> {
             }
             if flush && (!batch.is_empty() || confirm_after.is_some()) {
                 let events = std::mem::take(&mut batch);
+                batch_started = None;
                 if !self.deliver_until_done(events, shutdown).await {
                     // Stopped while retrying: nothing more is confirmed; the next relay
                     // starts from the last confirmed position.
