@@ -335,3 +335,41 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// The slot's lag and wal_status are exported as metrics; rows past the retention are
+/// purged in CDC mode too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_metrics_and_retention() {
+    let db = TestDb::for_mode(Mode::Cdc).await;
+    let old = event("order", "1", 0);
+    db.write(std::slice::from_ref(&old)).await;
+    sqlx::query("INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, created_at) VALUES ($1, 'order', '1', 'Old', '{}', now() - interval '2 hours')")
+        .bind(Uuid::now_v7())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay =
+        InProcessRelay::start(db.relay_config_for(Mode::Cdc, "[delivery]\nretention = \"1h\"\n"));
+    consume_ids(vec![db.topic("order")], &[old.id], WAIT).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = relay.metrics.render();
+        if text.contains("outbox_cdc_slot_wal_status{status=\"reserved\"} 1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no slot metrics:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    relay.stop().await;
+    assert!(text.contains("outbox_cdc_slot_lag_bytes"), "{text}");
+    assert_eq!(
+        left,
+        vec![old.id],
+        "the row past its retention was purged, the fresh one kept"
+    );
+    db.drop_db().await;
+}

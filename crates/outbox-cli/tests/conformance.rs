@@ -39,7 +39,106 @@ for_each_mode!(
     plain_sql_writers_are_published_the_same_way,
     late_committing_transaction_is_not_skipped,
     per_aggregate_order_holds_with_concurrent_writers,
+    poison_event_is_dead_lettered_and_others_flow,
+    illegal_topic_name_is_dead_lettered_without_blocking,
 );
+
+/// Waits until `id` is a dead letter; returns its attempts and reason.
+async fn dead_letter(db: &TestDb, id: Uuid) -> (i32, String) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let row: Option<(i32, String)> = sqlx::query_as(
+            "SELECT attempts, last_error FROM outbox WHERE id = $1 AND dead_lettered_at IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(row) = row {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A payload larger than the broker accepts is dead-lettered with its reason at once;
+/// other aggregates, and the poison's own later events, keep flowing.
+async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
+    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let big = "x".repeat(1_500_000);
+    let poison = Event::new(
+        "order",
+        "poison",
+        "Huge",
+        serde_json::json!({ "blob": big }),
+    );
+    let mut events = vec![
+        event("order", "poison", 0),
+        poison.clone(),
+        event("order", "poison", 2),
+    ];
+    for n in 0..200 {
+        events.push(event("order", &format!("ok-{}", n % 20), n));
+    }
+    db.write(&events).await;
+    let wanted: Vec<Uuid> = events
+        .iter()
+        .filter(|e| e.id != poison.id)
+        .map(|e| e.id)
+        .collect();
+    let received = consume_ids(vec![db.topic("order")], &wanted, WAIT).await;
+    let (attempts, error) = dead_letter(&db, poison.id).await;
+    relay.stop().await;
+    let seen: HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
+    assert!(
+        wanted.iter().all(|id| seen.contains(id)),
+        "other events delivered"
+    );
+    assert!(
+        !seen.contains(&poison.id),
+        "the poison never reached the topic"
+    );
+    assert_eq!(attempts, 1, "dead-lettered at the first attempt");
+    assert!(
+        error.to_lowercase().contains("too large"),
+        "reason recorded: {error}"
+    );
+    db.drop_db().await;
+}
+
+/// An aggregatetype that yields an illegal topic name is dead-lettered at once, even when
+/// the writer deleted the row in the same transaction (CDC keeps it as a dead letter).
+async fn illegal_topic_name_is_dead_lettered_without_blocking(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
+    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let bad = event("my order!", "1", 0);
+    let good = event("order", "1", 1);
+    db.write(&[bad.clone(), good.clone()]).await;
+    consume_ids(vec![db.topic("order")], &[good.id], WAIT).await;
+    let (_, error) = dead_letter(&db, bad.id).await;
+    if mode == Mode::Cdc {
+        // Insert and delete in one transaction: the dead letter is kept all the same.
+        let gone = event("my order!", "2", 2);
+        let mut tx = db.pool.begin().await.unwrap();
+        outbox::write(&mut *tx, &gone).await.unwrap();
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(gone.id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let (_, error) = dead_letter(&db, gone.id).await;
+        assert!(error.contains("not a legal Kafka topic name"), "{error}");
+    }
+    relay.stop().await;
+    assert!(error.contains("not a legal Kafka topic name"), "{error}");
+    db.drop_db().await;
+}
 
 async fn round_trip_publishes_topic_key_value_and_headers(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
