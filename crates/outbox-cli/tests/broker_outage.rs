@@ -104,13 +104,7 @@ async fn killed_during_outage(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("relay.log");
-    let env = [(
-        "OUTBOX_MODE",
-        match mode {
-            Mode::Polling => "polling",
-            Mode::Cdc => "cdc",
-        },
-    )];
+    let env = [("OUTBOX_MODE", mode_name(mode))];
     let mut relay = spawn_relay(&db, &log, &env);
     let warmup: Vec<Event> = (0..50)
         .map(|n| event("order", &(n % 5).to_string(), n))

@@ -29,10 +29,7 @@ async fn sigkill_loop(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
     let log_dir = tempfile::tempdir().unwrap();
     let log = log_dir.path().join("relay.log");
-    let mode_name = match mode {
-        Mode::Polling => "polling",
-        Mode::Cdc => "cdc",
-    };
+    let mode_name = mode_name(mode);
     let env = [
         ("OUTBOX_POLLING__BATCH_SIZE", "250"),
         ("OUTBOX_MODE", mode_name),

@@ -43,13 +43,7 @@ async fn failover(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
-    let env = [(
-        "OUTBOX_MODE",
-        match mode {
-            Mode::Polling => "polling",
-            Mode::Cdc => "cdc",
-        },
-    )];
+    let env = [("OUTBOX_MODE", mode_name(mode))];
     let mut relays = [
         spawn_relay(&db, &logs[0], &env),
         spawn_relay(&db, &logs[1], &env),

@@ -502,6 +502,14 @@ pub fn sigterm(child: &Child) {
     }
 }
 
+/// The value of `--mode` / OUTBOX_MODE for `mode`.
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Polling => "polling",
+        Mode::Cdc => "cdc",
+    }
+}
+
 /// Runs `scripts/services ARGS...` and asserts it succeeded.
 pub fn services(args: &[&str]) {
     let status = Command::new(repo_root().join("scripts/services"))
