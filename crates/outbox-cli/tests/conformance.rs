@@ -41,7 +41,63 @@ for_each_mode!(
     per_aggregate_order_holds_with_concurrent_writers,
     poison_event_is_dead_lettered_and_others_flow,
     illegal_topic_name_is_dead_lettered_without_blocking,
+    dead_letters_are_listed_and_retried_from_the_command_line,
 );
+
+/// `outbox dead-letters list` shows a dead letter with its reason; `retry` queues it
+/// again and the relay tries it once more (here it fails again: the topic name is still
+/// illegal, so it is a dead letter again, with a later time and a fresh attempt count).
+async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
+    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let bad = event("bad topic", "1", 0);
+    db.write(std::slice::from_ref(&bad)).await;
+    dead_letter(&db, bad.id).await;
+    let list = cli(&db, &["dead-letters", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(rows[0]["id"], bad.id.to_string());
+    assert!(rows[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("not a legal Kafka topic name"));
+    let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
+    assert_eq!(status["dead_lettered"], 1);
+    assert!(
+        status["active_relay"].is_object(),
+        "the in-process relay holds the lock: {status}"
+    );
+    let first: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT dead_lettered_at FROM outbox WHERE id = $1")
+            .bind(bad.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
+    let retried = cli(&db, &["dead-letters", "retry", &bad.id.to_string()]);
+    assert!(retried.contains("queued 1"), "{retried}");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let again: Option<(chrono::DateTime<chrono::Utc>, i32)> = sqlx::query_as(
+            "SELECT dead_lettered_at, attempts FROM outbox WHERE id = $1 AND dead_lettered_at > $2",
+        )
+        .bind(bad.id)
+        .bind(first)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((_, attempts)) = again {
+            assert_eq!(attempts, 1, "the retry started from a fresh attempt count");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retried event was not tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
+    db.drop_db().await;
+}
 
 /// Waits until `id` is a dead letter; returns its attempts and reason.
 async fn dead_letter(db: &TestDb, id: Uuid) -> (i32, String) {

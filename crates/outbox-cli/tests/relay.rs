@@ -218,66 +218,6 @@ async fn metrics_and_health_endpoints_report_the_relay() {
     db.drop_db().await;
 }
 
-/// `outbox dead-letters list` shows a dead letter with its reason; `retry` queues it
-/// again and the relay then tries it once more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_are_listed_and_retried_from_the_command_line() {
-    let db = TestDb::new().await;
-    let relay = InProcessRelay::start(db.relay_config(""));
-    let bad = event("bad topic", "1", 0);
-    db.write(std::slice::from_ref(&bad)).await;
-    db.wait_drained(WAIT).await;
-    let list = cli(&db, &["dead-letters", "list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(rows[0]["id"], bad.id.to_string());
-    assert!(rows[0]["last_error"]
-        .as_str()
-        .unwrap()
-        .contains("not a legal Kafka topic name"));
-    let status = cli(&db, &["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["dead_lettered"], 1);
-    assert_eq!(status["pending"], 0);
-    assert!(
-        status["active_relay"].is_object(),
-        "the in-process relay holds the lock: {status}"
-    );
-
-    let retried = cli(&db, &["dead-letters", "retry", &bad.id.to_string()]);
-    assert!(retried.contains("queued 1"), "{retried}");
-    // The relay tries it again (and, the topic still being illegal, dead-letters it again).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    db.wait_drained(WAIT).await;
-    relay.stop().await;
-    let attempts: i32 = sqlx::query_scalar(
-        "SELECT attempts FROM outbox WHERE id = $1 AND dead_lettered_at IS NOT NULL",
-    )
-    .bind(bad.id)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        attempts, 1,
-        "attempts were reset by retry, then one more attempt was made"
-    );
-    db.drop_db().await;
-}
-
-fn cli(db: &TestDb, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(args)
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env_remove("OUTBOX_KAFKA_BROKERS")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "outbox {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

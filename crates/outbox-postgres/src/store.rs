@@ -335,30 +335,27 @@ impl PollingStore {
 
     /// Puts dead letters back in the queue with a fresh attempt count: those with the
     /// given ids, or all of them when `ids` is `None`. Returns how many.
+    ///
+    /// The rows are deleted and inserted again, with the same id, in one statement: a
+    /// new insert is what both modes publish (CDC reads inserts from the log, and a new
+    /// `seq` puts the event behind the events already waiting).
     pub async fn retry_dead_letters(
         &self,
         conn: &mut PgConnection,
         ids: Option<&[Uuid]>,
     ) -> Result<u64, Error> {
         let t = self.table.qualified();
-        let reset = "dead_lettered_at = NULL, attempts = 0, next_attempt_at = NULL";
-        let result = match ids {
-            Some(ids) => {
-                sqlx::query(&format!(
-                    "UPDATE {t} SET {reset} WHERE dead_lettered_at IS NOT NULL AND id = ANY($1)"
-                ))
-                .bind(ids)
-                .execute(&mut *conn)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "UPDATE {t} SET {reset} WHERE dead_lettered_at IS NOT NULL"
-                ))
-                .execute(&mut *conn)
-                .await?
-            }
-        };
+        let sql = format!(
+            "WITH retried AS (
+                 DELETE FROM {t}
+                 WHERE dead_lettered_at IS NOT NULL AND ($1::uuid[] IS NULL OR id = ANY($1))
+                 RETURNING id, aggregatetype, aggregateid, type, payload, headers, created_at, seq
+             )
+             INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers, created_at)
+             SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at
+             FROM retried ORDER BY seq"
+        );
+        let result = sqlx::query(&sql).bind(ids).execute(&mut *conn).await?;
         Ok(result.rows_affected())
     }
 }

@@ -529,3 +529,19 @@ pub fn event(aggregate_type: &str, aggregate_id: &str, n: usize) -> Event {
         serde_json::json!({ "n": n, "aggregate": aggregate_id }),
     )
 }
+
+/// Runs the `outbox` binary on `db` and returns its standard output.
+pub fn cli(db: &TestDb, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env_remove("OUTBOX_KAFKA_BROKERS")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "outbox {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
