@@ -61,9 +61,13 @@ struct Args {
     /// Duration of the latency scenario.
     #[arg(long, default_value = "20", value_name = "SECONDS")]
     latency_secs: u64,
-    /// Relay modes to measure, side by side: polling, cdc, or both.
+    /// Systems to measure, side by side: polling, cdc (our relay), debezium,
+    /// debezium-tuned (Kafka Connect with Debezium's outbox router).
     #[arg(long, default_value = "polling,cdc")]
     modes: String,
+    /// The script that runs the Debezium peer.
+    #[arg(long, default_value = "bench/debezium/run-connect")]
+    debezium_script: PathBuf,
     /// Write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -140,8 +144,8 @@ async fn main() -> Result<()> {
     let mut runs = Vec::new();
     for mode in args.modes.split(',') {
         let mode = mode.trim();
-        if !["polling", "cdc"].contains(&mode) {
-            bail!("--modes takes polling and/or cdc, not {mode:?}");
+        if !["polling", "cdc", "debezium", "debezium-tuned"].contains(&mode) {
+            bail!("--modes takes polling, cdc, debezium and debezium-tuned, not {mode:?}");
         }
         eprintln!("bench: {mode}: throughput");
         let throughput = throughput(&args, mode).await?;
@@ -173,19 +177,26 @@ async fn main() -> Result<()> {
 /// A database of its own for one scenario, migrated (and, for CDC, with its publication
 /// and slot, as `outbox migrate --cdc` makes them), with a fresh topic name.
 struct BenchDb {
+    name: String,
     url: String,
     pool: PgPool,
+    /// Our relay's topic template, or Debezium's topic prefix.
     template: String,
+    topic: String,
 }
 
 impl BenchDb {
     fn topic(&self) -> String {
-        self.template.replace("{aggregatetype}", "order")
+        self.topic.clone()
     }
 }
 
+fn is_debezium(mode: &str) -> bool {
+    mode.starts_with("debezium")
+}
+
 async fn bench_db(args: &Args, scenario: &str, mode: &str) -> Result<BenchDb> {
-    let name = format!("outbox_bench_{scenario}_{mode}");
+    let name = format!("outbox_bench_{scenario}_{}", mode.replace('-', "_"));
     let mut admin = PgConnection::connect(&args.database_url).await?;
     sqlx::query(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
@@ -208,6 +219,7 @@ async fn bench_db(args: &Args, scenario: &str, mode: &str) -> Result<BenchDb> {
     if mode == "cdc" {
         migrate.arg("--cdc");
     }
+    // Debezium creates its own slot and publication on the same table.
     if !migrate.status()?.success() {
         bail!("outbox migrate failed on {name}");
     }
@@ -215,16 +227,22 @@ async fn bench_db(args: &Args, scenario: &str, mode: &str) -> Result<BenchDb> {
         .max_connections(args.writers as u32 + 2)
         .connect(&url)
         .await?;
-    let template = format!(
-        "bench-{}-{}-{}.{{aggregatetype}}",
-        scenario,
-        mode,
-        &Uuid::now_v7().simple().to_string()[..12]
-    );
+    let unique = &Uuid::now_v7().simple().to_string()[..12];
+    let (template, topic) = if is_debezium(mode) {
+        let prefix = format!("bench-{scenario}-{mode}-{unique}");
+        let topic = format!("{prefix}.outbox.event.order");
+        (prefix, topic)
+    } else {
+        let template = format!("bench-{scenario}-{mode}-{unique}.{{aggregatetype}}");
+        let topic = template.replace("{aggregatetype}", "order");
+        (template, topic)
+    };
     Ok(BenchDb {
+        name,
         url,
         pool,
         template,
+        topic,
     })
 }
 
@@ -235,6 +253,22 @@ fn url_with_db(url: &str, db: &str) -> Result<String> {
 }
 
 fn spawn_relay(args: &Args, db: &BenchDb, mode: &str) -> Result<Child> {
+    if is_debezium(mode) {
+        // run-connect execs the JVM, so this pid is Kafka Connect's own.
+        return Command::new(&args.debezium_script)
+            .arg(&db.name)
+            .arg(&db.template)
+            .env("OUTBOX_KAFKA_BROKERS", &args.kafka_brokers)
+            .env(
+                "DEBEZIUM_TUNED",
+                if mode == "debezium-tuned" { "1" } else { "0" },
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting Kafka Connect with Debezium");
+    }
     Command::new(&args.relay_bin)
         .arg("relay")
         .env("OUTBOX_MODE", mode)
@@ -293,13 +327,32 @@ async fn write_events(args: &Args, db: &BenchDb) -> Result<f64> {
 /// Publishes one event and waits for it on the topic, so the topic exists and the relay
 /// is connected before any clock starts; then removes it again.
 async fn warm_up(args: &Args, db: &BenchDb) -> Result<()> {
-    let warmup = Event::new("order", "warmup", "Warmup", payload(args.payload_bytes, 0));
-    outbox::write(&db.pool, &warmup).await?;
-    let brokers = args.kafka_brokers.clone();
-    let topic = db.topic();
-    let wanted = HashSet::from([warmup.id]);
-    tokio::task::spawn_blocking(move || consume_all(&brokers, &topic, wanted, Offset::Beginning))
-        .await??;
+    // A system that is still starting (Debezium creates its slot at start-up) may miss
+    // the first event, so write one every few seconds until one arrives.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let warmup = Event::new("order", "warmup", "Warmup", payload(args.payload_bytes, 0));
+        outbox::write(&db.pool, &warmup).await?;
+        let brokers = args.kafka_brokers.clone();
+        let topic = db.topic();
+        let wanted = HashSet::from([warmup.id]);
+        let arrived = tokio::task::spawn_blocking(move || {
+            consume_all(
+                &brokers,
+                &topic,
+                wanted,
+                Offset::Beginning,
+                Duration::from_secs(5),
+            )
+        })
+        .await?;
+        if arrived.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the system under test published nothing within 3 minutes");
+        }
+    }
     sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
     Ok(())
 }
@@ -322,7 +375,13 @@ async fn throughput(args: &Args, mode: &str) -> Result<Throughput> {
     let brokers = args.kafka_brokers.clone();
     let topic = db.topic();
     let last_received = tokio::task::spawn_blocking(move || {
-        consume_all(&brokers, &topic, wanted, Offset::Beginning)
+        consume_all(
+            &brokers,
+            &topic,
+            wanted,
+            Offset::Beginning,
+            Duration::from_secs(600),
+        )
     })
     .await??;
     let end_to_end = (last_received - first_commit) as f64 / 1e6;
@@ -356,7 +415,13 @@ async fn backlog(args: &Args, mode: &str) -> Result<Backlog> {
     let brokers = args.kafka_brokers.clone();
     let topic = db.topic();
     let last_received = tokio::task::spawn_blocking(move || {
-        consume_all(&brokers, &topic, wanted, Offset::Beginning)
+        consume_all(
+            &brokers,
+            &topic,
+            wanted,
+            Offset::Beginning,
+            Duration::from_secs(600),
+        )
     })
     .await??;
     let rss = peak_rss_mib(relay.id());
@@ -375,14 +440,20 @@ async fn backlog(args: &Args, mode: &str) -> Result<Backlog> {
 
 /// Reads `topic` from `from` until every id in `wanted` arrived (at most 10 minutes).
 /// Returns the wall-clock time, in microseconds, at which the last one arrived.
-fn consume_all(brokers: &str, topic: &str, mut wanted: HashSet<Uuid>, from: Offset) -> Result<u64> {
+fn consume_all(
+    brokers: &str,
+    topic: &str,
+    mut wanted: HashSet<Uuid>,
+    from: Offset,
+    timeout: Duration,
+) -> Result<u64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-{}", Uuid::now_v7()))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
         .create()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + timeout;
     let partitions = loop {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let n = metadata
