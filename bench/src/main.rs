@@ -191,6 +191,40 @@ impl BenchDb {
     }
 }
 
+impl BenchDb {
+    /// Drops the database and its replication slots: an abandoned slot would hold WAL
+    /// on the server forever.
+    async fn drop(self, args: &Args) -> Result<()> {
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&args.database_url).await?;
+        for _ in 0..50 {
+            sqlx::query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE database = $1 AND NOT active",
+            )
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await?;
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE database = $1")
+                    .bind(&self.name)
+                    .fetch_one(&mut admin)
+                    .await?;
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
 fn is_debezium(mode: &str) -> bool {
     mode.starts_with("debezium")
 }
@@ -388,6 +422,7 @@ async fn throughput(args: &Args, mode: &str) -> Result<Throughput> {
     let rss = peak_rss_mib(relay.id());
     let cpu = cpu_seconds(relay.id());
     stop(&mut relay);
+    db.drop(args).await?;
     let events = (args.events / args.writers) * args.writers;
     Ok(Throughput {
         events,
@@ -427,6 +462,7 @@ async fn backlog(args: &Args, mode: &str) -> Result<Backlog> {
     let rss = peak_rss_mib(relay.id());
     let cpu = cpu_seconds(relay.id());
     stop(&mut relay);
+    db.drop(args).await?;
     let events = (args.events / args.writers) * args.writers;
     let drain_seconds = (last_received - started) as f64 / 1e6;
     Ok(Backlog {
@@ -538,6 +574,7 @@ async fn latency(args: &Args, mode: &str) -> Result<Latency> {
     let histogram = consumer.await??;
     let rss = peak_rss_mib(relay.id());
     stop(&mut relay);
+    db.drop(args).await?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(Latency {
         target_rate: args.rate,
