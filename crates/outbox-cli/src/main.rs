@@ -255,6 +255,14 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
     let (mut conn, store) = open_store(config).await?;
     let stats = store.stats(&mut conn).await?;
     let holder = LeaderLock::new(&config.table).holder(&mut conn).await?;
+    // The CDC slot of this table, if one was created (`outbox migrate --cdc`).
+    let database = outbox_postgres_cdc::slot::current_database(&mut conn)
+        .await
+        .map_err(|e| RelayError::Store(e.into()))?;
+    let names = outbox_postgres_cdc::CdcNames::for_table(&database, &config.table);
+    let slot = outbox_postgres_cdc::slot::slot_status(&mut conn, &names)
+        .await
+        .map_err(|e| RelayError::Store(e.into()))?;
     if json {
         let value = serde_json::json!({
             "table": config.table.to_string(),
@@ -268,11 +276,33 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
                 "client_addr": h.client_addr,
                 "since": h.since.map(|t| t.to_rfc3339()),
             })),
+            "cdc_slot": slot.as_ref().map(|slot| serde_json::json!({
+                "name": names.slot,
+                "wal_status": slot.wal_status,
+                "confirmed_flush_lsn": slot.confirmed_flush_lsn,
+                "lag_bytes": slot.lag_bytes,
+                "active": slot.active,
+            })),
         });
         println!("{value:#}");
         return Ok(());
     }
     println!("outbox table {}", config.table);
+    if let Some(slot) = &slot {
+        println!(
+            "  cdc slot:      {} (wal_status {}, {} bytes behind, confirmed up to {}{})",
+            names.slot,
+            slot.wal_status.as_deref().unwrap_or("?"),
+            slot.lag_bytes.unwrap_or(0),
+            slot.confirmed_flush_lsn.as_deref().unwrap_or("?"),
+            if slot.active {
+                ", streaming"
+            } else {
+                ", not streaming"
+            }
+        );
+        println!("  (in CDC mode rows are never marked: `pending` below counts rows in the table)");
+    }
     println!("  pending:       {}", stats.pending);
     println!("  oldest:        {:.1} s", stats.oldest_pending_age_secs);
     println!("  retrying:      {}", stats.retrying);

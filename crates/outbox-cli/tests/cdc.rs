@@ -360,6 +360,10 @@ async fn slot_metrics_and_retention() {
         assert!(Instant::now() < deadline, "no slot metrics:\n{text}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
+    assert_eq!(status["cdc_slot"]["name"], db.cdc_names().slot, "{status}");
+    assert_eq!(status["cdc_slot"]["wal_status"], "reserved", "{status}");
+    assert_eq!(status["cdc_slot"]["active"], true, "{status}");
     let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox")
         .fetch_all(&db.pool)
         .await
