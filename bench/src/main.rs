@@ -189,9 +189,7 @@ impl BenchDb {
     fn topic(&self) -> String {
         self.topic.clone()
     }
-}
 
-impl BenchDb {
     /// Drops the database and its replication slots: an abandoned slot would hold WAL
     /// on the server forever.
     async fn drop(self, args: &Args) -> Result<()> {

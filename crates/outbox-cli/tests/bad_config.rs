@@ -160,14 +160,7 @@ async fn missing_privileges_name_the_grant() {
         &["lacks UPDATE", "GRANT UPDATE ON \"public\".\"outbox\""],
     );
     db.drop_db().await;
-    sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
-        .execute(
-            &mut <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    drop_role(&role).await;
 }
 
 #[test]

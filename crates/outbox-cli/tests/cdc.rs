@@ -315,14 +315,7 @@ async fn runs_as_a_non_superuser_replication_role() {
         "the password leaked into the log"
     );
     db.drop_db().await;
-    sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
-        .execute(
-            &mut <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    drop_role(&role).await;
 }
 
 /// Peak resident memory (VmHWM) of a process, MiB.

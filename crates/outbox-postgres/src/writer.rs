@@ -132,7 +132,7 @@ pub async fn write<'e, E>(executor: E, event: &Event) -> Result<(), Error>
 where
     E: PgExecutor<'e>,
 {
-    OutboxWriter::default().write(executor, event).await
+    default_writer().write(executor, event).await
 }
 
 /// Writes events into `public.outbox` with the caller's executor (see [`OutboxWriter`]).
@@ -140,5 +140,12 @@ pub async fn write_all<'e, E>(executor: E, events: &[Event]) -> Result<(), Error
 where
     E: PgExecutor<'e>,
 {
-    OutboxWriter::default().write_all(executor, events).await
+    default_writer().write_all(executor, events).await
+}
+
+/// The writer for `public.outbox`, built once: its insert statement is rendered from the
+/// table name, which need not happen on every write.
+fn default_writer() -> &'static OutboxWriter {
+    static WRITER: std::sync::OnceLock<OutboxWriter> = std::sync::OnceLock::new();
+    WRITER.get_or_init(OutboxWriter::default)
 }

@@ -545,3 +545,14 @@ pub fn cli(db: &TestDb, args: &[&str]) -> String {
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// Drops a role a test created (after its database is gone).
+pub async fn drop_role(role: &str) {
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role};"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
