@@ -1,0 +1,165 @@
+//! What a run measured (written as JSON, read back by `--render`), and the per-system
+//! summaries the markdown and the plots are made of.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+pub struct Report {
+    /// UTC, RFC 3339.
+    pub started_at: String,
+    pub command: String,
+    pub machine: Machine,
+    pub plan: Plan,
+    /// In the order they ran: round 1 of every system, then round 2, …
+    pub sessions: Vec<Session>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub cpu_model: String,
+    pub kernel: String,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Plan {
+    pub profile: String,
+    pub systems: Vec<String>,
+    pub rounds: usize,
+    /// Target rates of the open-loop steps, events/s.
+    pub steps: Vec<u32>,
+    pub step_seconds: f64,
+    pub idle_seconds: f64,
+    pub probes: usize,
+    pub probe_seconds: f64,
+    pub backlog_events: usize,
+    pub payload_bytes: usize,
+    pub writers: usize,
+    pub max_tx_per_sec: u32,
+    /// A step is kept up with when its last event arrived at most this long after the
+    /// writers' last commit.
+    pub max_lag_seconds: f64,
+}
+
+/// One system, started once, measured through every phase, stopped.
+#[derive(Serialize, Deserialize)]
+pub struct Session {
+    pub system: String,
+    pub round: usize,
+    /// Process start → first event consumed (includes topic creation).
+    pub startup_seconds: f64,
+    pub idle: Idle,
+    pub steps: Vec<Step>,
+    /// The saturation search between the last step kept up with and the first not.
+    pub probes: Vec<Step>,
+    pub max_sustained: MaxSustained,
+    pub backlog: Backlog,
+    /// VmHWM at the end of the session.
+    pub peak_rss_mib: f64,
+    pub duplicates: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Idle {
+    pub seconds: f64,
+    /// CPU time of the system's process over the idle window, % of one core.
+    pub cpu_percent: f64,
+    /// CPU time of all PostgreSQL processes over the same window, % of one core.
+    pub postgres_cpu_percent: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The writers kept within 10% of the target and every event arrived within the lag bound.
+    Sustained,
+    /// Every event arrived within the lag bound, but the writers fell short of the
+    /// target: the machine (shared by everything) was saturated, not just the system.
+    WritersShort,
+    /// Events arrived later than the lag bound after the writers stopped, or not at all.
+    FellBehind,
+}
+
+impl Verdict {
+    pub fn kept_up(self) -> bool {
+        self != Verdict::FellBehind
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Step {
+    pub target_rate: u32,
+    pub events_per_tx: usize,
+    pub events: usize,
+    /// The writers' achieved rate, events/s.
+    pub achieved_rate: f64,
+    pub missing: usize,
+    /// Writers' last commit → last event consumed, seconds.
+    pub end_lag_seconds: f64,
+    pub verdict: Verdict,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// CPU time of the system's process from the step's start to its last arrival.
+    pub cpu_seconds_per_million: f64,
+    pub postgres_cpu_seconds_per_million: f64,
+    /// Highest VmRSS sampled (every 50 ms) during the step.
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct MaxSustained {
+    /// The highest achieved rate of a step or probe that was kept up with, events/s.
+    pub events_per_sec: f64,
+    /// Why it is not higher.
+    pub limited_by: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Backlog {
+    pub events: usize,
+    /// The system was paused (SIGSTOP) while the events were written, then resumed:
+    /// resume → last event consumed, seconds.
+    pub drain_seconds: f64,
+    pub events_per_sec: f64,
+    pub cpu_seconds_per_million: f64,
+    pub postgres_cpu_seconds_per_million: f64,
+    pub peak_rss_mib: f64,
+}
+
+impl Report {
+    /// The systems in the order of the plan, each with its sessions (one per round).
+    pub fn by_system(&self) -> Vec<(&str, Vec<&Session>)> {
+        self.plan
+            .systems
+            .iter()
+            .map(|s| {
+                let sessions = self.sessions.iter().filter(|x| &x.system == s).collect();
+                (s.as_str(), sessions)
+            })
+            .filter(|(_, sessions): &(&str, Vec<&Session>)| !sessions.is_empty())
+            .collect()
+    }
+}
+
+/// The mean of a figure over the rounds (NaN when no round has it).
+pub fn mean(sessions: &[&Session], figure: impl Fn(&Session) -> Option<f64>) -> f64 {
+    let values: Vec<f64> = sessions
+        .iter()
+        .filter_map(|s| figure(s))
+        .filter(|v| v.is_finite())
+        .collect();
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+impl Session {
+    pub fn step(&self, rate: u32) -> Option<&Step> {
+        self.steps.iter().find(|s| s.target_rate == rate)
+    }
+}

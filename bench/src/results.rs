@@ -1,0 +1,318 @@
+//! RESULTS.md: the tables a reader compares the systems by.
+
+use std::fmt::Write;
+
+use crate::report::{mean, Report, Session, Step, Verdict};
+
+type Figure = Box<dyn Fn(&Session) -> Option<f64>>;
+
+pub fn markdown(report: &Report) -> String {
+    let plan = &report.plan;
+    let m = &report.machine;
+    let systems = report.by_system();
+    let first = plan.steps[0];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Benchmark: outbox against Debezium's outbox router\n"
+    );
+    let _ = writeln!(
+        out,
+        "Run of {}, profile `{}`: `{}`.\n\n\
+         Machine: {} cores ({}), {} GiB, Linux {}. PostgreSQL 15, a single-node Kafka 4.1.1 \
+         broker, the writers, the consumer and the system under test all share it, on \
+         loopback.\n\n\
+         Load: {} B JSON events, {} writer connections, open loop (the writers keep to their \
+         schedule whatever the system does), one event per transaction up to {} transactions/s \
+         and several per transaction above. Steps of {} s at {} events/s; a step is kept up \
+         with when its last event is consumed at most {} s after the writers' last commit. \
+         {} probe(s) of {} s bisect between the last step kept up with and the first one \
+         fallen behind. Backlog: the system is paused (SIGSTOP), {} events are written, it is \
+         resumed and the drain is timed. {} round(s), the systems alternating within each \
+         round. Latency is the writer's COMMIT returning → the consumer receiving the message. \
+         CPU and memory come from /proc: the system's process (Kafka Connect's JVM for \
+         Debezium), and all PostgreSQL processes.\n",
+        report.started_at,
+        plan.profile,
+        report.command,
+        m.cores,
+        m.cpu_model,
+        m.memory_gib,
+        m.kernel,
+        plan.payload_bytes,
+        plan.writers,
+        plan.max_tx_per_sec,
+        plan.step_seconds,
+        join(&plan.steps),
+        plan.max_lag_seconds,
+        plan.probes,
+        plan.probe_seconds,
+        plan.backlog_events,
+        plan.rounds,
+    );
+
+    // Summary.
+    let figures: Vec<(String, Figure)> = vec![
+        (
+            "highest rate kept up with (events/s) ↑".into(),
+            Box::new(|s: &Session| Some(s.max_sustained.events_per_sec)),
+        ),
+        (
+            "backlog drain (events/s) ↑".into(),
+            Box::new(|s: &Session| Some(s.backlog.events_per_sec)),
+        ),
+        (
+            format!("latency p50 at {first}/s (ms) ↓"),
+            Box::new(move |s: &Session| s.step(first).map(|x| x.p50_ms)),
+        ),
+        (
+            format!("latency p99 at {first}/s (ms) ↓"),
+            Box::new(move |s: &Session| s.step(first).map(|x| x.p99_ms)),
+        ),
+        (
+            format!("latency p99.9 at {first}/s (ms) ↓"),
+            Box::new(move |s: &Session| s.step(first).map(|x| x.p999_ms)),
+        ),
+        (
+            format!("CPU-seconds per million events at {first}/s ↓"),
+            Box::new(move |s: &Session| s.step(first).map(|x| x.cpu_seconds_per_million)),
+        ),
+        (
+            "CPU-seconds per million events, backlog drain ↓".into(),
+            Box::new(|s: &Session| Some(s.backlog.cpu_seconds_per_million)),
+        ),
+        (
+            format!("PostgreSQL CPU-seconds per million events at {first}/s ↓"),
+            Box::new(move |s: &Session| s.step(first).map(|x| x.postgres_cpu_seconds_per_million)),
+        ),
+        (
+            "peak RSS (MiB) ↓".into(),
+            Box::new(|s: &Session| Some(s.peak_rss_mib)),
+        ),
+        (
+            "idle CPU (% of a core) ↓".into(),
+            Box::new(|s: &Session| Some(s.idle.cpu_percent)),
+        ),
+        (
+            "PostgreSQL CPU while idle (% of a core) ↓".into(),
+            Box::new(|s: &Session| Some(s.idle.postgres_cpu_percent)),
+        ),
+        (
+            "start-up to first event consumed (s) ↓".into(),
+            Box::new(|s: &Session| Some(s.startup_seconds)),
+        ),
+    ];
+    let ours: Vec<&str> = ["polling", "cdc"]
+        .into_iter()
+        .filter(|s| systems.iter().any(|(n, _)| n == s))
+        .collect();
+    let peers: Vec<&str> = ["debezium", "debezium-tuned"]
+        .into_iter()
+        .filter(|s| systems.iter().any(|(n, _)| n == s))
+        .collect();
+    let pairs: Vec<(&str, &str)> = ours
+        .iter()
+        .flat_map(|o| peers.iter().map(move |p| (*o, *p)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "## Summary (mean of {} round(s); ↑ higher is better, ↓ lower is better)\n",
+        plan.rounds
+    );
+    out.push_str("| figure |");
+    for (name, _) in &systems {
+        let _ = write!(out, " {name} |");
+    }
+    for (o, p) in &pairs {
+        let _ = write!(out, " {o} ÷ {p} |");
+    }
+    out.push_str("\n| --- |");
+    for _ in 0..systems.len() + pairs.len() {
+        out.push_str(" ---: |");
+    }
+    out.push('\n');
+    for (name, figure) in &figures {
+        let _ = write!(out, "| {name} |");
+        let value = |system: &str| {
+            systems
+                .iter()
+                .find(|(n, _)| *n == system)
+                .map(|(_, s)| mean(s, figure))
+                .unwrap_or(f64::NAN)
+        };
+        for (system, _) in &systems {
+            let _ = write!(out, " {} |", number(value(system)));
+        }
+        for (o, p) in &pairs {
+            let _ = write!(out, " {} |", ratio(value(o), value(p)));
+        }
+        out.push('\n');
+    }
+    out.push_str("\nWhat capped the highest rate kept up with (last round):\n\n");
+    for (name, sessions) in &systems {
+        if let Some(last) = sessions.last() {
+            let _ = writeln!(out, "- {name}: {}", last.max_sustained.limited_by);
+        }
+    }
+
+    // Latency per step.
+    let _ = writeln!(
+        out,
+        "\n## Latency per step (ms, p50 / p99 / p99.9, mean of the rounds that ran the step)\n"
+    );
+    step_table(&mut out, report, |steps| {
+        format!(
+            "{} / {} / {}",
+            number(avg(steps, |s| s.p50_ms)),
+            number(avg(steps, |s| s.p99_ms)),
+            number(avg(steps, |s| s.p999_ms))
+        )
+    });
+    let _ = writeln!(
+        out,
+        "\n## CPU per step (CPU-seconds per million events: the system / all of PostgreSQL)\n"
+    );
+    step_table(&mut out, report, |steps| {
+        format!(
+            "{} / {}",
+            number(avg(steps, |s| s.cpu_seconds_per_million)),
+            number(avg(steps, |s| s.postgres_cpu_seconds_per_million))
+        )
+    });
+    let _ = writeln!(
+        out,
+        "\n## Writers' achieved rate and end lag per step (events/s, s)\n"
+    );
+    step_table(&mut out, report, |steps| {
+        format!(
+            "{} / {}",
+            number(avg(steps, |s| s.achieved_rate)),
+            number(avg(steps, |s| s.end_lag_seconds))
+        )
+    });
+
+    // Rounds.
+    let _ = writeln!(
+        out,
+        "\n## Every session, in the order they ran (drift shows as a difference between rounds)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | round | highest kept up (events/s) | saturation probes (events/s: verdict) | backlog (events/s) | p99 at {first}/s (ms) | idle CPU (%) | peak RSS (MiB) | duplicates |"
+    );
+    out.push_str("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for s in &report.sessions {
+        let probes: Vec<String> = s
+            .probes
+            .iter()
+            .map(|p| format!("{}: {}", p.target_rate, verdict(p.verdict)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.system,
+            s.round,
+            number(s.max_sustained.events_per_sec),
+            if probes.is_empty() {
+                "—".into()
+            } else {
+                probes.join(", ")
+            },
+            number(s.backlog.events_per_sec),
+            number(s.step(first).map(|x| x.p99_ms).unwrap_or(f64::NAN)),
+            number(s.idle.cpu_percent),
+            number(s.peak_rss_mib),
+            s.duplicates,
+        );
+    }
+    out.push_str(
+        "\n## Plots\n\n\
+         ![Throughput](plots/throughput.png)\n\n\
+         ![Latency per step](plots/latency.png)\n\n\
+         ![Memory and CPU](plots/resources.png)\n",
+    );
+    out
+}
+
+/// A table with one row per target rate and one column per system.
+fn step_table(out: &mut String, report: &Report, cell: impl Fn(&[&Step]) -> String) {
+    let systems = report.by_system();
+    out.push_str("| target (events/s) |");
+    for (name, _) in &systems {
+        let _ = write!(out, " {name} |");
+    }
+    out.push_str("\n| ---: |");
+    for _ in &systems {
+        out.push_str(" --- |");
+    }
+    out.push('\n');
+    for &rate in &report.plan.steps {
+        let _ = write!(out, "| {rate} |");
+        for (_, sessions) in &systems {
+            let steps: Vec<&Step> = sessions.iter().filter_map(|s| s.step(rate)).collect();
+            if steps.is_empty() {
+                out.push_str(" not run (an earlier step was not kept up with) |");
+                continue;
+            }
+            let mut text = cell(&steps);
+            for v in [Verdict::FellBehind, Verdict::WritersShort] {
+                let n = steps.iter().filter(|s| s.verdict == v).count();
+                if n > 0 {
+                    let _ = write!(
+                        text,
+                        " ({}{})",
+                        verdict(v),
+                        if steps.len() > 1 {
+                            format!(" in {n} of {}", steps.len())
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+            let _ = write!(out, " {text} |");
+        }
+        out.push('\n');
+    }
+}
+
+fn verdict(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Sustained => "kept up",
+        Verdict::WritersShort => "writers short",
+        Verdict::FellBehind => "fell behind",
+    }
+}
+
+fn avg(steps: &[&Step], f: impl Fn(&Step) -> f64) -> f64 {
+    steps.iter().map(|s| f(s)).sum::<f64>() / steps.len() as f64
+}
+
+fn join(steps: &[u32]) -> String {
+    steps
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Three significant figures, thousands unseparated (tables stay narrow).
+pub fn number(v: f64) -> String {
+    if !v.is_finite() {
+        "—".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio(ours: f64, peer: f64) -> String {
+    if ours.is_finite() && peer.is_finite() && peer != 0.0 {
+        format!("{}×", number(ours / peer))
+    } else {
+        "—".into()
+    }
+}

@@ -1,0 +1,307 @@
+//! The protocol for one system: start it, warm it up, measure it idle, step the load up,
+//! search its saturation point, drain a backlog, stop it.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use outbox::Event;
+
+use crate::arrivals::Arrivals;
+use crate::db::BenchDb;
+use crate::load::{self, Shape, Written};
+use crate::report::{Backlog, Idle, MaxSustained, Plan, Session, Step, Verdict};
+use crate::system::{postgres_cpu_seconds, Launcher, Running, System};
+
+pub struct Context<'a> {
+    pub admin_url: &'a str,
+    pub launcher: Launcher<'a>,
+    pub plan: &'a Plan,
+    pub shape: Shape,
+}
+
+pub async fn run(cx: &Context<'_>, system: System, round: usize) -> Result<Session> {
+    let db = BenchDb::create(
+        cx.admin_url,
+        cx.launcher.relay_bin,
+        system,
+        cx.shape.writers as u32 + 2,
+    )
+    .await?;
+    let started = Instant::now();
+    let mut sut = cx.launcher.start(system, &db)?;
+    let result = measure(cx, system, round, &db, &mut sut, started).await;
+    sut.stop();
+    db.drop().await?;
+    result
+}
+
+async fn measure(
+    cx: &Context<'_>,
+    system: System,
+    round: usize,
+    db: &BenchDb,
+    sut: &mut Running,
+    started: Instant,
+) -> Result<Session> {
+    let plan = cx.plan;
+    let arrivals = warm_up(cx, db, sut).await?;
+    let startup_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: {} round {round}: first event after {startup_seconds:.1} s",
+        system.name()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let idle = idle(sut, plan.idle_seconds).await;
+    eprintln!(
+        "bench: {} idle: {:.2}% CPU, postgres {:.2}%",
+        system.name(),
+        idle.cpu_percent,
+        idle.postgres_cpu_percent
+    );
+
+    let mut steps = Vec::new();
+    for &rate in &plan.steps {
+        let step = step(cx, db, sut, &arrivals, rate, plan.step_seconds).await?;
+        report_step(system, "step", &step);
+        let verdict = step.verdict;
+        steps.push(step);
+        if verdict != Verdict::Sustained {
+            break;
+        }
+    }
+
+    // Bisect between the last target kept up with and the first one fallen behind.
+    let mut probes = Vec::new();
+    let mut low = steps
+        .iter()
+        .filter(|s| s.verdict == Verdict::Sustained)
+        .map(|s| s.target_rate)
+        .max()
+        .unwrap_or(0);
+    let mut high = steps
+        .iter()
+        .find(|s| s.verdict == Verdict::FellBehind)
+        .map(|s| s.target_rate);
+    if let Some(mut high_rate) = high {
+        for _ in 0..plan.probes {
+            let mid = ((low + high_rate) / 2 / 100) * 100;
+            if mid <= low || mid >= high_rate {
+                break;
+            }
+            let probe = step(cx, db, sut, &arrivals, mid, plan.probe_seconds).await?;
+            report_step(system, "probe", &probe);
+            let verdict = probe.verdict;
+            probes.push(probe);
+            match verdict {
+                Verdict::Sustained => low = mid,
+                Verdict::FellBehind => high_rate = mid,
+                Verdict::WritersShort => break,
+            }
+        }
+        high = Some(high_rate);
+    }
+    let max_sustained = max_sustained(&steps, &probes, high, plan);
+
+    let backlog = backlog(cx, db, sut, &arrivals, plan.backlog_events).await?;
+    eprintln!(
+        "bench: {} backlog: {:.0} events/s ({:.2} s)",
+        system.name(),
+        backlog.events_per_sec,
+        backlog.drain_seconds
+    );
+    sut.check_alive()?;
+    let duplicates = arrivals.duplicates();
+    arrivals.stop();
+    Ok(Session {
+        system: system.name().to_string(),
+        round,
+        startup_seconds,
+        idle,
+        steps,
+        probes,
+        max_sustained,
+        backlog,
+        peak_rss_mib: sut.peak_rss_mib(),
+        duplicates,
+    })
+}
+
+fn report_step(system: System, what: &str, s: &Step) {
+    eprintln!(
+        "bench: {} {what} {}/s: wrote {:.0}/s, p50 {:.1} p99 {:.1} p99.9 {:.1} ms, lag {:.2} s, {:?}",
+        system.name(),
+        s.target_rate,
+        s.achieved_rate,
+        s.p50_ms,
+        s.p99_ms,
+        s.p999_ms,
+        s.end_lag_seconds,
+        s.verdict
+    );
+}
+
+fn max_sustained(
+    steps: &[Step],
+    probes: &[Step],
+    fell_behind_at: Option<u32>,
+    plan: &Plan,
+) -> MaxSustained {
+    let all: Vec<&Step> = steps.iter().chain(probes).collect();
+    let best = all
+        .iter()
+        .filter(|s| s.verdict.kept_up())
+        .map(|s| s.achieved_rate)
+        .fold(0.0, f64::max);
+    let limited_by = if let Some(rate) = fell_behind_at {
+        format!("the system fell behind at {rate} events/s")
+    } else if all.iter().any(|s| s.verdict == Verdict::WritersShort) {
+        "the machine: the writers could not reach the next target".to_string()
+    } else {
+        format!(
+            "the plan: its highest step ({} events/s) was kept up with",
+            plan.steps.last().copied().unwrap_or(0)
+        )
+    };
+    MaxSustained {
+        events_per_sec: best,
+        limited_by,
+    }
+}
+
+/// Writes an event every few seconds until one arrives: the topic exists, the system is
+/// connected and its slot (Debezium creates one at start-up) is in place. Then the
+/// session's consumer starts.
+async fn warm_up(cx: &Context<'_>, db: &BenchDb, sut: &mut Running) -> Result<Arrivals> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut written = HashSet::new();
+    let mut arrivals: Option<Arrivals> = None;
+    let mut last_write = Instant::now() - Duration::from_secs(60);
+    loop {
+        sut.check_alive()?;
+        if last_write.elapsed() > Duration::from_secs(3) {
+            let event = Event::new(
+                "order",
+                "warmup",
+                "Warmup",
+                load::payload(cx.shape.payload_bytes, 0),
+            );
+            outbox::write(&db.pool, &event).await?;
+            written.insert(event.id);
+            last_write = Instant::now();
+        }
+        if arrivals.is_none() {
+            arrivals = Arrivals::start(cx.launcher.kafka_brokers, &db.topic).ok();
+        }
+        if let Some(a) = &arrivals {
+            if written.iter().any(|id| a.contains(id)) {
+                return Ok(arrivals.unwrap());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the system under test published nothing within 3 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn idle(sut: &Running, seconds: f64) -> Idle {
+    let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    Idle {
+        seconds,
+        cpu_percent: (sut.cpu_seconds() - cpu) / seconds * 100.0,
+        postgres_cpu_percent: (postgres_cpu_seconds() - pg) / seconds * 100.0,
+    }
+}
+
+/// How long to wait for the events of a step after the writers stopped: long enough to
+/// drain what a system that fell far behind piled up, bounded.
+fn settle_timeout(written: &Written) -> Duration {
+    Duration::from_secs_f64(
+        ((written.finished - written.started) as f64 / 1e6 * 10.0).clamp(60.0, 300.0),
+    )
+}
+
+async fn step(
+    cx: &Context<'_>,
+    db: &BenchDb,
+    sut: &mut Running,
+    arrivals: &Arrivals,
+    rate: u32,
+    seconds: f64,
+) -> Result<Step> {
+    sut.take_sampled_peak_rss_mib();
+    let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
+    let written = load::open_loop(&db.pool, cx.shape, rate, seconds).await?;
+    let settled = arrivals
+        .settle(&written.commits, settle_timeout(&written))
+        .await;
+    let (cpu, pg) = (sut.cpu_seconds() - cpu, postgres_cpu_seconds() - pg);
+    sut.check_alive()?;
+    let events = written.events();
+    let end_lag_seconds = settled.last_arrival.saturating_sub(written.finished) as f64 / 1e6;
+    let achieved_rate = written.rate();
+    let verdict = if settled.missing > 0 || end_lag_seconds > cx.plan.max_lag_seconds {
+        Verdict::FellBehind
+    } else if achieved_rate < 0.9 * rate as f64 {
+        Verdict::WritersShort
+    } else {
+        Verdict::Sustained
+    };
+    let ms = |q: f64| settled.latency.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Step {
+        target_rate: rate,
+        events_per_tx: cx.shape.events_per_tx(rate),
+        events,
+        achieved_rate,
+        missing: settled.missing,
+        end_lag_seconds,
+        verdict,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: settled.latency.max() as f64 / 1000.0,
+        cpu_seconds_per_million: cpu / events as f64 * 1e6,
+        postgres_cpu_seconds_per_million: pg / events as f64 * 1e6,
+        peak_rss_mib: sut.take_sampled_peak_rss_mib(),
+    })
+}
+
+/// Pauses the system, writes a backlog as fast as the writers go, resumes it and times
+/// the drain: the system's own ceiling, without its start-up.
+async fn backlog(
+    cx: &Context<'_>,
+    db: &BenchDb,
+    sut: &mut Running,
+    arrivals: &Arrivals,
+    events: usize,
+) -> Result<Backlog> {
+    sut.pause();
+    let written = load::closed_loop(&db.pool, cx.shape, events, 10).await;
+    let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
+    sut.take_sampled_peak_rss_mib();
+    let resumed = crate::now_micros();
+    sut.resume();
+    let written = written?;
+    let settled = arrivals
+        .settle(&written.commits, Duration::from_secs(600))
+        .await;
+    let (cpu, pg) = (sut.cpu_seconds() - cpu, postgres_cpu_seconds() - pg);
+    if settled.missing > 0 {
+        bail!(
+            "backlog: {} of {events} events never arrived within 10 minutes",
+            settled.missing
+        );
+    }
+    let drain_seconds = settled.last_arrival.saturating_sub(resumed) as f64 / 1e6;
+    Ok(Backlog {
+        events,
+        drain_seconds,
+        events_per_sec: events as f64 / drain_seconds,
+        cpu_seconds_per_million: cpu / events as f64 * 1e6,
+        postgres_cpu_seconds_per_million: pg / events as f64 * 1e6,
+        peak_rss_mib: sut.take_sampled_peak_rss_mib(),
+    })
+}
