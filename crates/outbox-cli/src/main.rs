@@ -1,12 +1,15 @@
 //! The `outbox` command. Thin glue: parse flags, load the configuration, call the
-//! libraries, map errors to exit codes (0 clean stop, 2 bad configuration, 1 anything
-//! else).
+//! libraries, map errors to exit codes (0 clean stop, 2 bad configuration, 3 CDC slot
+//! lost, 4 `verify` found lost or out-of-order events, 1 anything else).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
-use outbox_postgres::{LeaderLock, PayloadType, PollingStore};
+use outbox_core::{AuditPolicy, AuditReport, LostReason};
+use outbox_postgres::{CreatedWindow, LeaderLock, PayloadType, PollingStore};
 use outbox_relay::config::HttpOverride;
 use outbox_relay::{Config, ConfigOverrides, Mode, RelayConfig, RelayError};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +66,32 @@ enum Command {
     /// Inspect and retry events that could not be delivered.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Audit the broker against the database: read the topics the relay publishes to
+    /// and report, for the retained rows of a window, what was published, lost, pending,
+    /// dead-lettered, duplicated or out of order. Exits 4 when anything is lost or out of
+    /// order, 0 otherwise (duplicates alone pass).
+    Verify {
+        /// How the relay runs: in polling mode rows are marked when published, in CDC
+        /// mode they are not (then an unseen row older than --grace is lost).
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// Only rows written during this last period, such as 1h or 30m (by the
+        /// database's clock). Default: every retained row.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to"])]
+        since: Option<Duration>,
+        /// Only rows with created_at at or after this RFC 3339 time (2024-05-01T12:00:00Z).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        from: Option<DateTime<Utc>>,
+        /// Only rows with created_at before this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        to: Option<DateTime<Utc>>,
+        /// CDC mode: how old an unseen row must be to count as lost rather than pending.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+        grace: Duration,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +126,15 @@ enum ModeArg {
     Cdc,
 }
 
+/// `outbox verify` found lost or out-of-order events.
+const AUDIT_FAILED: u8 = 4;
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| format!("{err}; write an RFC 3339 time such as 2024-05-01T12:00:00Z"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -109,7 +147,7 @@ fn main() -> ExitCode {
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(execute(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");
             match err {
@@ -121,21 +159,26 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(cli: Cli) -> Result<(), RelayError> {
+async fn execute(cli: Cli) -> Result<ExitCode, RelayError> {
     let mut overrides = ConfigOverrides {
         database_url: cli.database_url,
         kafka_brokers: cli.kafka_brokers,
         ..ConfigOverrides::default()
     };
-    if let Command::Relay { mode, http_listen } = &cli.command {
-        overrides.mode = mode.map(|m| match m {
-            ModeArg::Polling => Mode::Polling,
-            ModeArg::Cdc => Mode::Cdc,
-        });
-        overrides.http = http_listen.clone().map(|listen| HttpOverride { listen });
+    let mode_arg = |m: &ModeArg| match m {
+        ModeArg::Polling => Mode::Polling,
+        ModeArg::Cdc => Mode::Cdc,
+    };
+    match &cli.command {
+        Command::Relay { mode, http_listen } => {
+            overrides.mode = mode.as_ref().map(mode_arg);
+            overrides.http = http_listen.clone().map(|listen| HttpOverride { listen });
+        }
+        Command::Verify { mode, .. } => overrides.mode = mode.as_ref().map(mode_arg),
+        _ => {}
     }
     let config = Config::load(cli.config.as_deref(), &overrides)?.resolve()?;
-    match cli.command {
+    let done = match cli.command {
         Command::Migrate { payload_type, cdc } => migrate(&config, payload_type, cdc).await,
         Command::Relay { .. } => relay(config).await,
         Command::Status { json } => status(&config, json).await,
@@ -145,7 +188,32 @@ async fn execute(cli: Cli) -> Result<(), RelayError> {
         Command::DeadLetters(DeadLetterCommand::Retry { ids, all }) => {
             retry_dead_letters(&config, (!all).then_some(ids)).await
         }
-    }
+        Command::Verify {
+            since,
+            from,
+            to,
+            grace,
+            json,
+            ..
+        } => {
+            if let (Some(from), Some(to)) = (from, to) {
+                if from >= to {
+                    return Err(RelayError::Config(format!(
+                        "--from {} is not before --to {}; give a window that ends after it starts",
+                        from.to_rfc3339(),
+                        to.to_rfc3339()
+                    )));
+                }
+            }
+            let window = match since {
+                Some(since) => CreatedWindow::Since(since),
+                None if from.is_some() || to.is_some() => CreatedWindow::Between { from, to },
+                None => CreatedWindow::All,
+            };
+            return verify(&config, window, grace, json).await;
+        }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result<(), RelayError> {
@@ -381,4 +449,198 @@ async fn retry_dead_letters(
     let count = store.retry_dead_letters(&mut conn, ids.as_deref()).await?;
     println!("queued {count} dead letter(s) for delivery again");
     Ok(())
+}
+
+/// `outbox verify`: the rows of the window from the table, then their topics read up to
+/// their current ends (rows first, so every row marked published before the read is
+/// below the ends), then the comparison.
+async fn verify(
+    config: &RelayConfig,
+    window: CreatedWindow,
+    grace: Duration,
+    json: bool,
+) -> Result<ExitCode, RelayError> {
+    let mut conn = outbox_relay::engine::connect(config).await?;
+    let snapshot = outbox_postgres::read_audit_rows(&mut conn, &config.table, window)
+        .await
+        .map_err(privilege_is_config)?;
+    drop(conn);
+    let topics: Vec<String> = outbox_core::audit_topics(&snapshot.rows, &config.router)
+        .into_iter()
+        .collect();
+    let ids: std::collections::HashSet<uuid::Uuid> = snapshot.rows.iter().map(|r| r.id).collect();
+    let read = outbox_kafka::read_topics(&config.kafka, topics, move |id| ids.contains(id))
+        .await
+        .map_err(|err| match err {
+            outbox_kafka::ReadError::Connect(err) => RelayError::Config(err.to_string()),
+            other => RelayError::Other(other.to_string()),
+        })?;
+    let policy = AuditPolicy {
+        rows_are_marked: config.mode == Mode::Polling,
+        grace,
+    };
+    let report = outbox_core::audit_report(&snapshot.rows, &read.messages, &config.router, &policy);
+    let mode = match config.mode {
+        Mode::Polling => "polling",
+        Mode::Cdc => "cdc",
+    };
+    let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    if json {
+        let value = serde_json::json!({
+            "table": config.table.to_string(),
+            "mode": mode,
+            "window": { "from": time(snapshot.from), "to": time(snapshot.to) },
+            "read_at": snapshot.read_at.to_rfc3339(),
+            "grace_seconds": grace.as_secs_f64(),
+            "topics": read.topics.iter().map(|t| serde_json::json!({
+                "topic": t.topic,
+                "exists": t.exists,
+                "partitions": t.partitions,
+                "messages": t.messages,
+                "without_id": t.without_id,
+                "trimmed": t.trimmed,
+            })).collect::<Vec<_>>(),
+            "committed": report.committed,
+            "published": report.published,
+            "lost": report.lost,
+            "pending": report.pending,
+            "dead_lettered": report.dead_lettered,
+            "duplicated_ids": report.duplicated_ids,
+            "duplicate_copies": report.duplicate_copies,
+            "order_violations": report.order_violations,
+            "passed": report.passed(),
+            "lost_events": report.lost_events,
+            "duplicate_examples": report.duplicate_examples,
+            "order_violation_examples": report.order_violation_examples,
+        });
+        println!("{value:#}");
+    } else {
+        print_report(config, mode, &snapshot, grace, &read.topics, &report);
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(AUDIT_FAILED)
+    })
+}
+
+fn print_report(
+    config: &RelayConfig,
+    mode: &str,
+    snapshot: &outbox_postgres::AuditRows,
+    grace: Duration,
+    topics: &[outbox_kafka::TopicSummary],
+    report: &AuditReport,
+) {
+    let window = match (snapshot.from, snapshot.to) {
+        (None, None) => "every retained row".to_string(),
+        (Some(from), None) => format!("rows created since {}", from.to_rfc3339()),
+        (None, Some(to)) => format!("rows created before {}", to.to_rfc3339()),
+        (Some(from), Some(to)) => format!(
+            "rows created from {} to {}",
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        ),
+    };
+    println!(
+        "outbox verify: {} ({mode} mode), {window}, read at {}{}",
+        config.table,
+        snapshot.read_at.to_rfc3339(),
+        if mode == "cdc" {
+            format!(", grace {}", humantime::format_duration(grace))
+        } else {
+            String::new()
+        }
+    );
+    for t in topics {
+        if t.exists {
+            println!(
+                "  topic {}: {} partition(s), {} message(s) read{}{}",
+                t.topic,
+                t.partitions,
+                t.messages,
+                if t.without_id > 0 {
+                    format!(", {} without an id header", t.without_id)
+                } else {
+                    String::new()
+                },
+                if t.trimmed {
+                    " (its oldest messages were removed by Kafka's retention)"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            println!("  topic {}: does not exist", t.topic);
+        }
+    }
+    println!(
+        "committed={} published={} lost={} pending={} dead_lettered={} duplicated_ids={} duplicate_copies={} order_violations={}",
+        report.committed,
+        report.published,
+        report.lost,
+        report.pending,
+        report.dead_lettered,
+        report.duplicated_ids,
+        report.duplicate_copies,
+        report.order_violations
+    );
+    for lost in &report.lost_events {
+        println!(
+            "  lost: {} {}/{} seq {} on {}: {}",
+            lost.id,
+            lost.aggregate_type,
+            lost.aggregate_id,
+            lost.seq,
+            lost.topic.as_deref().unwrap_or("(no legal topic)"),
+            match lost.reason {
+                LostReason::MarkedPublished => "marked published, not on the topic",
+                LostReason::OlderThanGrace => "not on the topic, older than the grace period",
+            }
+        );
+    }
+    if report.lost > report.lost_events.len() as u64 {
+        println!(
+            "  ... and {} more lost (--json lists the first {})",
+            report.lost - report.lost_events.len() as u64,
+            outbox_core::LISTED_LOST
+        );
+    }
+    for v in &report.order_violation_examples {
+        println!(
+            "  out of order: {}/{} on {}: {} (seq {}) at partition {} offset {} came before {} (seq {}) at partition {} offset {}",
+            v.aggregate_type,
+            v.aggregate_id,
+            v.topic,
+            v.id,
+            v.seq,
+            v.position.partition,
+            v.position.offset,
+            v.overtaken_id,
+            v.overtaken_seq,
+            v.overtaken_position.partition,
+            v.overtaken_position.offset
+        );
+    }
+    for d in &report.duplicate_examples {
+        println!("  duplicated: {} ({} copies)", d.id, d.copies);
+    }
+    if report.lost > 0 && topics.iter().any(|t| t.trimmed) {
+        println!("  note: a trimmed topic no longer holds its oldest messages; audit a window within the topic's retention (--since)");
+    }
+    if report.passed() {
+        println!(
+            "PASSED: nothing lost, nothing out of order{}",
+            if report.duplicate_copies > 0 {
+                " (duplicates are at-least-once delivery; consumers drop them by id)"
+            } else {
+                ""
+            }
+        );
+    } else {
+        println!(
+            "FAILED: {} lost, {} out of order",
+            report.lost, report.order_violations
+        );
+    }
 }

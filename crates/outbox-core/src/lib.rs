@@ -8,13 +8,20 @@
 //! - [`Sink`]: the contract every broker sink implements, and [`DeliveryOutcome`].
 //! - [`RetryPolicy`] and [`plan_batch`]: what the relay does with each outcome.
 //! - [`TableRef`]: a schema-qualified, always-quoted table name.
+//! - [`audit_report`]: `outbox verify`'s comparison of outbox rows with the messages
+//!   read back from their topics.
 
+mod audit;
 mod event;
 mod outcome;
 mod routing;
 mod sink;
 mod table;
 
+pub use audit::{
+    audit_report, audit_topics, AuditPolicy, AuditReport, AuditRow, DuplicateExample, LostEvent,
+    LostReason, ObservedMessage, OrderViolation, Position, LISTED_EXAMPLES, LISTED_LOST,
+};
 pub use event::{Event, Payload, PayloadError, StoredEvent};
 pub use outcome::{plan_batch, Action, RetryPolicy};
 pub use routing::{Message, RouteError, Router, TopicTemplate, TopicTemplateError};

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 use tracing::{debug, info, warn};
 
@@ -58,3 +59,7 @@ impl ClientContext for QuietContext {
         }
     }
 }
+
+/// The audit's reader (`topic_reader.rs`) assigns partitions itself: no rebalances to
+/// handle and no offsets to commit.
+impl ConsumerContext for QuietContext {}

@@ -6,14 +6,17 @@
 //!   executor (a transaction, a connection or a pool); never begins or commits.
 //! - [`PollingStore`]: what the polling relay does to the table: fetch pending rows in
 //!   per-aggregate order, record outcomes, report statistics, manage dead letters.
+//! - [`read_audit_rows`]: the rows `outbox verify` audits (read-only, SELECT is enough).
 //! - [`LeaderLock`]: the advisory lock that keeps one relay active per outbox table.
 
+mod audit;
 mod error;
 mod leader;
 mod schema;
 mod store;
 mod writer;
 
+pub use audit::{read_audit_rows, AuditRows, CreatedWindow};
 pub use error::Error;
 pub use leader::{LeaderLock, LockHolder};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
