@@ -1,0 +1,45 @@
+use rdkafka::error::KafkaError;
+
+/// Why the inbox could not start or had to stop. Handler failures are not here: they
+/// are retried and dead-lettered, and consumption goes on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    #[error("invalid inbox setting `{setting}`: {problem}")]
+    InvalidSetting {
+        setting: &'static str,
+        problem: String,
+    },
+    #[error("librdkafka refused the configuration: {0}; check the properties given with kafka_property()")]
+    KafkaConfig(#[source] KafkaError),
+    #[error("cannot reach the Kafka brokers {brokers}: {source}; check the broker list and that the brokers are running")]
+    BrokersUnreachable {
+        brokers: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the dead-letter topic {topic:?} does not exist; create it (kafka-topics.sh --create --topic {topic}) or name another with dead_letter_topic()")]
+    MissingDeadLetterTopic { topic: String },
+    #[error("cannot read the inbox table {table}: {source}; create it with outbox_inbox::migrate (Inbox::migrate) and grant the consumer's role SELECT, INSERT and DELETE on it")]
+    MissingTable {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database error while {doing}: {source}")]
+    Database {
+        doing: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the Kafka consumer failed: {0}; restart it (the offsets of finished work were committed, the rest is replayed and deduplicated)")]
+    Consumer(#[source] KafkaError),
+    #[error("the inbox's Kafka polling thread could not start or panicked; see the log above, then restart the consumer")]
+    PollThreadFailed,
+}

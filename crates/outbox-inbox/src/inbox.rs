@@ -1,0 +1,184 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::TableRef;
+use rdkafka::consumer::BaseConsumer;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::consumer::{poll_until_shutdown, InboxContext};
+use crate::dead_letter::DeadLetters;
+use crate::lanes::Engine;
+use crate::settings::{InboxBuilder, Settings};
+use crate::table::Statements;
+use crate::{Handler, InboxError, InboxStats};
+
+/// An idempotent Kafka consumer that keeps its state in PostgreSQL. See the crate
+/// documentation.
+#[derive(Debug)]
+pub struct Inbox {
+    pub(crate) pool: PgPool,
+    pub(crate) settings: Settings,
+    pub(crate) stats: InboxStats,
+}
+
+impl Inbox {
+    /// Starts the settings of an inbox: the pool its transactions run on, the Kafka
+    /// brokers (`host:port,...`), the consumer group, and the consumer name under which
+    /// its inbox rows are kept (usually the service's name; every instance of the
+    /// service uses the same one).
+    pub fn builder(
+        pool: PgPool,
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        consumer_name: impl Into<String>,
+    ) -> InboxBuilder {
+        InboxBuilder::new(pool, brokers.into(), group_id.into(), consumer_name.into())
+    }
+
+    /// Live counters; clone before [`Inbox::run`].
+    pub fn stats(&self) -> InboxStats {
+        self.stats.clone()
+    }
+
+    pub fn table(&self) -> &TableRef {
+        &self.settings.table
+    }
+
+    /// Creates the inbox table if needed; see [`crate::migrate`].
+    pub async fn migrate(&self) -> Result<(), InboxError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|source| InboxError::Database {
+                doing: "connecting to migrate the inbox table",
+                source,
+            })?;
+        crate::migrate(&mut conn, &self.settings.table).await
+    }
+
+    /// Deletes this consumer's inbox rows older than the retention now (the background
+    /// purge of [`Inbox::run`] does the same periodically). Returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, InboxError> {
+        let Some(retention) = self.settings.retention else {
+            return Ok(0);
+        };
+        crate::purge_expired(
+            &self.pool,
+            &self.settings.table,
+            &self.settings.consumer,
+            retention,
+        )
+        .await
+        .map_err(|source| InboxError::Database {
+            doing: "purging expired inbox rows",
+            source,
+        })
+    }
+
+    /// Consumes until `shutdown` is cancelled, then stops fetching, lets running
+    /// handlers finish (within the shutdown timeout), commits the finished offsets and
+    /// returns `Ok`.
+    ///
+    /// For each message: in one transaction, the event id is inserted into the inbox
+    /// table and `handler` runs; an id already there skips the handler. The Kafka offset
+    /// is committed only after that transaction committed.
+    ///
+    /// # Errors
+    ///
+    /// At start: the inbox table is missing, the brokers are unreachable, a dead-letter
+    /// topic does not exist. Later: a fatal consumer error. Handler failures are not
+    /// errors here: they are retried, then dead-lettered.
+    pub async fn run<H: Handler>(
+        self,
+        handler: H,
+        shutdown: CancellationToken,
+    ) -> Result<(), InboxError> {
+        let statements = Statements::new(&self.settings.table);
+        sqlx::query(&statements.probe)
+            .execute(&self.pool)
+            .await
+            .map_err(|source| InboxError::MissingTable {
+                table: self.settings.table.qualified(),
+                source,
+            })?;
+
+        let dead_letters = DeadLetters::new(&self.settings)?;
+        let engine = Arc::new(Engine::new(
+            self.settings.clone(),
+            self.stats.clone(),
+            self.pool.clone(),
+            Box::new(handler),
+            dead_letters,
+            tokio::runtime::Handle::current(),
+        ));
+        let consumer: BaseConsumer<InboxContext> = self
+            .settings
+            .consumer_config()
+            .create_with_context(InboxContext::new(engine.clone()))
+            .map_err(InboxError::KafkaConfig)?;
+
+        // Dropping this future (instead of cancelling `shutdown`) stops the inbox too.
+        let shutdown = shutdown.child_token();
+        let _stop_on_drop = shutdown.clone().drop_guard();
+        let purge_stop = CancellationToken::new();
+        let _stop_purge_on_drop = purge_stop.clone().drop_guard();
+        let purge = self.settings.retention.map(|retention| {
+            tokio::spawn(purge_periodically(
+                self.pool.clone(),
+                self.settings.clone(),
+                retention,
+                purge_stop.clone(),
+            ))
+        });
+
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("outbox-inbox-poll".into())
+            .spawn(move || {
+                let _ = done_tx.send(poll_until_shutdown(consumer, shutdown));
+            });
+        let result = match thread {
+            Ok(_) => done_rx.await.unwrap_or(Err(InboxError::PollThreadFailed)),
+            Err(error) => {
+                warn!(%error, "cannot start the polling thread");
+                Err(InboxError::PollThreadFailed)
+            }
+        };
+        // Lanes that were abandoned may still hold work; stop them too.
+        engine.stopping.cancel();
+        purge_stop.cancel();
+        if let Some(purge) = purge {
+            let _ = purge.await;
+        }
+        result
+    }
+}
+
+/// Deletes expired inbox rows every `purge_interval`, starting at once.
+async fn purge_periodically(
+    pool: PgPool,
+    settings: Settings,
+    retention: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(settings.purge_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let purged = tokio::select! {
+            _ = stop.cancelled() => return,
+            purged = crate::purge_expired(&pool, &settings.table, &settings.consumer, retention) => purged,
+        };
+        match purged {
+            Ok(0) => debug!("inbox purge: nothing expired"),
+            Ok(deleted) => info!(deleted, ?retention, "inbox purge: expired rows deleted"),
+            Err(error) => warn!(%error, "inbox purge failed; retried at the next interval"),
+        }
+    }
+}
