@@ -1,0 +1,111 @@
+//! `shop`: the services of the demo, one subcommand each.
+//!
+//! Three stories of the outbox pattern. On the writing side (database `OUTBOX_DATABASE_URL`),
+//! each service changes its business rows and writes the event that describes the change
+//! in the same transaction; the relay publishes the outbox. On the reading side (database
+//! `SHOP_CONSUMER_DATABASE_URL`), each service applies the events through the inbox,
+//! which drops the duplicates that at-least-once delivery brings.
+//!
+//! | story | writer | event | consumer | effect, exactly once |
+//! | --- | --- | --- | --- | --- |
+//! | orders | `orders` | OrderCreated | `payments` | one payment per order |
+//! | registration | `registrations` | UserRegistered | `notifications` | one welcome e-mail per user |
+//! | inventory | `inventory` | InventoryUpdated | `search-index` | indexed stock = stock |
+
+mod consumers;
+mod report;
+mod setup;
+mod writers;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shop", about = "The outbox demo's services")]
+struct Cli {
+    /// The writing services' database (with the outbox table).
+    #[arg(
+        long,
+        env = "OUTBOX_DATABASE_URL",
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/shop"
+    )]
+    database_url: String,
+    /// The consuming services' database (with the inbox table).
+    #[arg(
+        long,
+        env = "SHOP_CONSUMER_DATABASE_URL",
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/shop_consumers"
+    )]
+    consumer_database_url: String,
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_BROKERS",
+        global = true,
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_brokers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create both databases afresh (business tables, the inbox table) and the topics.
+    /// The outbox table itself comes from `outbox migrate`.
+    Setup,
+    /// Create orders, each with its OrderCreated event.
+    Orders(writers::Load),
+    /// Register users, each with its UserRegistered event.
+    Registrations(writers::Load),
+    /// Change stock levels, each change with an InventoryUpdated event carrying the new level.
+    Inventory(writers::Load),
+    /// Consume OrderCreated: one payment per order.
+    Payments,
+    /// Consume UserRegistered: one welcome e-mail per user.
+    Notifications,
+    /// Consume InventoryUpdated: keep the search index's stock equal to the inventory's.
+    SearchIndex,
+    /// Wait until the consumers caught up, then print one line per story; exits 1 when
+    /// anything was lost, applied twice, or the index differs from the inventory.
+    Report {
+        /// How long to wait for the consumers to catch up.
+        #[arg(long, default_value = "120")]
+        wait_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let dbs = setup::Databases {
+        writers: cli.database_url,
+        consumers: cli.consumer_database_url,
+    };
+    match cli.command {
+        Command::Setup => setup::run(&dbs, &cli.kafka_brokers).await,
+        Command::Orders(load) => writers::orders(&dbs.writers, load).await,
+        Command::Registrations(load) => writers::registrations(&dbs.writers, load).await,
+        Command::Inventory(load) => writers::inventory(&dbs.writers, load).await,
+        Command::Payments => {
+            consumers::run(consumers::Service::Payments, &dbs, &cli.kafka_brokers).await
+        }
+        Command::Notifications => {
+            consumers::run(consumers::Service::Notifications, &dbs, &cli.kafka_brokers).await
+        }
+        Command::SearchIndex => {
+            consumers::run(consumers::Service::SearchIndex, &dbs, &cli.kafka_brokers).await
+        }
+        Command::Report { wait_secs } => report::run(&dbs, Duration::from_secs(wait_secs)).await,
+    }
+}
