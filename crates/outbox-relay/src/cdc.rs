@@ -21,7 +21,9 @@ use tracing::{info, warn};
 use crate::engine::{sleep_or_shutdown, LeadEnd, Relay};
 use crate::RelayError;
 
-/// How long a batch waits for more rows once the stream pauses.
+/// How long a batch waits for more rows when the stream pauses inside a transaction
+/// (its rows are still coming). After a commit it waits for nothing: what is already
+/// received joins the batch, and the producer's linger does the rest of the batching.
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
 /// The longest a batch collects rows before it is published, however busy the stream:
 /// bounds the latency a steady trickle of events would otherwise add.
@@ -90,9 +92,16 @@ impl Relay<'_> {
                 }
             } else {
                 let waited = batch_started.map(|t| t.elapsed()).unwrap_or_default();
+                let pause = if in_transaction {
+                    FLUSH_AFTER
+                } else {
+                    Duration::ZERO
+                };
                 match MAX_BATCH_WAIT.checked_sub(waited) {
+                    // A zero timeout still polls the stream once: rows already
+                    // received are taken, and only then does the batch go.
                     Some(left) if !left.is_zero() => {
-                        tokio::time::timeout(FLUSH_AFTER.min(left), stream.next())
+                        tokio::time::timeout(pause.min(left), stream.next())
                             .await
                             .ok()
                     }
