@@ -19,11 +19,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::kafka_log::QuietLog;
 use crate::lanes::{Engine, Work};
 use crate::message::InboxMessage;
 use crate::offsets::PartitionState;
 use crate::InboxError;
+use outbox_kafka::QuietLog;
 
 /// How long one poll waits for a message; also how quickly shutdown, pausing and
 /// periodic commits are noticed.

@@ -7,10 +7,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::kafka_log::QuietLog;
 use crate::message::InboxMessage;
 use crate::settings::Settings;
 use crate::InboxError;
+use outbox_kafka::QuietLog;
 
 /// Header with the reason (the handler's last error, or what is wrong with the message).
 pub const ERROR_HEADER: &str = "outbox.inbox.error";

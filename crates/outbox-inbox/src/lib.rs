@@ -70,7 +70,6 @@ mod dead_letter;
 mod error;
 mod handler;
 mod inbox;
-mod kafka_log;
 mod lanes;
 mod message;
 mod offsets;

@@ -14,14 +14,21 @@ use tracing::{debug, info, warn};
 /// second; one line per kind of error per interval is enough to see what is going on.
 const REPEAT_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Reused by clients with a context of their own (the inbox's consumer), which call
+/// [`QuietLog::log`] and [`QuietLog::error`] from their callbacks.
 #[derive(Default)]
-pub(crate) struct QuietContext {
+pub struct QuietLog {
     last_reported: Mutex<HashMap<String, Instant>>,
 }
 
-impl QuietContext {
-    fn first_in_interval(&self, kind: String) -> bool {
-        let mut last = self.last_reported.lock().expect("context lock");
+impl QuietLog {
+    /// True the first time `kind` is seen within 30 s (`REPEAT_INTERVAL`): for callers
+    /// that rate-limit their own repeated warnings the same way.
+    pub fn first_in_interval(&self, kind: String) -> bool {
+        let mut last = self
+            .last_reported
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
         match last.get(&kind) {
             Some(at) if now.duration_since(*at) < REPEAT_INTERVAL => false,
@@ -31,10 +38,8 @@ impl QuietContext {
             }
         }
     }
-}
 
-impl ClientContext for QuietContext {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -52,7 +57,7 @@ impl ClientContext for QuietContext {
         }
     }
 
-    fn error(&self, error: KafkaError, reason: &str) {
+    pub fn error(&self, error: KafkaError, reason: &str) {
         let kind = format!("error:{:?}", error.rdkafka_error_code());
         if self.first_in_interval(kind) {
             warn!(%error, reason, "Kafka client error (repeats within {REPEAT_INTERVAL:?} are not logged)");
@@ -60,6 +65,16 @@ impl ClientContext for QuietContext {
     }
 }
 
+impl ClientContext for QuietLog {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        QuietLog::log(self, level, facility, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        QuietLog::error(self, error, reason)
+    }
+}
+
 /// The audit's reader (`topic_reader.rs`) assigns partitions itself: no rebalances to
 /// handle and no offsets to commit.
-impl ConsumerContext for QuietContext {}
+impl ConsumerContext for QuietLog {}

@@ -12,6 +12,7 @@ mod settings;
 mod sink;
 mod topic_reader;
 
+pub use context::QuietLog;
 pub use settings::{KafkaSettings, SettingsError, TopicSettings};
 pub use sink::{ConnectError, KafkaSink};
 pub use topic_reader::{read_topics, ReadError, TopicRead, TopicSummary};

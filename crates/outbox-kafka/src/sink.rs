@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tracing::{info, warn};
 
 use crate::classify::delivery_error;
-use crate::context::QuietContext;
+use crate::context::QuietLog;
 use crate::KafkaSettings;
 
 /// Kafka could not be reached or configured.
@@ -32,8 +32,8 @@ pub enum ConnectError {
 /// Publishes outbox messages to Kafka. See [`outbox_core::Sink`] for the contract.
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: RwLock<Arc<FutureProducer<QuietContext>>>,
-    admin: AdminClient<QuietContext>,
+    producer: RwLock<Arc<FutureProducer<QuietLog>>>,
+    admin: AdminClient<QuietLog>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
 }
@@ -48,11 +48,11 @@ impl KafkaSink {
         }
         let producer = settings
             .producer_config()
-            .create_with_context(QuietContext::default())
+            .create_with_context(QuietLog::default())
             .map_err(ConnectError::Client)?;
         let admin = settings
             .client_config()
-            .create_with_context(QuietContext::default())
+            .create_with_context(QuietLog::default())
             .map_err(ConnectError::Client)?;
         Ok(KafkaSink {
             settings,
@@ -78,20 +78,20 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self) -> Arc<FutureProducer<QuietContext>> {
+    fn producer(&self) -> Arc<FutureProducer<QuietLog>> {
         self.producer.read().expect("producer lock").clone()
     }
 
     /// Replaces a producer that hit a fatal error (for example a broken idempotence
     /// sequence). Its undelivered messages were already reported failed, so the relay
     /// sends them again with the new producer.
-    fn renew_producer_if_fatal(&self, producer: &FutureProducer<QuietContext>) {
+    fn renew_producer_if_fatal(&self, producer: &FutureProducer<QuietLog>) {
         if let Some((code, reason)) = producer.client().fatal_error() {
             warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
             match self
                 .settings
                 .producer_config()
-                .create_with_context(QuietContext::default())
+                .create_with_context(QuietLog::default())
             {
                 Ok(fresh) => *self.producer.write().expect("producer lock") = Arc::new(fresh),
                 Err(err) => warn!(%err, "could not create a new Kafka producer"),

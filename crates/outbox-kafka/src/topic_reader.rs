@@ -13,7 +13,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
-use crate::context::QuietContext;
+use crate::context::QuietLog;
 use crate::{ConnectError, KafkaSettings};
 
 /// How long one metadata or watermark request may take.
@@ -91,8 +91,8 @@ where
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
         .set("auto.offset.reset", "earliest");
-    let consumer: BaseConsumer<QuietContext> = config
-        .create_with_context(QuietContext::default())
+    let consumer: BaseConsumer<QuietLog> = config
+        .create_with_context(QuietLog::default())
         .map_err(ConnectError::Client)?;
     let brokers = settings.brokers.clone();
     tokio::task::spawn_blocking(move || {
@@ -116,7 +116,7 @@ struct Pending {
 }
 
 fn read_blocking<F: FnMut(&Uuid) -> bool>(
-    consumer: &BaseConsumer<QuietContext>,
+    consumer: &BaseConsumer<QuietLog>,
     topics: &[String],
     mut wanted: F,
 ) -> Result<TopicRead, ReadError> {
@@ -238,7 +238,7 @@ fn read_blocking<F: FnMut(&Uuid) -> bool>(
 
 /// The topic's partition count, or `None` when the broker does not know the topic.
 fn partition_count(
-    consumer: &BaseConsumer<QuietContext>,
+    consumer: &BaseConsumer<QuietLog>,
     topic: &str,
 ) -> Result<Option<usize>, KafkaError> {
     let mut attempts = 0;
