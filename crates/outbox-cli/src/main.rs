@@ -247,7 +247,10 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result
         };
         let created = slot::ensure_publication(&mut conn, &config.table, &names)
             .await
-            .map_err(cdc_error)?;
+            .map_err(|err| match err {
+                slot::SetupError::Database(err) => cdc_error(err),
+                other => RelayError::Config(other.to_string()),
+            })?;
         println!(
             "publication {:?}: {}",
             names.publication,
@@ -261,10 +264,16 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result
                 )))
             }
             Some(_) => println!("replication slot {:?}: exists", names.slot),
-            None => {
-                slot::ensure_slot(&mut conn, &names).await.map_err(cdc_error)?;
-                println!("replication slot {:?}: created", names.slot);
-            }
+            None => match slot::ensure_slot(&mut conn, &config.table, &names)
+                .await
+                .map_err(cdc_error)?
+            {
+                slot::SlotCreation::Recreated { last_checkpoint } => println!(
+                    "replication slot {:?}: created again (it had vanished); the relay publishes the rows committed after its last checkpoint ({last_checkpoint}) before it streams",
+                    names.slot
+                ),
+                _ => println!("replication slot {:?}: created", names.slot),
+            },
         }
     }
     Ok(())
@@ -508,6 +517,7 @@ async fn verify(
             "duplicated_ids": report.duplicated_ids,
             "duplicate_copies": report.duplicate_copies,
             "order_violations": report.order_violations,
+            "retried_dead_letters": report.retried_dead_letters,
             "passed": report.passed(),
             "lost_events": report.lost_events,
             "duplicate_examples": report.duplicate_examples,
@@ -585,6 +595,12 @@ fn print_report(
         report.duplicate_copies,
         report.order_violations
     );
+    if report.retried_dead_letters > 0 {
+        println!(
+            "  retried dead letters: {} event(s) queued again with `outbox dead-letters retry` reached their topic after later events of their aggregate (their messages carry the outbox.retried-dead-letter header)",
+            report.retried_dead_letters
+        );
+    }
     for lost in &report.lost_events {
         println!(
             "  lost: {} {}/{} seq {} on {}: {}",

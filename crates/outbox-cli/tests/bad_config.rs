@@ -199,3 +199,54 @@ fn bad_arguments_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("teleport"));
 }
+
+/// Durations that make no sense (a hot loop, an infinite librdkafka timeout) are refused
+/// with the setting's name and its valid range, before anything connects.
+#[test]
+fn zero_durations_are_refused_with_their_range() {
+    for (setting, toml) in [
+        ("polling.interval", "[polling]\ninterval = \"0s\"\n"),
+        ("cdc.heartbeat", "[cdc]\nheartbeat = \"0s\"\n"),
+        (
+            "delivery.initial_backoff",
+            "[delivery]\ninitial_backoff = \"0s\"\n",
+        ),
+        ("delivery.max_backoff", "[delivery]\nmax_backoff = \"0s\"\n"),
+        (
+            "kafka.message_timeout",
+            "[kafka]\nmessage_timeout = \"0s\"\n",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "database_url = \"postgres://postgres:{SECRET}@127.0.0.1:5432/postgres\"\nkafka_brokers = \"127.0.0.1:9092\"\n{toml}"
+            ),
+        )
+        .unwrap();
+        let output = outbox(&["--config", path.to_str().unwrap(), "relay"], &[]);
+        expect_config_error(&output, &[setting, "between"]);
+    }
+}
+
+/// A backoff cap below the first backoff would never back off as configured.
+#[test]
+fn max_backoff_below_initial_backoff_is_refused() {
+    let output = outbox(
+        &["relay"],
+        &[
+            (
+                "OUTBOX_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            ("OUTBOX_DELIVERY__INITIAL_BACKOFF", "10s"),
+            ("OUTBOX_DELIVERY__MAX_BACKOFF", "1s"),
+        ],
+    );
+    expect_config_error(
+        &output,
+        &["delivery.max_backoff", "delivery.initial_backoff"],
+    );
+}

@@ -12,27 +12,6 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Runs a conformance case once per mode.
-macro_rules! for_each_mode {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use super::*;
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn polling() {
-                    super::$case(Mode::Polling).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn cdc() {
-                    super::$case(Mode::Cdc).await
-                }
-            }
-        )*
-    };
-}
-
 for_each_mode!(
     round_trip_publishes_topic_key_value_and_headers,
     rolled_back_transaction_publishes_nothing,
@@ -97,28 +76,6 @@ async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode) {
     }
     relay.stop().await;
     db.drop_db().await;
-}
-
-/// Waits until `id` is a dead letter; returns its attempts and reason.
-async fn dead_letter(db: &TestDb, id: Uuid) -> (i32, String) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let row: Option<(i32, String)> = sqlx::query_as(
-            "SELECT attempts, last_error FROM outbox WHERE id = $1 AND dead_lettered_at IS NOT NULL",
-        )
-        .bind(id)
-        .fetch_optional(&db.pool)
-        .await
-        .unwrap();
-        if let Some(row) = row {
-            return row;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{id} was not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A payload larger than the broker accepts is dead-lettered with its reason at once;

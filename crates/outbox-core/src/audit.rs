@@ -32,6 +32,9 @@ pub struct AuditRow {
     pub dead_lettered: bool,
     /// How long ago it was written (`created_at`), as the database saw it.
     pub age: Duration,
+    /// Queued again by `outbox dead-letters retry` (`dead_letter_retried_at` is set): a
+    /// new `seq`, so it is published after later events of its aggregate.
+    pub retried_dead_letter: bool,
 }
 
 /// One message read back from a topic. Only its identity and position matter.
@@ -132,6 +135,10 @@ pub struct AuditReport {
     /// Events whose first appearance on the broker comes before that of an earlier
     /// event (lower `seq`) of the same aggregate.
     pub order_violations: u64,
+    /// Published rows that `outbox dead-letters retry` queued again: they reached their
+    /// topic after later events of their aggregate, by the operator's choice (not an
+    /// order violation; their messages carry `outbox.retried-dead-letter`).
+    pub retried_dead_letters: u64,
     /// The first [`LISTED_LOST`] lost events, in `seq` order.
     pub lost_events: Vec<LostEvent>,
     pub duplicate_examples: Vec<DuplicateExample>,
@@ -239,6 +246,9 @@ pub fn audit_report(
             continue;
         };
         report.published += 1;
+        if row.retried_dead_letter {
+            report.retried_dead_letters += 1;
+        }
         if copies[i] > 1 {
             report.duplicated_ids += 1;
             report.duplicate_copies += copies[i] - 1;
@@ -299,6 +309,7 @@ mod tests {
             marked_published: true,
             dead_lettered: false,
             age: Duration::from_secs(60),
+            retried_dead_letter: false,
         }
     }
 
@@ -414,6 +425,17 @@ mod tests {
         // One that did reach its topic counts as published.
         let report = self::report(&[dead.clone()], &[on_topic(&dead, 0, 0)], &CDC);
         assert_eq!((report.published, report.dead_lettered), (1, 0));
+    }
+
+    #[test]
+    fn retried_dead_letters_are_counted() {
+        let mut retried = row(5, "a");
+        retried.retried_dead_letter = true;
+        let rows = [row(1, "a"), retried.clone()];
+        let messages = [on_topic(&rows[0], 0, 0), on_topic(&retried, 0, 1)];
+        let report = report(&rows, &messages, &POLLING);
+        assert_eq!((report.published, report.retried_dead_letters), (2, 1));
+        assert!(report.passed());
     }
 
     #[test]

@@ -135,6 +135,14 @@ pub struct StoredEvent {
     pub headers: Vec<(String, String)>,
     /// Delivery attempts that already failed.
     pub attempts: i32,
+    /// Set when the row cannot be published as it is (a `headers` value that no JSON
+    /// reader here can parse, say): the event is dead-lettered with this reason, and the
+    /// rows after it keep flowing.
+    pub unreadable: Option<String>,
+    /// A dead letter queued again by `outbox dead-letters retry`: it is published after
+    /// later events of its aggregate, so its message carries
+    /// [`RETRIED_DEAD_LETTER_HEADER`](crate::RETRIED_DEAD_LETTER_HEADER).
+    pub retried_dead_letter: bool,
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ pub use audit::{
 };
 pub use event::{Event, Payload, PayloadError, StoredEvent};
 pub use outcome::{plan_batch, Action, RetryPolicy};
-pub use routing::{Message, RouteError, Router, TopicTemplate, TopicTemplateError};
+pub use routing::{
+    Message, RouteError, Router, TopicTemplate, TopicTemplateError, RESERVED_HEADERS,
+    RETRIED_DEAD_LETTER_HEADER,
+};
 pub use sink::{DeliveryError, DeliveryOutcome, ErrorKind, Sink};
 pub use table::{quote_ident, TableRef, TableRefError};

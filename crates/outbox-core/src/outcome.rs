@@ -128,6 +128,8 @@ mod tests {
             payload: None,
             headers: vec![],
             attempts,
+            unreadable: None,
+            retried_dead_letter: false,
         }
     }
 

@@ -61,8 +61,19 @@ impl Default for TopicTemplate {
 
 /// Why an event cannot be routed. Such an event can never be published as it is, so
 /// the relay dead-letters it at once instead of retrying.
+/// The headers the relay sets from the row's own columns. A `headers` column entry of
+/// the same name never replaces them: it is left out of the message.
+pub const RESERVED_HEADERS: [&str; 4] = ["id", "type", "aggregatetype", RETRIED_DEAD_LETTER_HEADER];
+
+/// Set (to `true`) on the message of an event that was dead-lettered and then queued
+/// again with `outbox dead-letters retry`: it reaches the topic after later events of
+/// its aggregate, which a consumer that applies events in order may want to know.
+pub const RETRIED_DEAD_LETTER_HEADER: &str = "outbox.retried-dead-letter";
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RouteError {
+    #[error("the row cannot be published as it is: {0}; fix the row, then run `outbox dead-letters retry`")]
+    Unreadable(String),
     #[error("topic name {topic:?} (from aggregatetype {aggregate_type:?}) is not a legal Kafka topic name: {why}")]
     InvalidTopic {
         topic: String,
@@ -97,6 +108,9 @@ impl Router {
     }
 
     pub fn route(&self, event: &StoredEvent) -> Result<Message, RouteError> {
+        if let Some(reason) = &event.unreadable {
+            return Err(RouteError::Unreadable(reason.clone()));
+        }
         let topic = self.topic_for(&event.aggregate_type)?;
         let mut headers = Vec::with_capacity(3 + event.headers.len());
         headers.push(("id".to_string(), event.id.to_string().into_bytes()));
@@ -105,8 +119,14 @@ impl Router {
             "aggregatetype".to_string(),
             event.aggregate_type.clone().into_bytes(),
         ));
+        if event.retried_dead_letter {
+            headers.push((RETRIED_DEAD_LETTER_HEADER.to_string(), b"true".to_vec()));
+        }
         for (name, value) in &event.headers {
-            headers.push((name.clone(), value.clone().into_bytes()));
+            // The first three are always the row's own (consumers dedup on `id`).
+            if !RESERVED_HEADERS.contains(&name.as_str()) {
+                headers.push((name.clone(), value.clone().into_bytes()));
+            }
         }
         Ok(Message {
             topic,
@@ -152,6 +172,8 @@ mod tests {
             payload: Some(br#"{"total":12}"#.to_vec()),
             headers: vec![("traceparent".into(), "00-1-2-01".into())],
             attempts: 0,
+            unreadable: None,
+            retried_dead_letter: false,
         }
     }
 
@@ -165,6 +187,47 @@ mod tests {
         assert_eq!(names, ["id", "type", "aggregatetype", "traceparent"]);
         assert_eq!(message.headers[0].1, Uuid::nil().to_string().into_bytes());
         assert_eq!(message.headers[1].1, b"OrderCreated");
+    }
+
+    #[test]
+    fn header_column_never_replaces_the_rows_own_headers() {
+        let mut event = stored("order");
+        event.headers = vec![
+            ("id".into(), "forged".into()),
+            ("type".into(), "Forged".into()),
+            ("aggregatetype".into(), "user".into()),
+            ("traceparent".into(), "t".into()),
+        ];
+        let message = Router::default().route(&event).unwrap();
+        let names: Vec<_> = message.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "type", "aggregatetype", "traceparent"]);
+        assert_eq!(message.headers[0].1, Uuid::nil().to_string().into_bytes());
+        assert_eq!(message.headers[2].1, b"order");
+    }
+
+    #[test]
+    fn a_retried_dead_letter_says_so() {
+        let mut event = stored("order");
+        event.retried_dead_letter = true;
+        event
+            .headers
+            .push((RETRIED_DEAD_LETTER_HEADER.into(), "forged".into()));
+        let message = Router::default().route(&event).unwrap();
+        let values: Vec<_> = message
+            .headers
+            .iter()
+            .filter(|(n, _)| n == RETRIED_DEAD_LETTER_HEADER)
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(values, [b"true"]);
+    }
+
+    #[test]
+    fn an_unreadable_row_is_a_route_error() {
+        let mut event = stored("order");
+        event.unreadable = Some("headers are not JSON".into());
+        let err = Router::default().route(&event).unwrap_err();
+        assert!(err.to_string().contains("headers are not JSON"), "{err}");
     }
 
     #[test]

@@ -95,9 +95,14 @@ impl InboxMessage {
             .and_then(|value| std::str::from_utf8(value).ok())
     }
 
-    /// The `type` header (`OrderCreated`) that the outbox relay sets.
+    /// The `type` header (`OrderCreated`) that the outbox relay sets: the first one, as
+    /// for the id (the relay's own headers come first).
     pub fn event_type(&self) -> Option<&str> {
-        self.header_str("type")
+        self.headers
+            .iter()
+            .find(|(k, _)| k == "type")
+            .and_then(|(_, value)| value.as_deref())
+            .and_then(|value| std::str::from_utf8(value).ok())
     }
 
     /// The message timestamp in milliseconds since the Unix epoch, if it has one.
@@ -133,13 +138,7 @@ impl InboxMessage {
             timestamp_ms: message.timestamp().to_millis(),
             attempt: 0,
         };
-        let id_header = inbox_message
-            .headers
-            .iter()
-            .rev()
-            .find(|(key, _)| key == ID_HEADER)
-            .map(|(_, value)| value.as_deref());
-        let problem = match parse_event_id(id_header) {
+        let problem = match event_id(&inbox_message.headers) {
             Ok(id) => {
                 inbox_message.id = id;
                 None
@@ -183,6 +182,16 @@ pub(crate) fn parse_event_id(header: Option<Option<&[u8]>>) -> Result<Uuid, Stri
     ))
 }
 
+/// The event id: the first `id` header, the one the relay sets from the row (the
+/// relay never lets the `headers` column add another). `outbox verify` reads the same.
+fn event_id(headers: &[(String, Option<Vec<u8>>)]) -> Result<Uuid, String> {
+    let header = headers
+        .iter()
+        .find(|(key, _)| key == ID_HEADER)
+        .map(|(_, value)| value.as_deref());
+    parse_event_id(header)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +205,16 @@ mod tests {
         let quoted = format!("\"{ID}\"");
         assert_eq!(parse_event_id(Some(Some(quoted.as_bytes()))), Ok(id));
         assert_eq!(parse_event_id(Some(Some(id.as_bytes()))), Ok(id));
+    }
+
+    #[test]
+    fn the_first_id_header_is_the_event_id() {
+        let id = Uuid::parse_str(ID).unwrap();
+        let headers = vec![
+            ("id".to_string(), Some(ID.as_bytes().to_vec())),
+            ("id".to_string(), Some(Uuid::nil().to_string().into_bytes())),
+        ];
+        assert_eq!(event_id(&headers), Ok(id));
     }
 
     #[test]
@@ -234,7 +253,8 @@ mod tests {
             message.payload_json::<Vec<i32>>(),
             Err(PayloadError::Json(_))
         ));
-        assert_eq!(message.event_type(), Some("OrderUpdated"));
+        assert_eq!(message.event_type(), Some("OrderCreated"));
+        assert_eq!(message.header_str("type"), Some("OrderUpdated"));
         assert_eq!(message.key_str(), Some("42"));
         assert_eq!(message.headers().count(), 2);
     }

@@ -16,7 +16,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 /// Everything else (a missing topic, authorization an operator may still grant) is
 /// retried with backoff and dead-lettered after `max_attempts`.
 pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
-    let code = err.rdkafka_error_code();
+    // rdkafka reports no code for admin operations; their code is in the variant.
+    let code = match err {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
     let reason = match code {
         Some(code) => format!("{err} ({code:?})"),
         None => err.to_string(),
@@ -42,7 +46,10 @@ pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
             | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
             | RDKafkaErrorCode::Resolve
             | RDKafkaErrorCode::OperationTimedOut
-            | RDKafkaErrorCode::QueueFull,
+            | RDKafkaErrorCode::QueueFull
+            // Withdrawn by the sink when the broker did not answer in time.
+            | RDKafkaErrorCode::PurgeQueue
+            | RDKafkaErrorCode::PurgeInflight,
         ) => DeliveryError::unavailable(reason),
         _ => DeliveryError::retriable(reason),
     }
@@ -65,6 +72,7 @@ mod tests {
             RDKafkaErrorCode::MessageTimedOut,
             RDKafkaErrorCode::AllBrokersDown,
             RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::PurgeQueue,
         ] {
             let err = KafkaError::MessageProduction(code);
             assert_eq!(
@@ -73,6 +81,12 @@ mod tests {
                 "{code:?}"
             );
         }
+    }
+
+    #[test]
+    fn admin_timeouts_are_outages() {
+        let err = KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut);
+        assert_eq!(delivery_error(&err).kind, ErrorKind::Unavailable);
     }
 
     #[test]

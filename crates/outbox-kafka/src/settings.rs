@@ -35,8 +35,10 @@ pub struct KafkaSettings {
     pub linger: Duration,
     /// The largest batch per partition in bytes (`batch.size`).
     pub batch_bytes: u32,
-    /// How long librdkafka keeps retrying one message before reporting it failed
-    /// (`message.timeout.ms`); the relay then retries it with backoff.
+    /// How long one publish waits for the broker's acknowledgements. Past it, messages
+    /// not yet sent are withdrawn and reported failed (the relay retries them with
+    /// backoff, using up no attempt); see [`crate::KafkaSink`] for why librdkafka's own
+    /// `message.timeout.ms` is not used for this.
     pub message_timeout: Duration,
     /// `compression.type`: none, gzip, snappy, lz4 or zstd.
     pub compression: String,
@@ -162,10 +164,10 @@ impl KafkaSettings {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set("batch.size", self.batch_bytes.to_string())
-            .set(
-                "message.timeout.ms",
-                self.message_timeout.as_millis().to_string(),
-            )
+            // Never time out inside librdkafka: a queued message that timed out while a
+            // later one of its key was still queued would leave a gap, and the later one
+            // could be written first. The sink bounds the wait itself (message_timeout).
+            .set("message.timeout.ms", "0")
             .set("compression.type", &self.compression);
         config
     }
@@ -201,6 +203,7 @@ mod tests {
         assert_eq!(config.get("acks"), Some("all"));
         assert_eq!(config.get("partitioner"), Some("murmur2_random"));
         assert_eq!(config.get("linger.ms"), Some("5"));
+        assert_eq!(config.get("message.timeout.ms"), Some("0"));
     }
 
     #[test]

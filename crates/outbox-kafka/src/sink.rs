@@ -2,17 +2,24 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::channel::oneshot::Canceled;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use outbox_core::{DeliveryError, DeliveryOutcome, Message, Sink};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tracing::{info, warn};
 
 use crate::classify::delivery_error;
 use crate::context::QuietLog;
 use crate::KafkaSettings;
+
+/// How long reports are still awaited after queued messages were withdrawn at the
+/// deadline (in-flight requests may still be acknowledged).
+const PURGE_GRACE: Duration = Duration::from_secs(1);
 
 /// Kafka could not be reached or configured.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +140,11 @@ impl KafkaSink {
                 )
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        // Bounded like a send: an unreachable broker answers after the message timeout,
+        // not after librdkafka's 60 s socket timeout.
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(self.settings.message_timeout));
         match self.admin.create_topics(&new_topics, &options).await {
             Ok(results) => {
                 for result in results {
@@ -157,10 +168,16 @@ impl KafkaSink {
                 }
             }
             Err(err) => {
+                // Classified like a delivery error: a timeout or an unreachable broker is
+                // an outage (no attempt used up), not a refusal of the events.
+                let error = delivery_error(&err);
                 for topic in missing {
                     failed.insert(
                         topic.to_string(),
-                        DeliveryError::retriable(format!("cannot create topic {topic:?}: {err}")),
+                        DeliveryError {
+                            kind: error.kind,
+                            reason: format!("cannot create topic {topic:?}: {}", error.reason),
+                        },
                     );
                 }
             }
@@ -177,6 +194,7 @@ impl Sink for KafkaSink {
         let failed_topics = self.ensure_topics(&topics).await;
 
         let producer = self.producer();
+        let deadline = tokio::time::Instant::now() + self.settings.message_timeout;
         let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
         let mut pending = Vec::with_capacity(messages.len());
         // Keys whose earlier message could not be enqueued: their later messages must
@@ -214,6 +232,18 @@ impl Sink for KafkaSink {
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        if tokio::time::Instant::now() >= deadline {
+                            // The broker takes nothing: this and every later message of
+                            // the key wait for the relay's retry.
+                            held.insert(key);
+                            outcomes[index] = Some(DeliveryOutcome::Failed(
+                                DeliveryError::unavailable(format!(
+                                    "the producer queue stayed full for kafka.message_timeout ({:?}); the broker is not taking messages",
+                                    self.settings.message_timeout
+                                )),
+                            ));
+                            break;
+                        }
                         // The local queue is full: let deliveries drain, then try again.
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -231,8 +261,11 @@ impl Sink for KafkaSink {
             }
         }
 
-        let (indexes, deliveries): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
-        for (index, result) in indexes.into_iter().zip(join_all(deliveries).await) {
+        let mut deliveries: FuturesUnordered<_> = pending
+            .into_iter()
+            .map(|(index, delivery)| async move { (index, delivery.await) })
+            .collect();
+        let mut record = |index: usize, result: Result<OwnedDeliveryResult, Canceled>| {
             outcomes[index] = Some(match result {
                 Ok(Ok(_)) => DeliveryOutcome::Delivered,
                 Ok(Err((err, _))) => {
@@ -243,12 +276,56 @@ impl Sink for KafkaSink {
                     "the producer was dropped before the broker answered",
                 )),
             });
+        };
+        let mut withdrawn = false;
+        let mut gave_up = false;
+        loop {
+            tokio::select! {
+                next = deliveries.next() => match next {
+                    Some((index, result)) => record(index, result),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline), if !withdrawn => {
+                    // Withdraw what is still queued: those messages fail at once, and
+                    // since a partition's queue is sent in order, what was delivered stays
+                    // a prefix of each key's messages (no gap for a retry to fill later).
+                    producer.purge(PurgeConfig::default().queue());
+                    withdrawn = true;
+                }
+                _ = tokio::time::sleep_until(deadline + PURGE_GRACE), if withdrawn => {
+                    gave_up = true;
+                    break;
+                }
+            }
+        }
+        // Reports that arrived together with the deadline: take them all, so that an
+        // earlier message of a partition is never left unanswered behind a later one.
+        while let Some(Some((index, result))) = deliveries.next().now_or_never() {
+            record(index, result);
+        }
+        drop(deliveries);
+        if gave_up {
+            warn!(
+                timeout = ?self.settings.message_timeout,
+                "no acknowledgement from Kafka within kafka.message_timeout; the unacknowledged messages are retried (they may arrive twice)"
+            );
         }
         self.renew_producer_if_fatal(&producer);
-        outcomes
+        let outcomes: Vec<DeliveryOutcome> = outcomes
             .into_iter()
-            .map(|o| o.expect("every message has an outcome"))
-            .collect()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    // In flight when the grace ended: it may still arrive, so it is
+                    // retried (a duplicate at worst), behind nothing of its key.
+                    DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                        "no acknowledgement within kafka.message_timeout ({:?})",
+                        self.settings.message_timeout
+                    )))
+                })
+            })
+            .collect();
+        check_key_order(&messages, &outcomes);
+        outcomes
     }
 }
 
@@ -272,5 +349,24 @@ impl KafkaSink {
     /// failed, at most `timeout`.
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer().flush(timeout);
+    }
+}
+
+/// The Sink contract: per topic and key, the delivered messages come before every
+/// failed (non-permanent) one. Anything else is a reorder that a retry would make
+/// visible; it cannot be undone here, so it is reported loudly.
+fn check_key_order(messages: &[Message], outcomes: &[DeliveryOutcome]) {
+    let mut failed: HashSet<(&str, &[u8])> = HashSet::new();
+    for (message, outcome) in messages.iter().zip(outcomes) {
+        let key = (message.topic.as_str(), message.key.as_slice());
+        match outcome {
+            DeliveryOutcome::Failed(err) if err.kind != outbox_core::ErrorKind::Permanent => {
+                failed.insert(key);
+            }
+            DeliveryOutcome::Delivered if failed.contains(&key) => {
+                tracing::error!(topic = %message.topic, "a message was acknowledged after an earlier one of its key failed; its retry will arrive out of order");
+            }
+            _ => {}
+        }
     }
 }

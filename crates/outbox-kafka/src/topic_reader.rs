@@ -282,6 +282,8 @@ fn is_fatal(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The event id: the first `id` header, as the inbox reads it (the relay's own header
+/// comes first and the `headers` column cannot add another).
 fn id_header<M: Message>(message: &M) -> Option<Uuid> {
     let headers = message.headers()?;
     headers

@@ -3,6 +3,7 @@
 //! streaming replication protocol, through `pgwire-replication`.
 //!
 //! - [`slot`]: the publication and the slot (create, inspect).
+//! - [`checkpoint`]: the relay's durable position, to recover from a vanished slot.
 //! - [`pgoutput`]: the decoder of pgoutput's messages.
 //! - [`stream`]: [`CdcStream`], which turns the replication stream into [`CdcEvent`]s:
 //!   outbox rows in commit order, commit boundaries with their LSNs, idle positions.
@@ -11,6 +12,7 @@
 //! before it was acknowledged by the broker; Postgres resends everything after the
 //! confirmed position when the stream restarts, so a crash causes duplicates, never loss.
 
+pub mod checkpoint;
 pub mod pgoutput;
 pub mod slot;
 pub mod stream;

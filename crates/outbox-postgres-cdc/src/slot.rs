@@ -1,7 +1,10 @@
 //! The publication and the replication slot of an outbox table.
 
+use chrono::{DateTime, Utc};
 use outbox_core::{quote_ident, TableRef};
 use sqlx::{PgConnection, Row};
+
+use crate::checkpoint::{self, Backfill};
 
 /// Names of the publication and slot of one outbox table.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,8 +14,10 @@ pub struct CdcNames {
 }
 
 impl CdcNames {
-    /// Defaults derived from the table: `<table>_pub` and `outbox_<database>_<schema>_<table>`
-    /// (slots belong to the whole server, so the database is part of the name; slot names
+    /// Defaults derived from the table: the publication `<table>_pub` in schema `public`,
+    /// `<schema>_<table>_pub` elsewhere (publications belong to the database, so two
+    /// schemas' outbox tables need two names), and the slot
+    /// `outbox_<database>_<schema>_<table>` (slots belong to the whole server; slot names
     /// allow only lower-case letters, digits and underscores).
     pub fn for_table(database: &str, table: &TableRef) -> Self {
         let slot: String = format!("outbox_{}_{}_{}", database, table.schema, table.name)
@@ -26,10 +31,16 @@ impl CdcNames {
             })
             .take(63)
             .collect();
-        CdcNames {
-            publication: table.derived_name("pub"),
-            slot,
-        }
+        let publication = if table.schema == "public" {
+            table.derived_name("pub")
+        } else {
+            let mut name = format!("{}_{}_pub", table.schema, table.name);
+            while name.len() > 63 {
+                name.pop();
+            }
+            name
+        };
+        CdcNames { publication, slot }
     }
 }
 
@@ -51,19 +62,52 @@ impl SlotStatus {
     }
 }
 
+/// Why the publication or slot cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Streaming from it would filter out every row while the slot moves on.
+    #[error("the publication {publication:?} exists but does not publish {table}, so the relay would read nothing from it; add the table (ALTER PUBLICATION {quoted} ADD TABLE {qualified}) or drop the publication if nothing else uses it, then start again")]
+    PublicationWithoutTable {
+        publication: String,
+        quoted: String,
+        table: TableRef,
+        qualified: String,
+    },
+}
+
 /// Creates the publication (inserts and updates of the outbox table only; updates are
-/// published so that the relay can refuse them loudly). Returns true if created.
+/// published so that the relay can refuse them loudly), or checks that the existing one
+/// publishes the table. Returns true if created.
 pub async fn ensure_publication(
     conn: &mut PgConnection,
     table: &TableRef,
     names: &CdcNames,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, SetupError> {
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
             .bind(&names.publication)
             .fetch_one(&mut *conn)
             .await?;
     if exists {
+        let covers: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+        )
+        .bind(&names.publication)
+        .bind(&table.schema)
+        .bind(&table.name)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !covers {
+            return Err(SetupError::PublicationWithoutTable {
+                publication: names.publication.clone(),
+                quoted: quote_ident(&names.publication),
+                table: table.clone(),
+                qualified: table.qualified(),
+            });
+        }
         return Ok(false);
     }
     sqlx::query(&format!(
@@ -76,18 +120,44 @@ pub async fn ensure_publication(
     Ok(true)
 }
 
-/// Creates the logical replication slot (pgoutput) if it does not exist. Returns true
-/// if created. A slot is never re-created by the relay after Postgres invalidated it:
-/// see [`slot_status`].
-pub async fn ensure_slot(conn: &mut PgConnection, names: &CdcNames) -> Result<bool, sqlx::Error> {
+/// What [`ensure_slot`] found or did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SlotCreation {
+    Existed,
+    /// A first slot for the table: its checkpoint says to publish from the table the
+    /// pending rows that may have committed before it.
+    Created,
+    /// The table had a checkpoint but no slot: the slot vanished, and its checkpoint
+    /// says to publish again every row after `last_checkpoint`.
+    Recreated {
+        last_checkpoint: DateTime<Utc>,
+    },
+}
+
+/// Creates the logical replication slot (pgoutput) if it does not exist, and records in
+/// the table's checkpoint what the new slot cannot hold (see [`crate::checkpoint`]), so
+/// that the relay publishes it from the table before it streams. A slot that Postgres
+/// invalidated still exists: it is never re-created here (see [`slot_status`]).
+pub async fn ensure_slot(
+    conn: &mut PgConnection,
+    table: &TableRef,
+    names: &CdcNames,
+) -> Result<SlotCreation, sqlx::Error> {
     if slot_status(conn, names).await?.is_some() {
-        return Ok(false);
+        return Ok(SlotCreation::Existed);
     }
+    let previous = checkpoint::before_slot_creation(conn, table, &names.slot).await?;
     sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
         .bind(&names.slot)
         .execute(&mut *conn)
         .await?;
-    Ok(true)
+    checkpoint::after_slot_creation(conn, table, &names.slot, previous.as_ref()).await?;
+    Ok(match previous {
+        Some(previous) if previous.backfill != Backfill::Before => SlotCreation::Recreated {
+            last_checkpoint: previous.updated_at,
+        },
+        _ => SlotCreation::Created,
+    })
 }
 
 pub async fn slot_status(
@@ -128,7 +198,9 @@ mod tests {
     fn names_are_legal_slot_and_publication_names() {
         let names = CdcNames::for_table("app", &TableRef::new("Sales-EU", "Out Box").unwrap());
         assert_eq!(names.slot, "outbox_app_sales_eu_out_box");
-        assert_eq!(names.publication, "Out Box_pub");
+        assert_eq!(names.publication, "Sales-EU_Out Box_pub");
+        let public = CdcNames::for_table("app", &TableRef::new("public", "outbox").unwrap());
+        assert_eq!(public.publication, "outbox_pub");
         let long = CdcNames::for_table("app", &TableRef::new("s", "x".repeat(63)).unwrap());
         assert!(long.slot.len() <= 63);
     }

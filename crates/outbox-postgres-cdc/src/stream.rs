@@ -65,7 +65,13 @@ pub struct CdcStream {
     decoder: Decoder,
     table: TableRef,
     slot: String,
+    /// When a position was last confirmed: the client reports it to the server at the
+    /// next status interval, which a clean shutdown waits for.
+    last_confirm: Option<std::time::Instant>,
 }
+
+/// How often the confirmed position is reported to the server.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl CdcStream {
     /// Starts streaming from the slot's confirmed position.
@@ -86,12 +92,14 @@ impl CdcStream {
             password,
             database,
             names.slot.clone(),
-            names.publication.as_str(),
+            // `publication_names` is a list of identifiers: unquoted, PostgreSQL would
+            // fold `OutboxEvents_pub` to lower case and split at spaces.
+            outbox_core::quote_ident(&names.publication),
         )
         .with_port(url.port().unwrap_or(5432))
         .with_tls(TlsConfig::disabled())
         .with_start_lsn(Lsn::ZERO)
-        .with_status_interval(Duration::from_secs(1))
+        .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(5))
         .with_application_name("outbox-relay-cdc");
         let mut client = ReplicationClient::connect(config)
@@ -106,6 +114,7 @@ impl CdcStream {
             decoder: Decoder::default(),
             table,
             slot: names.slot.clone(),
+            last_confirm: None,
         })
     }
 
@@ -173,12 +182,19 @@ impl CdcStream {
     }
 
     /// Confirms `lsn` to Postgres: everything before it may be discarded.
-    pub fn confirm(&self, lsn: Lsn) {
+    pub fn confirm(&mut self, lsn: Lsn) {
         self.client.update_applied_lsn(lsn);
+        self.last_confirm = Some(std::time::Instant::now());
     }
 
-    /// Sends the last confirmed position and closes the stream.
+    /// Closes the stream once the last confirmed position has been reported (the client
+    /// reports it at its next status interval, and does not on closing), so a clean
+    /// stop does not make the next relay publish the last second again.
     pub async fn shutdown(mut self) {
+        if let Some(at) = self.last_confirm {
+            let reported = at + STATUS_INTERVAL + Duration::from_millis(200);
+            tokio::time::sleep_until(reported.into()).await;
+        }
         let _ = self.client.shutdown().await;
     }
 }
@@ -212,12 +228,14 @@ fn stored_event(relation: &Relation, values: &[Value]) -> Result<StoredEvent, Cd
         (_, Some(Value::Text(bytes))) => Some(bytes.clone()),
         _ => None,
     };
-    let headers = match column(relation, values, "headers") {
-        Some(Value::Text(bytes)) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-            Ok(value) => outbox_postgres::header_entries(value),
-            Err(e) => return Err(CdcError::Row(format!("headers are not JSON: {e}"))),
+    // A value that cannot be parsed makes this one event unreadable (dead-lettered with
+    // the reason); it must not stop the stream.
+    let (headers, unreadable) = match column(relation, values, "headers") {
+        Some(Value::Text(bytes)) => match outbox_postgres::parse_headers(bytes) {
+            Ok(headers) => (headers, None),
+            Err(reason) => (Vec::new(), Some(reason)),
         },
-        _ => Vec::new(),
+        _ => (Vec::new(), None),
     };
     Ok(StoredEvent {
         seq,
@@ -228,6 +246,11 @@ fn stored_event(relation: &Relation, values: &[Value]) -> Result<StoredEvent, Cd
         payload,
         headers,
         attempts: 0,
+        unreadable,
+        retried_dead_letter: !matches!(
+            column(relation, values, "dead_letter_retried_at"),
+            None | Some(Value::Null)
+        ),
     })
 }
 

@@ -84,6 +84,7 @@ pub async fn read_audit_rows(
         "SELECT id, seq, aggregatetype, aggregateid,
                 published_at IS NOT NULL AS marked_published,
                 dead_lettered_at IS NOT NULL AS dead_lettered,
+                dead_letter_retried_at IS NOT NULL AS retried,
                 greatest(extract(epoch FROM now() - created_at), 0)::float8 AS age
          FROM {}
          WHERE ($1::timestamptz IS NULL OR created_at >= $1)
@@ -107,6 +108,7 @@ pub async fn read_audit_rows(
                 marked_published: row.try_get("marked_published")?,
                 dead_lettered: row.try_get("dead_lettered")?,
                 age: Duration::from_secs_f64(row.try_get::<f64, _>("age")?),
+                retried_dead_letter: row.try_get("retried")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()?;

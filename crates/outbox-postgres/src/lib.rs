@@ -20,7 +20,10 @@ pub use audit::{read_audit_rows, AuditRows, CreatedWindow};
 pub use error::Error;
 pub use leader::{LeaderLock, LockHolder};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
-pub use store::{header_entries, DeadLetter, OnPublish, OutboxStats, PollingStore};
+pub use store::{
+    check_cdc_privileges, header_entries, parse_headers, DeadLetter, OnPublish, OutboxStats,
+    PollingStore, WrittenBy,
+};
 pub use writer::{write, write_all, OutboxWriter};
 
 pub use outbox_core::{Event, Payload, TableRef};

@@ -7,7 +7,7 @@ use sqlx::{Acquire, PgConnection};
 use crate::Error;
 
 /// The schema version this build creates and expects.
-pub const LATEST_VERSION: i32 = 1;
+pub const LATEST_VERSION: i32 = 2;
 
 /// How the `payload` column stores the message value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +84,30 @@ CREATE TRIGGER {notify_trigger} AFTER INSERT ON {t}
             notify_fn = table.derived_qualified("notify"),
             notify_trigger = table.derived("notify"),
             channel = quote_literal(&table.notify_channel()),
+        )),
+        2 => Some(format!(
+            r#"
+-- CDC: the active relay's durable position. When the replication slot vanishes
+-- (dropped, or lost in a failover), the rows of every transaction at or after
+-- `xmin_watermark` are published again from the table, so nothing is skipped.
+CREATE TABLE {checkpoint} (
+    slot_name      text        PRIMARY KEY,
+    xmin_watermark xid8        NOT NULL,
+    confirmed_lsn  pg_lsn      NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    -- What the relay must publish from the table before it streams: 'before' (a new
+    -- slot: pending rows of transactions below the watermark, which the slot may not
+    -- hold), 'after' (the slot vanished: every row of the transactions at or after the
+    -- watermark), or 'none'. A relay stopped in the middle starts it over.
+    backfill       text        NOT NULL DEFAULT 'none'
+                   CHECK (backfill IN ('none', 'before', 'after'))
+);
+-- Set on a row that `outbox dead-letters retry` queued again: its event is published
+-- after later events of its aggregate, and its message says so.
+ALTER TABLE {t} ADD COLUMN dead_letter_retried_at timestamptz;
+"#,
+            checkpoint = table.derived_qualified("cdc_checkpoint"),
+            t = table.qualified(),
         )),
         _ => None,
     }

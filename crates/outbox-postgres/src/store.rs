@@ -22,6 +22,15 @@ pub enum OnPublish {
     Delete,
 }
 
+/// Which rows [`PollingStore::unpublished_page`] reads, by the 64-bit id of the
+/// transaction that wrote them (compared with the row's `xmin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrittenBy {
+    Any,
+    Below(u64),
+    AtOrAfter(u64),
+}
+
 /// Counts an operator looks at first.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutboxStats {
@@ -99,6 +108,55 @@ impl PollingStore {
     ) -> Result<Vec<StoredEvent>, Error> {
         let rows = sqlx::query(&self.fetch_sql)
             .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    /// CDC: the next rows after `after_seq` that a replication slot may not hold, in
+    /// `seq` order, at most `limit`: rows neither published nor dead-lettered, written by
+    /// the transactions that `written` selects. Run inside one REPEATABLE READ
+    /// transaction so that the pages come from one snapshot.
+    pub async fn unpublished_page(
+        &self,
+        conn: &mut PgConnection,
+        written: WrittenBy,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let t = self.table.qualified();
+        let payload = match self.payload_type {
+            PayloadType::Jsonb => "convert_to(o.payload::text, 'UTF8')",
+            PayloadType::Bytea => "o.payload",
+        };
+        // `xmin` is a 32-bit id that wraps; age() compares it with the watermark's low
+        // 32 bits the way PostgreSQL does: a row written by a transaction at or after the
+        // watermark has an age no larger than the watermark's.
+        let (filter, watermark) = match written {
+            WrittenBy::Any => ("true", None),
+            WrittenBy::Below(xid) => (
+                "age(o.xmin) > age(($3::bigint % 4294967296)::text::xid)",
+                Some(xid),
+            ),
+            WrittenBy::AtOrAfter(xid) => (
+                "age(o.xmin) <= age(($3::bigint % 4294967296)::text::xid)",
+                Some(xid),
+            ),
+        };
+        let sql = format!(
+            "SELECT o.seq, o.id, o.aggregatetype, o.aggregateid, o.type,
+                    {payload} AS payload, o.headers::text AS headers, o.attempts,
+                    o.dead_letter_retried_at IS NOT NULL AS retried
+             FROM {t} o
+             WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL AND o.seq > $2
+               AND ($3::bigint IS NULL OR {filter})
+             ORDER BY o.seq
+             LIMIT $1"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(limit)
+            .bind(after_seq)
+            .bind(watermark.map(|x| x as i64))
             .fetch_all(&mut *conn)
             .await?;
         rows.iter().map(stored_event).collect()
@@ -229,53 +287,62 @@ impl PollingStore {
         Ok(())
     }
 
-    /// CDC mode: deletes rows older than `retention` (dead letters excepted). The log,
-    /// not the table, is the source there, so rows only serve audits and polling fallback.
+    /// CDC mode: deletes at most `limit` rows older than `retention` (dead letters
+    /// excepted); returns how many. The log, not the table, is the source there, so rows
+    /// only serve audits and the recovery of a vanished slot. Called in a loop of short
+    /// statements, never as one unbounded DELETE.
     pub async fn purge_older_than(
         &self,
         conn: &mut PgConnection,
         retention: Duration,
+        limit: i64,
     ) -> Result<u64, Error> {
         let t = self.table.qualified();
         Ok(sqlx::query(&format!(
-            "DELETE FROM {t} WHERE dead_lettered_at IS NULL
-               AND created_at < now() - $1 * interval '1 millisecond'"
+            "DELETE FROM {t} WHERE id IN (
+                 SELECT id FROM {t}
+                 WHERE dead_lettered_at IS NULL
+                   AND created_at < now() - $1 * interval '1 millisecond'
+                 LIMIT $2)"
         ))
         .bind(retention.as_millis() as i64)
+        .bind(limit)
         .execute(&mut *conn)
         .await?
         .rows_affected())
     }
 
-    /// Deletes published rows older than `retention`, in chunks so no statement holds
-    /// locks for long. Returns the number of rows deleted.
+    /// Deletes at most `limit` published rows older than `retention`; returns how many.
+    /// Called in a loop of short statements, never as one unbounded DELETE.
     pub async fn purge_published(
         &self,
         conn: &mut PgConnection,
         retention: Duration,
+        limit: i64,
     ) -> Result<u64, Error> {
-        const CHUNK: i64 = 10_000;
         let t = self.table.qualified();
-        let sql = format!(
+        Ok(sqlx::query(&format!(
             "DELETE FROM {t} WHERE id IN (
                  SELECT id FROM {t}
                  WHERE published_at IS NOT NULL
                    AND published_at < now() - $1 * interval '1 millisecond'
                  LIMIT $2)"
-        );
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(&sql)
-                .bind(retention.as_millis() as i64)
-                .bind(CHUNK)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            total += deleted;
-            if deleted < CHUNK as u64 {
-                return Ok(total);
-            }
-        }
+        ))
+        .bind(retention.as_millis() as i64)
+        .bind(limit)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+    }
+
+    /// Dead-lettered rows (an index scan of the dead-letter index).
+    pub async fn dead_letter_count(&self, conn: &mut PgConnection) -> Result<i64, Error> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
+            self.table.qualified()
+        ))
+        .fetch_one(&mut *conn)
+        .await?)
     }
 
     pub async fn stats(&self, conn: &mut PgConnection) -> Result<OutboxStats, Error> {
@@ -338,7 +405,10 @@ impl PollingStore {
     ///
     /// The rows are deleted and inserted again, with the same id, in one statement: a
     /// new insert is what both modes publish (CDC reads inserts from the log, and a new
-    /// `seq` puts the event behind the events already waiting).
+    /// `seq` puts the event behind the events already waiting). Such an event reaches
+    /// the topic after later events of its aggregate: the row keeps
+    /// `dead_letter_retried_at`, its message the `outbox.retried-dead-letter` header, and
+    /// `outbox verify` counts it.
     pub async fn retry_dead_letters(
         &self,
         conn: &mut PgConnection,
@@ -351,8 +421,9 @@ impl PollingStore {
                  WHERE dead_lettered_at IS NOT NULL AND ($1::uuid[] IS NULL OR id = ANY($1))
                  RETURNING id, aggregatetype, aggregateid, type, payload, headers, created_at, seq
              )
-             INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers, created_at)
-             SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at
+             INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers, created_at,
+                              dead_letter_retried_at)
+             SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at, now()
              FROM retried ORDER BY seq"
         );
         let result = sqlx::query(&sql).bind(ids).execute(&mut *conn).await?;
@@ -372,7 +443,8 @@ fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {
              WHERE {PENDING} AND next_attempt_at > now()
          )
          SELECT o.seq, o.id, o.aggregatetype, o.aggregateid, o.type,
-                {payload} AS payload, o.headers, o.attempts
+                {payload} AS payload, o.headers::text AS headers, o.attempts,
+                o.dead_letter_retried_at IS NOT NULL AS retried
          FROM {t} o
          WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL
            AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
@@ -384,8 +456,16 @@ fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {
     )
 }
 
+/// A fetched row as an event. `headers` comes as text and is parsed here, row by row,
+/// so one value that cannot be parsed makes that event unreadable (dead-lettered)
+/// instead of failing the whole fetch.
 fn stored_event(row: &PgRow) -> Result<StoredEvent, Error> {
-    let headers: Option<Json<serde_json::Value>> = row.try_get("headers")?;
+    let headers: Option<String> = row.try_get("headers")?;
+    let (headers, unreadable) = match headers.as_deref().map(|h| parse_headers(h.as_bytes())) {
+        None => (Vec::new(), None),
+        Some(Ok(headers)) => (headers, None),
+        Some(Err(reason)) => (Vec::new(), Some(reason)),
+    };
     Ok(StoredEvent {
         seq: row.try_get("seq")?,
         id: row.try_get("id")?,
@@ -393,9 +473,20 @@ fn stored_event(row: &PgRow) -> Result<StoredEvent, Error> {
         aggregate_id: row.try_get("aggregateid")?,
         event_type: row.try_get("type")?,
         payload: row.try_get("payload")?,
-        headers: headers.map(|h| header_entries(h.0)).unwrap_or_default(),
+        headers,
         attempts: row.try_get("attempts")?,
+        unreadable,
+        retried_dead_letter: row.try_get("retried")?,
     })
+}
+
+/// The `headers` column's JSON text as header entries (see [`header_entries`]), or why it
+/// cannot be read. PostgreSQL's jsonb accepts values that serde_json refuses (numbers
+/// beyond f64 such as `1e400`, nesting deeper than 128 levels).
+pub fn parse_headers(json: &[u8]) -> Result<Vec<(String, String)>, String> {
+    serde_json::from_slice::<serde_json::Value>(json)
+        .map(header_entries)
+        .map_err(|err| format!("the headers column cannot be read as JSON here ({err})"))
 }
 
 /// The `headers` column as header entries: an object's string values as they are, other
@@ -433,7 +524,26 @@ impl RowUpdates {
 }
 
 async fn check_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
-    for privilege in ["SELECT", "UPDATE", "DELETE"] {
+    check_table_privileges(conn, table, &["SELECT", "UPDATE", "DELETE"]).await
+}
+
+/// What CDC mode needs beyond polling's privileges: INSERT on the outbox table (a dead
+/// letter whose row the writer deleted is inserted again) and SELECT, INSERT, UPDATE on
+/// the checkpoint table. Checked at start, so a missing grant is a clear error then,
+/// not a write that fails later.
+pub async fn check_cdc_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
+    check_table_privileges(conn, table, &["INSERT"]).await?;
+    let checkpoint = TableRef::new(&table.schema, table.derived_name("cdc_checkpoint"))
+        .expect("a derived name of a valid table is valid");
+    check_table_privileges(conn, &checkpoint, &["SELECT", "INSERT", "UPDATE"]).await
+}
+
+async fn check_table_privileges(
+    conn: &mut PgConnection,
+    table: &TableRef,
+    privileges: &[&'static str],
+) -> Result<(), Error> {
+    for &privilege in privileges {
         let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
             .bind(table.qualified())
             .bind(privilege)

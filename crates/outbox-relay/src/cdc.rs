@@ -9,14 +9,18 @@
 //! rolled back is never sent by pgoutput (protocol version 1 sends a transaction at
 //! commit), so it publishes nothing, however large.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_core::{Action, StoredEvent};
-use outbox_postgres_cdc::slot::{ensure_publication, ensure_slot, slot_status};
+use outbox_postgres::WrittenBy;
+use outbox_postgres_cdc::checkpoint::{self, Backfill, Checkpoint, Probe};
+use outbox_postgres_cdc::slot::{
+    ensure_publication, ensure_slot, slot_status, SetupError, SlotCreation,
+};
 use outbox_postgres_cdc::{CdcError, CdcEvent, CdcNames, CdcStream, Lsn};
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::engine::{sleep_or_shutdown, LeadEnd, Relay};
 use crate::RelayError;
@@ -28,6 +32,25 @@ const FLUSH_AFTER: Duration = Duration::from_millis(2);
 /// The longest a batch collects rows before it is published, however busy the stream:
 /// bounds the latency a steady trickle of events would otherwise add.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// How often the active relay moves its durable checkpoint (a probe, then one small
+/// upsert once the relay confirmed past it). It bounds what a vanished slot republishes.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Moves the checkpoint: a probe is taken every [`CHECKPOINT_INTERVAL`] and written
+/// once the relay has confirmed a position at or past it.
+struct CheckpointTracker {
+    probe: Option<Probe>,
+    next_probe: Instant,
+}
+
+impl CheckpointTracker {
+    fn new() -> Self {
+        CheckpointTracker {
+            probe: None,
+            next_probe: Instant::now() + CHECKPOINT_INTERVAL,
+        }
+    }
+}
 
 impl Relay<'_> {
     pub(crate) async fn lead_cdc(
@@ -36,9 +59,10 @@ impl Relay<'_> {
         names: &CdcNames,
         shutdown: &CancellationToken,
     ) -> LeadEnd {
-        if let Err(end) = self.check_slot(conn, names).await {
+        if let Err(end) = self.prepare_slot(conn, names, shutdown).await {
             return end;
         }
+        let mut checkpoints = CheckpointTracker::new();
         let mut stream = match CdcStream::start(
             self.config.database_url.expose(),
             names,
@@ -47,26 +71,23 @@ impl Relay<'_> {
         .await
         {
             Ok(stream) => stream,
-            Err(err) => return cdc_end(err),
+            Err(err) => {
+                self.health.replication.failed(err.to_string());
+                return cdc_end(err);
+            }
         };
+        self.health.replication.ok(self.health.started());
         info!(slot = %names.slot, publication = %names.publication, "streaming outbox inserts from the replication slot");
         let mut batch: Vec<StoredEvent> = Vec::new();
         // End LSN of the last complete transaction whose rows are all in `batch`.
         let mut confirm_after: Option<Lsn> = None;
         let mut in_transaction = false;
         let mut batch_started: Option<std::time::Instant> = None;
-        let mut next_purge = std::time::Instant::now();
         loop {
-            if std::time::Instant::now() >= next_purge {
-                next_purge = std::time::Instant::now() + Duration::from_secs(60);
-                match self
-                    .store
-                    .purge_older_than(conn, self.config.retention)
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(purged) => info!(purged, "purged outbox rows past their retention"),
-                    Err(err) => return LeadEnd::Lost(err.into()),
+            if checkpoints.probe.is_none() && Instant::now() >= checkpoints.next_probe {
+                match checkpoint::probe(conn).await {
+                    Ok(probe) => checkpoints.probe = Some(probe),
+                    Err(err) => return LeadEnd::Lost(RelayError::Store(err.into())),
                 }
             }
             let idle = batch.is_empty() && confirm_after.is_none();
@@ -109,6 +130,9 @@ impl Relay<'_> {
                 }
             };
             let mut flush = next.is_none();
+            if let Some(Ok(Some(CdcEvent::Idle { .. } | CdcEvent::Commit { .. }))) = &next {
+                self.health.replication.ok(self.health.started());
+            }
             match next {
                 None => {}
                 Some(Ok(Some(event))) => match event {
@@ -128,6 +152,11 @@ impl Relay<'_> {
                         // to a busy database does not hold WAL back.
                         if idle && !in_transaction {
                             stream.confirm(wal_end);
+                            if let Err(end) =
+                                self.confirmed(conn, names, &mut checkpoints, wal_end).await
+                            {
+                                return end;
+                            }
                         }
                     }
                     CdcEvent::RejectedUpdate { id } => {
@@ -136,11 +165,17 @@ impl Relay<'_> {
                     }
                 },
                 Some(Ok(None)) => {
+                    self.health
+                        .replication
+                        .failed("the server ended the replication stream");
                     return LeadEnd::Lost(RelayError::Other(
                         "the server ended the replication stream".into(),
-                    ))
+                    ));
                 }
-                Some(Err(err)) => return cdc_end(err),
+                Some(Err(err)) => {
+                    self.health.replication.failed(err.to_string());
+                    return cdc_end(err);
+                }
             }
             if batch.len() >= self.config.batch_size as usize {
                 flush = true;
@@ -148,61 +183,211 @@ impl Relay<'_> {
             if flush && (!batch.is_empty() || confirm_after.is_some()) {
                 let events = std::mem::take(&mut batch);
                 batch_started = None;
-                if !self.deliver_until_done(events, shutdown).await {
+                if let Err(end) = self.deliver_until_done(events, shutdown).await {
                     // Stopped while retrying: nothing more is confirmed; the next relay
                     // starts from the last confirmed position.
                     stream.shutdown().await;
-                    return LeadEnd::Shutdown;
+                    return end;
                 }
                 if let Some(lsn) = confirm_after.take() {
                     stream.confirm(lsn);
+                    if let Err(end) = self.confirmed(conn, names, &mut checkpoints, lsn).await {
+                        return end;
+                    }
                 }
             }
         }
     }
 
-    /// Refuses an invalidated slot; creates a missing publication or slot when the role
-    /// may (otherwise `outbox migrate --cdc` must be run by one that may).
-    async fn check_slot(&self, conn: &mut PgConnection, names: &CdcNames) -> Result<(), LeadEnd> {
-        let status = slot_status(conn, names)
-            .await
-            .map_err(|e| LeadEnd::Lost(RelayError::Store(e.into())))?;
-        match status {
-            Some(status) if status.is_lost() => Err(LeadEnd::Fatal(RelayError::SlotLost(
+    /// After `lsn` was confirmed: writes the pending probe as the new checkpoint if the
+    /// relay is now past it.
+    async fn confirmed(
+        &self,
+        conn: &mut PgConnection,
+        names: &CdcNames,
+        checkpoints: &mut CheckpointTracker,
+        lsn: Lsn,
+    ) -> Result<(), LeadEnd> {
+        let Some(probe) = checkpoints.probe else {
+            return Ok(());
+        };
+        if lsn < probe.lsn {
+            return Ok(());
+        }
+        checkpoint::write(
+            conn,
+            &self.config.table,
+            &names.slot,
+            probe.xmin_watermark,
+            lsn,
+        )
+        .await
+        .map_err(|err| LeadEnd::Lost(RelayError::Store(err.into())))?;
+        checkpoints.probe = None;
+        checkpoints.next_probe = Instant::now() + CHECKPOINT_INTERVAL;
+        Ok(())
+    }
+
+    /// Makes sure the publication covers the table and the slot exists, and publishes
+    /// from the table what the slot cannot hold (see `outbox_postgres_cdc::checkpoint`):
+    ///
+    /// - a new slot (made here or by `outbox migrate --cdc`): the pending rows that may
+    ///   have committed before it (`outbox migrate` without `--cdc`, or a table that
+    ///   moves from polling with rows still pending);
+    /// - a vanished slot (a checkpoint, but no slot): every row after the checkpoint;
+    /// - an invalidated slot: WAL is gone; the relay stops (exit 3) with the recovery.
+    async fn prepare_slot(
+        &self,
+        conn: &mut PgConnection,
+        names: &CdcNames,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        let table = &self.config.table;
+        let cannot_create = |err: &dyn std::fmt::Display| {
+            LeadEnd::Fatal(RelayError::Config(format!(
+                "the publication {:?} or the replication slot {:?} does not exist and this role cannot create it ({err}); run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute",
+                names.publication, names.slot
+            )))
+        };
+        let store_err = |err: sqlx::Error| {
+            if is_permanent(&err) {
+                cannot_create(&err)
+            } else {
+                LeadEnd::Lost(RelayError::Store(err.into()))
+            }
+        };
+        match ensure_publication(conn, table, names).await {
+            Ok(_) => {}
+            Err(err @ SetupError::PublicationWithoutTable { .. }) => {
+                return Err(LeadEnd::Fatal(RelayError::Config(err.to_string())))
+            }
+            Err(SetupError::Database(err)) => return Err(store_err(err)),
+        }
+        let status = slot_status(conn, names).await.map_err(store_err)?;
+        if status.as_ref().is_some_and(|s| s.is_lost()) {
+            return Err(LeadEnd::Fatal(RelayError::SlotLost(
                 CdcError::SlotLost {
                     slot: names.slot.clone(),
                     detail: "pg_replication_slots.wal_status = 'lost'".into(),
                 }
                 .to_string(),
-            ))),
-            Some(_) => Ok(()),
-            None => {
-                let created = async {
-                    ensure_publication(conn, &self.config.table, names).await?;
-                    ensure_slot(conn, names).await
-                }
-                .await;
-                match created {
-                    Ok(_) => {
-                        info!(slot = %names.slot, "created the replication slot");
-                        Ok(())
-                    }
-                    Err(err) => Err(LeadEnd::Fatal(RelayError::Config(format!(
-                        "the replication slot {:?} does not exist and this role cannot create it ({err}); run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute",
-                        names.slot
-                    )))),
-                }
-            }
+            )));
         }
+        match ensure_slot(conn, table, names).await.map_err(store_err)? {
+            SlotCreation::Existed => {}
+            SlotCreation::Created => info!(slot = %names.slot, "created the replication slot"),
+            SlotCreation::Recreated { .. } => {}
+        }
+        let written = match checkpoint::read(conn, table, &names.slot)
+            .await
+            .map_err(store_err)?
+        {
+            // A slot made before checkpoints existed (or by hand): every pending row.
+            None => WrittenBy::Any,
+            Some(saved) => match saved.backfill {
+                Backfill::None => return Ok(()),
+                Backfill::Before => WrittenBy::Below(saved.xmin_watermark),
+                Backfill::After => {
+                    self.metrics.slots_recreated.inc();
+                    error!(
+                        slot = %names.slot,
+                        checkpoint = %saved.updated_at,
+                        "the replication slot had vanished (dropped, or lost in a failover to a standby); a new one was made, and every row committed after the last checkpoint is published again before streaming"
+                    );
+                    self.check_rows_retained(names, &saved)?;
+                    WrittenBy::AtOrAfter(saved.xmin_watermark)
+                }
+            },
+        };
+        self.backfill(names, written, shutdown).await
+    }
+
+    /// The rows a vanished slot did not deliver must still be in the table. Rows older
+    /// than the retention may have been purged, so a checkpoint that old cannot be
+    /// trusted: stop (exit 3) with the recovery rather than guess.
+    fn check_rows_retained(&self, names: &CdcNames, saved: &Checkpoint) -> Result<(), LeadEnd> {
+        let age = (chrono::Utc::now() - saved.updated_at)
+            .to_std()
+            .unwrap_or_default();
+        if age < self.config.retention {
+            return Ok(());
+        }
+        Err(LeadEnd::Fatal(RelayError::SlotLost(format!(
+            "the replication slot {slot:?} vanished and the relay's last checkpoint ({at}) is older than the retention ({retention}), so rows it did not publish may have been purged from the table; nothing is republished automatically. Recovery: check the broker against the table (`outbox verify`), publish what is missing, then remove the old checkpoint (DELETE FROM {table} WHERE slot_name = '{slot}') and start the relay again (see README, \"CDC slot vanished\")",
+            slot = names.slot,
+            at = saved.updated_at,
+            retention = humantime_serde::re::humantime::format_duration(self.config.retention),
+            table = self.config.table.derived_qualified("cdc_checkpoint"),
+        ))))
+    }
+
+    /// Publishes from the table the rows the slot may not hold (`written`), from
+    /// one snapshot taken after the slot exists: a row committed before the snapshot is
+    /// read here, one committed after it comes through the slot, so none is skipped
+    /// (some arrive twice). Then writes the checkpoint for that snapshot.
+    async fn backfill(
+        &self,
+        names: &CdcNames,
+        written: WrittenBy,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        let store_err = |err: sqlx::Error| LeadEnd::Lost(RelayError::Store(err.into()));
+        let mut conn = self.pool.acquire().await.map_err(store_err)?;
+        let mut tx = conn.begin().await.map_err(store_err)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_err)?;
+        // The first query fixes the snapshot; its oldest running transaction is the
+        // watermark of the checkpoint written once the snapshot's rows are published.
+        let probe = checkpoint::probe(&mut tx).await.map_err(store_err)?;
+        let mut after = 0;
+        let mut published = 0;
+        loop {
+            let page = self
+                .store
+                .unpublished_page(&mut tx, written, after, self.config.batch_size as i64)
+                .await
+                .map_err(|err| LeadEnd::Lost(err.into()))?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            published += page.len();
+            self.deliver_until_done(page, shutdown).await?;
+        }
+        tx.commit().await.map_err(store_err)?;
+        // Every transaction below the snapshot's watermark is now published: by the slot's
+        // earlier stream, by polling, or just now. With `Below(w)`, rows at or after `w`
+        // are still to come through the slot, so `w` itself is the watermark.
+        let watermark = match written {
+            WrittenBy::Below(xid) => xid,
+            WrittenBy::Any | WrittenBy::AtOrAfter(_) => probe.xmin_watermark,
+        };
+        checkpoint::write(
+            &mut conn,
+            &self.config.table,
+            &names.slot,
+            watermark,
+            probe.lsn,
+        )
+        .await
+        .map_err(store_err)?;
+        info!(
+            published,
+            ?written,
+            "published from the table the rows the slot may not hold"
+        );
+        Ok(())
     }
 
     /// Publishes `events` until each one is acknowledged or dead-lettered, retrying with
-    /// backoff in between. Returns false if `shutdown` interrupted the retries.
+    /// backoff in between. Ends with `LeadEnd::Shutdown` if `shutdown` interrupted the
+    /// retries, and `LeadEnd::Fatal` if a dead letter cannot be stored for a reason that
+    /// retrying cannot fix (a missing privilege, say).
     async fn deliver_until_done(
         &self,
         mut events: Vec<StoredEvent>,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Result<(), LeadEnd> {
         let started = std::time::Instant::now();
         while !events.is_empty() {
             let (actions, outcomes) = self.deliver(&events).await;
@@ -224,13 +409,21 @@ impl Relay<'_> {
                         .await;
                         match recorded {
                             Ok(()) => break,
+                            Err(outbox_postgres::Error::Database(err)) if is_permanent(&err) => {
+                                // Nothing is confirmed past it: the event comes back after
+                                // the fix.
+                                return Err(LeadEnd::Fatal(RelayError::Config(format!(
+                                    "cannot store the dead letter of event {} in {}: {err}; grant the relay's role INSERT and UPDATE on the table (see README, \"CDC mode\"), then start it again",
+                                    event.id, self.config.table
+                                ))));
+                            }
                             Err(err) => {
                                 // The position is not confirmed before the dead letter is
                                 // stored, so keep trying rather than drop it.
                                 warn!(%err, id = %event.id, "cannot store a dead letter yet; retrying");
                                 sleep_or_shutdown(Duration::from_secs(1), shutdown).await;
                                 if shutdown.is_cancelled() {
-                                    return false;
+                                    return Err(LeadEnd::Shutdown);
                                 }
                             }
                         }
@@ -248,15 +441,23 @@ impl Relay<'_> {
             if !events.is_empty() {
                 sleep_or_shutdown(wait, shutdown).await;
                 if shutdown.is_cancelled() {
-                    return false;
+                    return Err(LeadEnd::Shutdown);
                 }
             }
         }
         self.metrics
             .batch_duration
             .observe(started.elapsed().as_secs_f64());
-        true
+        Ok(())
     }
+}
+
+/// Errors that retrying cannot fix (missing privileges, objects, bad SQL): SQLSTATE
+/// classes 42 (syntax or access rule) and 28 (authorization).
+pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("42") || code.starts_with("28"))
 }
 
 fn cdc_end(err: CdcError) -> LeadEnd {

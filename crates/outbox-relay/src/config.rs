@@ -249,6 +249,25 @@ impl DatabaseUrl {
     }
 }
 
+/// Refuses a duration outside `min..=max`, naming the setting, its range and default.
+fn check_duration(
+    setting: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+    default: &str,
+) -> Result<(), RelayError> {
+    if value < min || value > max {
+        return Err(RelayError::Config(format!(
+            "{setting} is {}; set it between {} and {} ({default} is the default)",
+            humantime_serde::re::humantime::format_duration(value),
+            humantime_serde::re::humantime::format_duration(min),
+            humantime_serde::re::humantime::format_duration(max),
+        )));
+    }
+    Ok(())
+}
+
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({})", self.redacted())
@@ -337,6 +356,50 @@ impl Config {
                 "delivery.max_attempts is 0; set it to at least 1".into(),
             ));
         }
+        check_duration(
+            "polling.interval",
+            self.polling.interval,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+            "1s",
+        )?;
+        check_duration(
+            "cdc.heartbeat",
+            self.cdc.heartbeat,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+            "10s",
+        )?;
+        check_duration(
+            "delivery.initial_backoff",
+            self.delivery.initial_backoff,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+            "500ms",
+        )?;
+        check_duration(
+            "delivery.max_backoff",
+            self.delivery.max_backoff,
+            Duration::from_millis(1),
+            Duration::from_secs(24 * 3600),
+            "60s",
+        )?;
+        if self.delivery.max_backoff < self.delivery.initial_backoff {
+            return Err(RelayError::Config(format!(
+                "delivery.max_backoff ({}) is below delivery.initial_backoff ({}); set max_backoff to at least initial_backoff",
+                humantime_serde::re::humantime::format_duration(self.delivery.max_backoff),
+                humantime_serde::re::humantime::format_duration(self.delivery.initial_backoff),
+            )));
+        }
+        // librdkafka reads 0 as "wait forever": a relay stopped during an outage would
+        // then never drain.
+        check_duration(
+            "kafka.message_timeout",
+            self.kafka.message_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            "30s",
+        )?;
         if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
             return Err(RelayError::Config(
                 "topics.partitions and topics.replication_factor must be at least 1".into(),

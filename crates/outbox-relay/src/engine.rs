@@ -16,7 +16,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_core::{plan_batch, Action, DeliveryError, DeliveryOutcome, Sink, StoredEvent};
+use outbox_core::{
+    plan_batch, Action, DeliveryError, DeliveryOutcome, ErrorKind, Sink, StoredEvent,
+    RESERVED_HEADERS,
+};
 use outbox_kafka::KafkaSink;
 use outbox_postgres::{LeaderLock, OnPublish, PollingStore};
 use outbox_postgres_cdc::CdcNames;
@@ -34,6 +37,11 @@ use crate::RelayError;
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often published rows past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows deleted per purge statement: small enough to stay far below any sensible
+/// `statement_timeout` and to hold locks only briefly.
+const PURGE_BATCH: i64 = 1000;
+/// The longest a health probe of the database or Kafka may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Wait before reconnecting after losing the database.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
@@ -51,7 +59,9 @@ pub async fn run_with_metrics(
 ) -> Result<(), RelayError> {
     let connect = connect_options(&config)?;
     let pool = PgPoolOptions::new()
-        .max_connections(3)
+        // The active relay's helpers: dead letters and backfills (CDC), the monitor, and
+        // maintenance; the leader's own connection is separate.
+        .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(connect.clone())
         .await
@@ -61,21 +71,26 @@ pub async fn run_with_metrics(
             .acquire()
             .await
             .map_err(|err| unreachable_database(&config, &err))?;
-        PollingStore::open(&mut conn, config.table.clone())
+        let store = PollingStore::open(&mut conn, config.table.clone())
             .await
-            .map_err(|err| match err {
-                outbox_postgres::Error::Database(_) => RelayError::Store(err),
-                other => RelayError::Config(other.to_string()),
-            })?
+            .map_err(store_open_error)?;
+        if config.mode == Mode::Cdc {
+            outbox_postgres::check_cdc_privileges(&mut conn, &config.table)
+                .await
+                .map_err(store_open_error)?;
+        }
+        store
     };
-    let sink =
-        KafkaSink::new(config.kafka.clone()).map_err(|e| RelayError::Config(e.to_string()))?;
+    let sink = Arc::new(
+        KafkaSink::new(config.kafka.clone()).map_err(|e| RelayError::Config(e.to_string()))?,
+    );
     sink.check_connection(Duration::from_secs(10))
         .await
         .map_err(|e| RelayError::Config(e.to_string()))?;
 
-    let health = Arc::new(Health::default());
-    health.set_database_ok(true);
+    let health = Arc::new(Health::new(config.mode == Mode::Cdc));
+    health.database.ok(health.started());
+    health.kafka.ok(health.started());
     if let Some(addr) = config.http_listen {
         http::serve(addr, metrics.clone(), health.clone(), shutdown.clone()).await?;
     }
@@ -93,9 +108,10 @@ pub async fn run_with_metrics(
             Some(CdcNames::for_table(&database, &config.table))
         }
     };
-    let stats_task = tokio::spawn(refresh_stats(
+    let monitor_task = tokio::spawn(monitor(
         pool.clone(),
         store.clone(),
+        sink.clone(),
         cdc.clone(),
         metrics.clone(),
         health.clone(),
@@ -112,7 +128,7 @@ pub async fn run_with_metrics(
     };
     let result = relay.run(connect, &shutdown).await;
     shutdown.cancel();
-    let _ = stats_task.await;
+    let _ = monitor_task.await;
     pool.close().await;
     result
 }
@@ -137,6 +153,14 @@ fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError>
         .log_statements(tracing::log::LevelFilter::Trace))
 }
 
+/// A table that is missing, outdated or not ours to write is a configuration problem.
+fn store_open_error(err: outbox_postgres::Error) -> RelayError {
+    match err {
+        outbox_postgres::Error::Database(_) => RelayError::Store(err),
+        other => RelayError::Config(other.to_string()),
+    }
+}
+
 fn unreachable_database(config: &RelayConfig, err: &sqlx::Error) -> RelayError {
     RelayError::Config(format!(
         "cannot connect to PostgreSQL at {} ({err}); check database_url (--database-url or OUTBOX_DATABASE_URL) and that the server runs (scripts/services start)",
@@ -147,7 +171,7 @@ fn unreachable_database(config: &RelayConfig, err: &sqlx::Error) -> RelayError {
 pub(crate) struct Relay<'a> {
     pub(crate) config: &'a RelayConfig,
     pub(crate) store: PollingStore,
-    pub(crate) sink: KafkaSink,
+    pub(crate) sink: Arc<KafkaSink>,
     pub(crate) metrics: Metrics,
     pub(crate) health: Arc<Health>,
     pub(crate) pool: PgPool,
@@ -176,7 +200,9 @@ impl Relay<'_> {
             let mut conn = match PgConnection::connect_with(&connect).await {
                 Ok(conn) => conn,
                 Err(err) => {
-                    self.health.set_database_ok(false);
+                    self.health
+                        .database
+                        .failed(format!("cannot connect: {err}"));
                     warn!(%err, "cannot connect to PostgreSQL; retrying");
                     sleep_or_shutdown(RECONNECT_DELAY, shutdown).await;
                     continue;
@@ -247,9 +273,11 @@ impl Relay<'_> {
             }
             match lock.try_acquire(conn).await {
                 Ok(true) => return true,
-                Ok(false) => self.health.set_database_ok(true),
+                Ok(false) => self.health.database.ok(self.health.started()),
                 Err(err) => {
-                    self.health.set_database_ok(false);
+                    self.health
+                        .database
+                        .failed(format!("lost the connection: {err}"));
                     warn!(%err, "lost the database connection while waiting as a standby");
                     return false;
                 }
@@ -257,11 +285,29 @@ impl Relay<'_> {
         }
     }
 
-    /// The active relay's loop, on the connection that holds the lock.
+    /// Leads, with the maintenance task running beside the publishing loop for as long
+    /// as this relay is the active one.
     async fn lead(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> LeadEnd {
-        if let Some(names) = &self.cdc {
-            return self.lead_cdc(conn, names, shutdown).await;
-        }
+        let leading = shutdown.child_token();
+        let maintenance = tokio::spawn(maintain(
+            self.pool.clone(),
+            self.store.clone(),
+            self.config.mode,
+            self.config.on_publish,
+            self.config.retention,
+            leading.clone(),
+        ));
+        let end = match &self.cdc {
+            Some(names) => self.lead_cdc(conn, names, shutdown).await,
+            None => self.lead_polling(conn, shutdown).await,
+        };
+        leading.cancel();
+        let _ = maintenance.await;
+        end
+    }
+
+    /// The polling loop, on the connection that holds the lock.
+    async fn lead_polling(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> LeadEnd {
         let mut listener = match PgListener::connect_with(&self.pool).await {
             Ok(listener) => listener,
             Err(err) => return LeadEnd::Lost(RelayError::Store(err.into())),
@@ -269,22 +315,9 @@ impl Relay<'_> {
         if let Err(err) = listener.listen(&self.config.table.notify_channel()).await {
             return LeadEnd::Lost(RelayError::Store(err.into()));
         }
-        let mut next_purge = Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 return LeadEnd::Shutdown;
-            }
-            if self.config.on_publish == OnPublish::Mark && Instant::now() >= next_purge {
-                next_purge = Instant::now() + PURGE_INTERVAL;
-                match self
-                    .store
-                    .purge_published(conn, self.config.retention)
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(purged) => info!(purged, "purged published rows past their retention"),
-                    Err(err) => return LeadEnd::Lost(err.into()),
-                }
             }
             match self.relay_batch(conn).await {
                 Ok(0) => {
@@ -302,7 +335,7 @@ impl Relay<'_> {
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    self.health.set_database_ok(false);
+                    self.health.database.failed(err.to_string());
                     return LeadEnd::Lost(err);
                 }
             }
@@ -316,7 +349,7 @@ impl Relay<'_> {
             .store
             .fetch_pending(conn, self.config.batch_size as i64)
             .await?;
-        self.health.set_database_ok(true);
+        self.health.database.ok(self.health.started());
         if events.is_empty() {
             return Ok(0);
         }
@@ -341,6 +374,13 @@ impl Relay<'_> {
         let mut messages = Vec::with_capacity(events.len());
         let mut sent = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
+            if let Some((name, _)) = event
+                .headers
+                .iter()
+                .find(|(name, _)| RESERVED_HEADERS.contains(&name.as_str()))
+            {
+                warn!(id = %event.id, header = %name, "the headers column sets a header the relay owns; it is left out (id, type and aggregatetype always come from the row)");
+            }
             match self.config.router.route(event) {
                 Ok(message) => {
                     messages.push(message);
@@ -355,6 +395,13 @@ impl Relay<'_> {
         }
         if !messages.is_empty() {
             let delivered = self.sink.publish(messages).await;
+            if delivered.contains(&DeliveryOutcome::Delivered) {
+                self.health.kafka.ok(self.health.started());
+            } else if let Some(DeliveryOutcome::Failed(err)) = delivered.iter().find(
+                |o| matches!(o, DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable),
+            ) {
+                self.health.kafka.failed(err.reason.clone());
+            }
             for (index, outcome) in sent.into_iter().zip(delivered) {
                 outcomes[index] = Some(outcome);
             }
@@ -411,58 +458,130 @@ impl Relay<'_> {
     }
 }
 
-async fn refresh_stats(
+/// Probes the database and Kafka for `/healthz` and refreshes the gauges, every
+/// [`STATS_INTERVAL`], off the publishing path. The gauges are mode-aware: polling counts
+/// pending rows (an index scan); CDC reads the slot's lag instead, since it never marks
+/// rows, and counts dead letters only (their index).
+async fn monitor(
     pool: PgPool,
     store: PollingStore,
+    sink: Arc<KafkaSink>,
     cdc: Option<CdcNames>,
     metrics: Metrics,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        let stats = async {
+        let database = tokio::time::timeout(PROBE_TIMEOUT, async {
             let mut conn = pool.acquire().await?;
-            store.stats(&mut conn).await.map_err(|e| match e {
-                outbox_postgres::Error::Database(e) => e,
-                other => sqlx::Error::Protocol(other.to_string()),
-            })
-        }
-        .await;
-        if let Some(names) = &cdc {
-            if let Ok(mut conn) = pool.acquire().await {
-                if let Ok(Some(slot)) =
-                    outbox_postgres_cdc::slot::slot_status(&mut conn, names).await
-                {
-                    metrics.slot_lag.set(slot.lag_bytes.unwrap_or(0));
-                    metrics.slot_wal_status.reset();
-                    if let Some(status) = &slot.wal_status {
-                        metrics
-                            .slot_wal_status
-                            .with_label_values(&[status.as_str()])
-                            .set(1);
+            match &cdc {
+                None => {
+                    let stats = store.stats(&mut conn).await.map_err(store_error)?;
+                    metrics.pending.set(stats.pending);
+                    metrics
+                        .oldest_pending_age
+                        .set(stats.oldest_pending_age_secs);
+                    metrics.retrying.set(stats.retrying);
+                    metrics.dead_letters.set(stats.dead_lettered);
+                }
+                Some(names) => {
+                    let dead = store
+                        .dead_letter_count(&mut conn)
+                        .await
+                        .map_err(store_error)?;
+                    metrics.dead_letters.set(dead);
+                    if let Some(slot) =
+                        outbox_postgres_cdc::slot::slot_status(&mut conn, names).await?
+                    {
+                        metrics.slot_lag.set(slot.lag_bytes.unwrap_or(0));
+                        metrics.slot_wal_status.reset();
+                        if let Some(status) = &slot.wal_status {
+                            metrics
+                                .slot_wal_status
+                                .with_label_values(&[status.as_str()])
+                                .set(1);
+                        }
                     }
                 }
             }
+            Ok::<_, sqlx::Error>(())
+        })
+        .await;
+        match database {
+            Ok(Ok(())) => health.database.ok(health.started()),
+            Ok(Err(err)) => {
+                debug!(%err, "database probe failed");
+                health.database.failed(err.to_string());
+            }
+            Err(_) => health
+                .database
+                .failed(format!("no answer within {PROBE_TIMEOUT:?}")),
         }
-        match stats {
-            Ok(stats) if cdc.is_some() => {
-                // In CDC mode rows are never marked: only dead letters are meaningful.
-                metrics.dead_letters.set(stats.dead_lettered);
-            }
-            Ok(stats) => {
-                metrics.pending.set(stats.pending);
-                metrics
-                    .oldest_pending_age
-                    .set(stats.oldest_pending_age_secs);
-                metrics.retrying.set(stats.retrying);
-                metrics.dead_letters.set(stats.dead_lettered);
-            }
+        match sink.check_connection(PROBE_TIMEOUT).await {
+            Ok(()) => health.kafka.ok(health.started()),
             Err(err) => {
-                health.set_database_ok(false);
-                debug!(%err, "could not refresh outbox statistics");
+                debug!(%err, "Kafka probe failed");
+                health.kafka.failed(err.to_string());
             }
         }
         sleep_or_shutdown(STATS_INTERVAL, &shutdown).await;
+    }
+}
+
+fn store_error(err: outbox_postgres::Error) -> sqlx::Error {
+    match err {
+        outbox_postgres::Error::Database(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+/// The active relay's maintenance, beside its publishing loop: rows past their retention
+/// are purged every [`PURGE_INTERVAL`], in small batches (each its own short statement,
+/// so a `statement_timeout` or a busy table never stops it, and publishing never waits
+/// for it). Polling mode with `on_publish = "mark"` purges published rows; CDC mode,
+/// where the log is the source, rows older than the retention (dead letters kept).
+async fn maintain(
+    pool: PgPool,
+    store: PollingStore,
+    mode: Mode,
+    on_publish: OnPublish,
+    retention: Duration,
+    leading: CancellationToken,
+) {
+    if mode == Mode::Polling && on_publish == OnPublish::Delete {
+        return;
+    }
+    while !leading.is_cancelled() {
+        let purged = async {
+            let mut conn = pool.acquire().await.map_err(outbox_postgres::Error::from)?;
+            let mut total = 0;
+            while !leading.is_cancelled() {
+                let deleted = match mode {
+                    Mode::Cdc => {
+                        store
+                            .purge_older_than(&mut conn, retention, PURGE_BATCH)
+                            .await?
+                    }
+                    Mode::Polling => {
+                        store
+                            .purge_published(&mut conn, retention, PURGE_BATCH)
+                            .await?
+                    }
+                };
+                total += deleted;
+                if deleted < PURGE_BATCH as u64 {
+                    break;
+                }
+            }
+            Ok::<_, outbox_postgres::Error>(total)
+        }
+        .await;
+        match purged {
+            Ok(0) => {}
+            Ok(purged) => info!(purged, "purged outbox rows past their retention"),
+            Err(err) => warn!(%err, "purging rows past their retention failed; trying again later"),
+        }
+        sleep_or_shutdown(PURGE_INTERVAL, &leading).await;
     }
 }
 

@@ -1,8 +1,9 @@
 //! `/metrics` (Prometheus text format) and `/healthz`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,12 +15,63 @@ use tracing::info;
 use crate::metrics::Metrics;
 use crate::RelayError;
 
-/// What `/healthz` reports: the relay's role and whether its last database round trip
-/// succeeded.
-#[derive(Default)]
+/// What `/healthz` reports: the relay's role and, per dependency, whether its last
+/// round trip succeeded recently enough.
 pub(crate) struct Health {
     role: AtomicU8,
-    database_ok: AtomicBool,
+    started: Instant,
+    /// Probed by the monitor task every few seconds.
+    pub(crate) database: Dependency,
+    /// Probed by the monitor task (cluster metadata), and by every publish.
+    pub(crate) kafka: Dependency,
+    /// CDC, active relay only: the replication stream, updated by the stream itself.
+    pub(crate) replication: Dependency,
+    cdc: bool,
+}
+
+/// How recent a dependency's last good round trip must be for `/healthz` to count it
+/// healthy (the monitor probes every few seconds).
+const FRESH: Duration = Duration::from_secs(30);
+
+/// One dependency's last round trip.
+#[derive(Default)]
+pub(crate) struct Dependency {
+    /// Milliseconds since the relay started at the last success (0: never).
+    last_ok_ms: AtomicU64,
+    /// The last failure, if it came after the last success.
+    failure: Mutex<Option<String>>,
+}
+
+impl Dependency {
+    pub(crate) fn ok(&self, health_started: Instant) {
+        let ms = health_started.elapsed().as_millis().max(1) as u64;
+        self.last_ok_ms.store(ms, Ordering::Relaxed);
+        *self.failure.lock().expect("health lock") = None;
+    }
+
+    pub(crate) fn failed(&self, reason: impl Into<String>) {
+        *self.failure.lock().expect("health lock") = Some(reason.into());
+    }
+
+    /// `None` when healthy, else why not.
+    fn problem(&self, started: Instant, fresh: Option<Duration>) -> Option<String> {
+        if let Some(failure) = self.failure.lock().expect("health lock").clone() {
+            return Some(failure);
+        }
+        let last_ok = self.last_ok_ms.load(Ordering::Relaxed);
+        if last_ok == 0 {
+            return Some("not reached yet".into());
+        }
+        let since = started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last_ok));
+        match fresh {
+            Some(bound) if since > bound => {
+                Some(format!("no successful round trip for {}s", since.as_secs()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -31,21 +83,42 @@ pub(crate) enum Role {
 }
 
 impl Health {
+    pub(crate) fn new(cdc: bool) -> Self {
+        Health {
+            role: AtomicU8::new(Role::Starting as u8),
+            started: Instant::now(),
+            database: Dependency::default(),
+            kafka: Dependency::default(),
+            replication: Dependency::default(),
+            cdc,
+        }
+    }
+
     pub(crate) fn set_role(&self, role: Role) {
         self.role.store(role as u8, Ordering::Relaxed);
     }
 
-    pub(crate) fn set_database_ok(&self, ok: bool) {
-        self.database_ok.store(ok, Ordering::Relaxed);
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 
-    fn describe(&self) -> (bool, &'static str) {
+    /// The role, and each dependency's state: `Ok` or why it is unhealthy.
+    fn describe(&self) -> (&'static str, Vec<(&'static str, Option<String>)>) {
         let role = match self.role.load(Ordering::Relaxed) {
             1 => "standby",
             2 => "active",
             _ => "starting",
         };
-        (self.database_ok.load(Ordering::Relaxed), role)
+        let mut checks = vec![
+            ("database", self.database.problem(self.started, Some(FRESH))),
+            ("kafka", self.kafka.problem(self.started, Some(FRESH))),
+        ];
+        if self.cdc && role == "active" {
+            // The stream is quiet while the relay waits on Kafka: judged by its last
+            // event or error, not by time.
+            checks.push(("replication", self.replication.problem(self.started, None)));
+        }
+        (role, checks)
     }
 }
 
@@ -89,13 +162,33 @@ async fn metrics_handler(State(state): State<AppState>) -> String {
 }
 
 async fn health_handler(State(state): State<AppState>) -> (StatusCode, String) {
-    let (database_ok, role) = state.health.describe();
-    if database_ok {
-        (StatusCode::OK, format!("ok role={role}\n"))
+    let (role, checks) = state.health.describe();
+    let states: Vec<String> = checks
+        .iter()
+        .map(|(name, problem)| {
+            format!(
+                "{name}={}",
+                if problem.is_none() { "ok" } else { "failing" }
+            )
+        })
+        .collect();
+    let problems: Vec<String> = checks
+        .iter()
+        .filter_map(|(name, problem)| problem.as_ref().map(|p| format!("{name}: {p}")))
+        .collect();
+    if problems.is_empty() {
+        (
+            StatusCode::OK,
+            format!("ok role={role} {}\n", states.join(" ")),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("unhealthy role={role}: the database is unreachable\n"),
+            format!(
+                "unhealthy role={role} {}\n{}\n",
+                states.join(" "),
+                problems.join("\n")
+            ),
         )
     }
 }

@@ -17,6 +17,7 @@ pub const ACTIVE: &str = "outbox_relay_active";
 pub const REJECTED_UPDATES_TOTAL: &str = "outbox_cdc_rejected_updates_total";
 pub const SLOT_LAG: &str = "outbox_cdc_slot_lag_bytes";
 pub const SLOT_WAL_STATUS: &str = "outbox_cdc_slot_wal_status";
+pub const SLOTS_RECREATED_TOTAL: &str = "outbox_cdc_slots_recreated_total";
 
 /// The relay's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -35,6 +36,9 @@ pub struct Metrics {
     pub slot_lag: IntGauge,
     /// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost).
     pub slot_wal_status: prometheus::IntGaugeVec,
+    /// CDC: times the slot had vanished (dropped, or lost in a failover) and was made
+    /// again, with the rows after the last checkpoint republished.
+    pub slots_recreated: IntCounter,
 }
 
 impl Metrics {
@@ -76,6 +80,10 @@ impl Metrics {
         let rejected_updates = counter(
             REJECTED_UPDATES_TOTAL,
             "CDC: UPDATEs of outbox rows seen and refused.",
+        );
+        let slots_recreated = counter(
+            SLOTS_RECREATED_TOTAL,
+            "CDC: times the replication slot had vanished and was created again (rows after the last checkpoint republished).",
         );
         let slot_lag = gauge(
             SLOT_LAG,
@@ -127,6 +135,7 @@ impl Metrics {
             rejected_updates,
             slot_lag,
             slot_wal_status,
+            slots_recreated,
         }
     }
 

@@ -60,7 +60,7 @@ impl TestDb {
             outbox_postgres_cdc::slot::ensure_publication(&mut conn, &TableRef::default(), &names)
                 .await
                 .unwrap();
-            outbox_postgres_cdc::slot::ensure_slot(&mut conn, &names)
+            outbox_postgres_cdc::slot::ensure_slot(&mut conn, &TableRef::default(), &names)
                 .await
                 .unwrap();
         }
@@ -266,7 +266,10 @@ pub struct Received {
     pub offset: i64,
     pub key: String,
     pub value: Option<Vec<u8>>,
+    /// The last value of each header name.
     pub headers: HashMap<String, String>,
+    /// Every header in the order the message carries them (names may repeat).
+    pub header_list: Vec<(String, String)>,
 }
 
 impl Received {
@@ -286,8 +289,26 @@ where
         .unwrap()
 }
 
-/// Reads until every id in `ids` has been seen (or `timeout`).
+/// Reads until every id in `ids` has been seen; fails the test if some never arrive
+/// within `timeout` (use [`consume_ids_or_partial`] where a partial read is expected).
 pub async fn consume_ids(topics: Vec<String>, ids: &[Uuid], timeout: Duration) -> Vec<Received> {
+    let received = consume_ids_or_partial(topics.clone(), ids, timeout).await;
+    let seen: HashSet<Uuid> = received.iter().map(Received::id).collect();
+    let missing = ids.iter().filter(|id| !seen.contains(id)).count();
+    assert!(
+        missing == 0,
+        "{missing} of {} events never reached {topics:?} within {timeout:?}",
+        ids.len()
+    );
+    received
+}
+
+/// Reads until every id in `ids` has been seen or `timeout` passes; returns what arrived.
+pub async fn consume_ids_or_partial(
+    topics: Vec<String>,
+    ids: &[Uuid],
+    timeout: Duration,
+) -> Vec<Received> {
     let mut wanted: HashSet<Uuid> = ids.iter().copied().collect();
     let mut checked = 0;
     consume_until(topics, timeout, move |received| {
@@ -298,6 +319,28 @@ pub async fn consume_ids(topics: Vec<String>, ids: &[Uuid], timeout: Duration) -
         wanted.is_empty()
     })
     .await
+}
+
+/// Runs a case once per mode: `mod NAME { polling, cdc }`.
+#[macro_export]
+macro_rules! for_each_mode {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn polling() {
+                    super::$case(Mode::Polling).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cdc() {
+                    super::$case(Mode::Cdc).await
+                }
+            }
+        )*
+    };
 }
 
 fn consume_blocking<F: FnMut(&[Received]) -> bool>(
@@ -346,15 +389,16 @@ fn consume_blocking<F: FnMut(&[Received]) -> bool>(
     while Instant::now() < deadline && !done(&received) {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
-                let mut headers = HashMap::new();
+                let mut header_list = Vec::new();
                 if let Some(h) = message.headers() {
                     for header in h.iter() {
-                        headers.insert(
+                        header_list.push((
                             header.key.to_string(),
                             String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                        );
+                        ));
                     }
                 }
+                let headers: HashMap<String, String> = header_list.iter().cloned().collect();
                 received.push(Received {
                     topic: message.topic().to_string(),
                     partition: message.partition(),
@@ -362,6 +406,7 @@ fn consume_blocking<F: FnMut(&[Received]) -> bool>(
                     key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
                     value: message.payload().map(|p| p.to_vec()),
                     headers,
+                    header_list,
                 });
             }
             Some(Err(err)) => eprintln!("consumer: {err}"),
@@ -555,4 +600,44 @@ pub async fn drop_role(role: &str) {
     .execute(&mut admin)
     .await
     .unwrap();
+}
+
+/// Waits until `id` is a dead letter; returns its attempts and reason.
+pub async fn dead_letter(db: &TestDb, id: Uuid) -> (i32, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let row: Option<(i32, String)> = sqlx::query_as(
+            "SELECT attempts, last_error FROM outbox WHERE id = $1 AND dead_lettered_at IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(row) = row {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plain HTTP GET of the relay's endpoint: the whole response, status line included.
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
