@@ -203,3 +203,62 @@ async fn message_timeouts_never_reorder(mode: Mode) {
     audit(&rows, &received).assert_complete_and_ordered();
     db.drop_db().await;
 }
+
+/// CDC with large events during an outage: the relay reads ahead of its batch only a
+/// bounded number of bytes (`cdc.max_batch_bytes`, and a short read-ahead), so 300
+/// events of 900 KiB (270 MiB) written while Kafka is down do not pile up in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_during_an_outage_keep_cdc_memory_bounded() {
+    const EVENTS: usize = 300;
+    const RSS_BOUND_MIB: f64 = 160.0;
+    let _broker = BROKER.lock().await;
+    let db = TestDb::for_mode(Mode::Cdc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let mut relay = spawn_relay(&db, &log, &[("OUTBOX_MODE", "cdc")]);
+    let warmup = event("order", "0", 0);
+    db.write(std::slice::from_ref(&warmup)).await;
+    consume_ids(vec![db.topic("order")], &[warmup.id], Duration::from_secs(60)).await;
+
+    tokio::task::spawn_blocking(|| services(&["stop", "kafka"]))
+        .await
+        .unwrap();
+    let pad = "x".repeat(900 * 1024);
+    let mut ids = vec![warmup.id];
+    for n in 0..EVENTS {
+        let big = Event::new(
+            "order",
+            (n % 10).to_string(),
+            "Big",
+            serde_json::json!({ "n": n, "pad": pad }),
+        );
+        ids.push(big.id);
+        db.write(std::slice::from_ref(&big)).await;
+    }
+    // The relay reads the stream while the broker is down.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let peak_during_outage = peak_rss_mib(relay.id());
+    tokio::task::spawn_blocking(|| services(&["start", "kafka"]))
+        .await
+        .unwrap();
+    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(180)).await;
+    let peak = peak_rss_mib(relay.id());
+    sigterm(&relay);
+    let _ = relay.wait();
+    eprintln!(
+        "relay peak RSS with {EVENTS} events of 900 KiB written during an outage: {peak_during_outage:.1} MiB during it, {peak:.1} MiB overall"
+    );
+    assert_eq!(
+        received
+            .iter()
+            .map(Received::id)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        ids.len()
+    );
+    assert!(
+        peak < RSS_BOUND_MIB,
+        "relay peak RSS {peak:.1} MiB exceeds {RSS_BOUND_MIB} MiB"
+    );
+    db.drop_db().await;
+}

@@ -328,16 +328,6 @@ async fn runs_as_a_non_superuser_replication_role() {
     drop_role(&role).await;
 }
 
-/// Peak resident memory (VmHWM) of a process, MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 /// The slot's lag and wal_status are exported as metrics; rows past the retention are
 /// purged in CDC mode too.

@@ -610,3 +610,151 @@ async fn maintenance_never_blocks_publishing(mode: Mode) {
     relay.stop().await;
     db.drop_db().await;
 }
+
+/// Every session of the relay asks the server for TCP keepalives and a user timeout, so a
+/// relay that died without closing its connection (host crash, partition) loses its
+/// session, and with it the leadership lock, within keepalive_idle + interval × count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sessions_ask_the_server_for_keepalives() {
+    let db = TestDb::new().await;
+    let config = db.relay_config(
+        "[postgres]\nkeepalive_idle = \"7s\"\nkeepalive_interval = \"2s\"\nkeepalive_count = 4\n",
+    );
+    assert_eq!(config.postgres.dead_peer_timeout(), Duration::from_secs(15));
+    let mut conn = outbox_relay::engine::connect(&config).await.unwrap();
+    let settings: (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
+                current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        settings,
+        ("7".into(), "2".into(), "4".into(), "15000".into()),
+        "the session's keepalive settings"
+    );
+    drop(conn);
+    db.drop_db().await;
+}
+
+/// A loopback TCP proxy in front of PostgreSQL that can turn into a black hole: it then
+/// drops the connections it forwards and accepts new ones without ever answering, as a
+/// host that vanished from the network would.
+struct BlackHoleProxy {
+    port: u16,
+    black_hole: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl BlackHoleProxy {
+    async fn start(upstream: std::net::SocketAddr) -> BlackHoleProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let black_hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let hole = black_hole.clone();
+        tokio::spawn(async move {
+            // Bounded: the test makes a handful of connections.
+            for _ in 0..500 {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if hole.load(Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        // Hold the socket, answer nothing, for at most a minute.
+                        let mut sink = [0u8; 1024];
+                        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+                            use tokio::io::AsyncReadExt;
+                            while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+                        })
+                        .await;
+                    });
+                    continue;
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        BlackHoleProxy {
+            port,
+            black_hole,
+            cut,
+        }
+    }
+
+    fn vanish(&self) {
+        self.black_hole
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.cut.send(true);
+    }
+}
+
+/// SIGTERM while the relay tries to reconnect to a database host that does not answer:
+/// the connect attempt is bounded and abandoned on shutdown, so the relay stops at once
+/// instead of waiting on the network for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_does_not_answer_stops_the_relay() {
+    let db = TestDb::new().await;
+    let upstream: std::net::SocketAddr = {
+        let url = url::Url::parse(&db.url).unwrap();
+        format!(
+            "{}:{}",
+            url.host_str().unwrap(),
+            url.port().unwrap_or(5432)
+        )
+        .parse()
+        .unwrap()
+    };
+    let proxy = BlackHoleProxy::start(upstream).await;
+    let mut via_proxy = url::Url::parse(&db.url).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let mut relay = spawn_relay(
+        &db,
+        &log,
+        &[("OUTBOX_DATABASE_URL", via_proxy.as_str())],
+    );
+    let first = event("order", "1", 0);
+    db.write(std::slice::from_ref(&first)).await;
+    consume_ids(vec![db.topic("order")], &[first.id], WAIT).await;
+
+    proxy.vanish();
+    // The relay notices, and tries to connect again into the black hole.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sigterm(&relay);
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stopping.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    if status.is_none() {
+        sigkill(&mut relay);
+    }
+    let status = status.unwrap_or_else(|| {
+        panic!("the relay did not stop within 20 s of SIGTERM:\n{log_text}")
+    });
+    eprintln!("stopped {:?} after SIGTERM: {status:?}", stopping.elapsed());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    db.drop_db().await;
+}

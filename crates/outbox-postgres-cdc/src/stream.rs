@@ -72,13 +72,20 @@ pub struct CdcStream {
 
 /// How often the confirmed position is reported to the server.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Messages the replication client may read ahead of the relay. Small, so that what is
+/// buffered beyond the relay's batch stays small even with large events (the client's
+/// default, 8,192, would hold gigabytes of 1 MiB events during a broker outage).
+const READ_AHEAD_MESSAGES: usize = 64;
 
 impl CdcStream {
     /// Starts streaming from the slot's confirmed position.
+    /// `session_options` are sent at connection start (`-c name=value`), as for the
+    /// relay's other connections (its keepalive settings).
     pub async fn start(
         database_url: &str,
         names: &CdcNames,
         table: TableRef,
+        session_options: &[(&str, String)],
     ) -> Result<Self, CdcError> {
         let url = url::Url::parse(database_url).map_err(|e| CdcError::Url(e.to_string()))?;
         let decode = |s: &str| percent_decode(s);
@@ -100,8 +107,20 @@ impl CdcStream {
         .with_tls(TlsConfig::disabled())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
+        .with_buffer_size(READ_AHEAD_MESSAGES)
         .with_wakeup_interval(Duration::from_secs(5))
         .with_application_name("outbox-relay-cdc");
+        let config = if session_options.is_empty() {
+            config
+        } else {
+            config.with_options(
+                session_options
+                    .iter()
+                    .map(|(name, value)| format!("-c {name}={value}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        };
         let mut client = ReplicationClient::connect(config)
             .await
             .map_err(|e| CdcError::classify(e, &names.slot))?;

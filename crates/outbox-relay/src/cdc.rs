@@ -67,6 +67,7 @@ impl Relay<'_> {
             self.config.database_url.expose(),
             names,
             self.config.table.clone(),
+            &self.config.postgres.session_options(),
         )
         .await
         {
@@ -79,6 +80,7 @@ impl Relay<'_> {
         self.health.replication.ok(self.health.started());
         info!(slot = %names.slot, publication = %names.publication, "streaming outbox inserts from the replication slot");
         let mut batch: Vec<StoredEvent> = Vec::new();
+        let mut batch_bytes: u64 = 0;
         // End LSN of the last complete transaction whose rows are all in `batch`.
         let mut confirm_after: Option<Lsn> = None;
         let mut in_transaction = false;
@@ -141,6 +143,7 @@ impl Relay<'_> {
                         if batch.is_empty() {
                             batch_started = Some(std::time::Instant::now());
                         }
+                        batch_bytes += event_bytes(&row);
                         batch.push(row)
                     }
                     CdcEvent::Commit { end_lsn } => {
@@ -177,11 +180,14 @@ impl Relay<'_> {
                     return cdc_end(err);
                 }
             }
-            if batch.len() >= self.config.batch_size as usize {
+            if batch.len() >= self.config.batch_size as usize
+                || batch_bytes >= self.config.cdc_max_batch_bytes
+            {
                 flush = true;
             }
             if flush && (!batch.is_empty() || confirm_after.is_some()) {
                 let events = std::mem::take(&mut batch);
+                batch_bytes = 0;
                 batch_started = None;
                 if let Err(end) = self.deliver_until_done(events, shutdown).await {
                     // Stopped while retrying: nothing more is confirmed; the next relay
@@ -450,6 +456,12 @@ impl Relay<'_> {
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
+
+/// What an event weighs in a batch: its payload and headers.
+fn event_bytes(event: &StoredEvent) -> u64 {
+    let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (event.payload.as_ref().map_or(0, Vec::len) + headers) as u64
 }
 
 /// Errors that retrying cannot fix (missing privileges, objects, bad SQL): SQLSTATE

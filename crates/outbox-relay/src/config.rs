@@ -41,6 +41,38 @@ pub struct Config {
     pub http: HttpSection,
     #[serde(default)]
     pub cdc: CdcSection,
+    #[serde(default)]
+    pub postgres: PostgresSection,
+}
+
+/// How the relay's connections to PostgreSQL notice a dead peer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSection {
+    /// The longest a connection attempt may take (and a wait for a pooled connection).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TCP keepalive of the server's end of each connection: after this much silence
+    /// the server probes the relay...
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    /// ...every `keepalive_interval`...
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// ...and ends the session (freeing the leadership lock) after this many unanswered
+    /// probes.
+    pub keepalive_count: u32,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        PostgresSection {
+            connect_timeout: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(15),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_count: 3,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,12 +82,17 @@ pub struct CdcSection {
     /// confirmed position keeps moving when the outbox is quiet.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// A batch read from the stream is published once its events add up to this many
+    /// bytes (payload and headers), even before `polling.batch_size` events: with large
+    /// events, memory stays bounded by bytes, during a broker outage too.
+    pub max_batch_bytes: u64,
 }
 
 impl Default for CdcSection {
     fn default() -> Self {
         CdcSection {
             heartbeat: Duration::from_secs(10),
+            max_batch_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -400,6 +437,39 @@ impl Config {
             Duration::from_secs(3600),
             "30s",
         )?;
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.cdc.max_batch_bytes) {
+            return Err(RelayError::Config(format!(
+                "cdc.max_batch_bytes is {}; set it between 65536 (64 KiB) and 1073741824 (1 GiB) (8388608 is the default)",
+                self.cdc.max_batch_bytes
+            )));
+        }
+        check_duration(
+            "postgres.connect_timeout",
+            self.postgres.connect_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+            "10s",
+        )?;
+        check_duration(
+            "postgres.keepalive_idle",
+            self.postgres.keepalive_idle,
+            Duration::from_secs(1),
+            Duration::from_secs(7200),
+            "15s",
+        )?;
+        check_duration(
+            "postgres.keepalive_interval",
+            self.postgres.keepalive_interval,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+            "5s",
+        )?;
+        if !(1..=100).contains(&self.postgres.keepalive_count) {
+            return Err(RelayError::Config(format!(
+                "postgres.keepalive_count is {}; set it between 1 and 100 (3 is the default)",
+                self.postgres.keepalive_count
+            )));
+        }
         if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
             return Err(RelayError::Config(
                 "topics.partitions and topics.replication_factor must be at least 1".into(),
@@ -450,6 +520,13 @@ impl Config {
             http_listen,
             standby_interval: Duration::from_secs(1),
             cdc_heartbeat: self.cdc.heartbeat,
+            cdc_max_batch_bytes: self.cdc.max_batch_bytes,
+            postgres: PostgresSettings {
+                connect_timeout: self.postgres.connect_timeout,
+                keepalive_idle: self.postgres.keepalive_idle,
+                keepalive_interval: self.postgres.keepalive_interval,
+                keepalive_count: self.postgres.keepalive_count,
+            },
         })
     }
 }
@@ -487,6 +564,40 @@ fn describe(err: figment::Error) -> String {
     lines.join("\n")
 }
 
+/// How connections to PostgreSQL notice a dead peer (see [`PostgresSection`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresSettings {
+    pub connect_timeout: Duration,
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+}
+
+impl PostgresSettings {
+    /// How long a silent, dead relay keeps its session (and the leadership lock) at most:
+    /// the server's keepalive probes run out, or unacknowledged data times out.
+    pub fn dead_peer_timeout(&self) -> Duration {
+        self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+    }
+
+    /// The session settings (sent at connection start) that make the server end a dead
+    /// relay's session: keepalives while idle, `tcp_user_timeout` while data is unacknowledged.
+    pub fn session_options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("tcp_keepalives_idle", self.keepalive_idle.as_secs().to_string()),
+            (
+                "tcp_keepalives_interval",
+                self.keepalive_interval.as_secs().to_string(),
+            ),
+            ("tcp_keepalives_count", self.keepalive_count.to_string()),
+            (
+                "tcp_user_timeout",
+                self.dead_peer_timeout().as_millis().to_string(),
+            ),
+        ]
+    }
+}
+
 /// Validated settings of a relay run.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -505,6 +616,9 @@ pub struct RelayConfig {
     pub standby_interval: Duration,
     /// CDC: heartbeat interval of an idle relay.
     pub cdc_heartbeat: Duration,
+    /// CDC: bytes of events after which a batch is published.
+    pub cdc_max_batch_bytes: u64,
+    pub postgres: PostgresSettings,
 }
 
 #[cfg(test)]

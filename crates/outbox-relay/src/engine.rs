@@ -62,7 +62,7 @@ pub async fn run_with_metrics(
         // The active relay's helpers: dead letters and backfills (CDC), the monitor, and
         // maintenance; the leader's own connection is separate.
         .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(config.postgres.connect_timeout)
         .connect_with(connect.clone())
         .await
         .map_err(|err| unreachable_database(&config, &err))?;
@@ -136,9 +136,24 @@ pub async fn run_with_metrics(
 /// Opens one connection for the administrative commands (migrate, status, dead
 /// letters), with the same messages as the relay when the database cannot be reached.
 pub async fn connect(config: &RelayConfig) -> Result<PgConnection, RelayError> {
-    PgConnection::connect_with(&connect_options(config)?)
-        .await
-        .map_err(|err| unreachable_database(config, &err))
+    let options = connect_options(config)?;
+    tokio::time::timeout(
+        config.postgres.connect_timeout,
+        PgConnection::connect_with(&options),
+    )
+    .await
+    .unwrap_or_else(|_| Err(connect_timed_out(config)))
+    .map_err(|err| unreachable_database(config, &err))
+}
+
+fn connect_timed_out(config: &RelayConfig) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer within postgres.connect_timeout ({:?})",
+            config.postgres.connect_timeout
+        ),
+    ))
 }
 
 fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError> {
@@ -150,6 +165,7 @@ fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError>
     })?;
     Ok(options
         .application_name("outbox-relay")
+        .options(config.postgres.session_options())
         .log_statements(tracing::log::LevelFilter::Trace))
 }
 
@@ -197,7 +213,17 @@ impl Relay<'_> {
         let lock = LeaderLock::new(&self.config.table);
         let mut announced_standby = false;
         while !shutdown.is_cancelled() {
-            let mut conn = match PgConnection::connect_with(&connect).await {
+            // Bounded, and abandoned on shutdown: a host that does not answer must not
+            // hold a stopping relay.
+            let attempt = tokio::select! {
+                attempt = tokio::time::timeout(
+                    self.config.postgres.connect_timeout,
+                    PgConnection::connect_with(&connect),
+                ) => attempt,
+                _ = shutdown.cancelled() => break,
+            };
+            let attempt = attempt.unwrap_or_else(|_| Err(connect_timed_out(self.config)));
+            let mut conn = match attempt {
                 Ok(conn) => conn,
                 Err(err) => {
                     self.health
