@@ -218,7 +218,12 @@ async fn large_events_during_an_outage_keep_cdc_memory_bounded() {
     let mut relay = spawn_relay(&db, &log, &[("OUTBOX_MODE", "cdc")]);
     let warmup = event("order", "0", 0);
     db.write(std::slice::from_ref(&warmup)).await;
-    consume_ids(vec![db.topic("order")], &[warmup.id], Duration::from_secs(60)).await;
+    consume_ids(
+        vec![db.topic("order")],
+        &[warmup.id],
+        Duration::from_secs(60),
+    )
+    .await;
 
     tokio::task::spawn_blocking(|| services(&["stop", "kafka"]))
         .await

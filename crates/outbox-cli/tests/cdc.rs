@@ -328,7 +328,6 @@ async fn runs_as_a_non_superuser_replication_role() {
     drop_role(&role).await;
 }
 
-
 /// The slot's lag and wal_status are exported as metrics; rows past the retention are
 /// purged in CDC mode too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -707,24 +707,16 @@ async fn sigterm_while_the_database_does_not_answer_stops_the_relay() {
     let db = TestDb::new().await;
     let upstream: std::net::SocketAddr = {
         let url = url::Url::parse(&db.url).unwrap();
-        format!(
-            "{}:{}",
-            url.host_str().unwrap(),
-            url.port().unwrap_or(5432)
-        )
-        .parse()
-        .unwrap()
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+            .parse()
+            .unwrap()
     };
     let proxy = BlackHoleProxy::start(upstream).await;
     let mut via_proxy = url::Url::parse(&db.url).unwrap();
     via_proxy.set_port(Some(proxy.port)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("relay.log");
-    let mut relay = spawn_relay(
-        &db,
-        &log,
-        &[("OUTBOX_DATABASE_URL", via_proxy.as_str())],
-    );
+    let mut relay = spawn_relay(&db, &log, &[("OUTBOX_DATABASE_URL", via_proxy.as_str())]);
     let first = event("order", "1", 0);
     db.write(std::slice::from_ref(&first)).await;
     consume_ids(vec![db.topic("order")], &[first.id], WAIT).await;
@@ -747,9 +739,8 @@ async fn sigterm_while_the_database_does_not_answer_stops_the_relay() {
     if status.is_none() {
         sigkill(&mut relay);
     }
-    let status = status.unwrap_or_else(|| {
-        panic!("the relay did not stop within 20 s of SIGTERM:\n{log_text}")
-    });
+    let status = status
+        .unwrap_or_else(|| panic!("the relay did not stop within 20 s of SIGTERM:\n{log_text}"));
     eprintln!("stopped {:?} after SIGTERM: {status:?}", stopping.elapsed());
     assert!(
         stopping.elapsed() < Duration::from_secs(15),

@@ -584,7 +584,10 @@ impl PostgresSettings {
     /// relay's session: keepalives while idle, `tcp_user_timeout` while data is unacknowledged.
     pub fn session_options(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("tcp_keepalives_idle", self.keepalive_idle.as_secs().to_string()),
+            (
+                "tcp_keepalives_idle",
+                self.keepalive_idle.as_secs().to_string(),
+            ),
             (
                 "tcp_keepalives_interval",
                 self.keepalive_interval.as_secs().to_string(),
