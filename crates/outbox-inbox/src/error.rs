@@ -32,6 +32,12 @@ pub enum InboxError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("the inbox retention ({retention:?}) is shorter than the topics {topics:?} may keep a message ({lifetime}); a replay after an offset reset would apply events twice. Raise retention(), leave it unset to follow the topics, or use disable_retention()")]
+    RetentionTooShort {
+        retention: std::time::Duration,
+        topics: Vec<String>,
+        lifetime: String,
+    },
     #[error("cannot subscribe to {topics:?}: {source}")]
     Subscribe {
         topics: Vec<String>,

@@ -62,7 +62,7 @@ impl Inbox {
     /// Deletes this consumer's inbox rows older than the retention now (the background
     /// purge of [`Inbox::run`] does the same periodically). Returns how many.
     pub async fn purge_expired(&self) -> Result<u64, InboxError> {
-        let Some(retention) = self.settings.retention else {
+        let Some(retention) = crate::retention::resolve(&self.settings).await? else {
             return Ok(0);
         };
         crate::purge_expired(
@@ -105,6 +105,8 @@ impl Inbox {
                 source,
             })?;
 
+        // Refuses a retention shorter than the topics keep messages, before consuming.
+        let retention = crate::retention::resolve(&self.settings).await?;
         let dead_letters = DeadLetters::new(&self.settings)?;
         let engine = Arc::new(Engine::new(
             self.settings.clone(),
@@ -125,7 +127,7 @@ impl Inbox {
         let _stop_on_drop = shutdown.clone().drop_guard();
         let purge_stop = CancellationToken::new();
         let _stop_purge_on_drop = purge_stop.clone().drop_guard();
-        let purge = self.settings.retention.map(|retention| {
+        let purge = retention.map(|retention| {
             tokio::spawn(purge_periodically(
                 self.pool.clone(),
                 self.settings.clone(),

@@ -73,6 +73,7 @@ mod inbox;
 mod lanes;
 mod message;
 mod offsets;
+mod retention;
 mod settings;
 mod stats;
 mod table;

@@ -58,15 +58,36 @@ impl PartitionState {
     }
 
     /// Records that `offset` is handed to a lane. False when it must not be: the
-    /// partition is revoked, or the offset was handed out already (librdkafka can
-    /// deliver a message again after a pause).
+    /// partition is revoked, or the offset is in flight already (librdkafka can deliver
+    /// a message again after a pause).
+    ///
+    /// An offset below those handed out before is handed out again: librdkafka
+    /// delivering again after a pause, or the topic deleted and re-created with its
+    /// offsets starting over (new events). Skipping it would lose the new events; a
+    /// message already handled is dropped by the inbox table instead. The commit
+    /// position follows the partition back.
     pub(crate) fn accept(&self, offset: i64) -> bool {
         let mut inner = self.lock();
-        if inner.revoked || inner.next.is_some_and(|next| offset < next) {
+        if inner.revoked || inner.pending.contains(&offset) {
             return false;
         }
+        let went_back = inner.next.is_some_and(|next| offset < next);
+        if went_back {
+            tracing::info!(
+                topic = %self.topic,
+                partition = self.partition,
+                offset,
+                next = inner.next,
+                "the partition's offsets went back (a redelivery, or the topic was re-created); consuming from there, already handled ids are dropped"
+            );
+            inner.committed = None;
+        }
         inner.pending.insert(offset);
-        inner.next = Some(offset + 1);
+        inner.next = Some(if went_back {
+            offset + 1
+        } else {
+            inner.next.map_or(offset + 1, |next| next.max(offset + 1))
+        });
         true
     }
 
@@ -214,12 +235,31 @@ mod tests {
     }
 
     #[test]
-    fn a_redelivered_offset_is_not_handed_out_twice() {
+    fn an_offset_in_flight_is_not_handed_out_twice() {
         let p = PartitionState::new("t", 0);
         assert!(p.accept(5));
         assert!(!p.accept(5));
-        assert!(!p.accept(4));
         assert!(p.accept(6));
+    }
+
+    /// A topic deleted and re-created without a rebalance: its offsets start over.
+    /// The new messages are consumed (not taken for old ones), and the commit position
+    /// follows them back instead of naming the old topic's end.
+    #[test]
+    fn offsets_that_start_over_are_consumed_and_committed() {
+        let p = PartitionState::new("t", 0);
+        for offset in 100..110 {
+            assert!(p.accept(offset));
+            assert!(p.try_start());
+            p.finish(offset, true);
+        }
+        assert_eq!(p.take_commit(false), Some(110));
+        for offset in 0..3 {
+            assert!(p.accept(offset), "offset {offset} of the new topic");
+            assert!(p.try_start());
+            p.finish(offset, true);
+        }
+        assert_eq!(p.take_commit(false), Some(3));
     }
 
     #[test]

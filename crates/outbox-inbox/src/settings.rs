@@ -29,7 +29,7 @@ pub(crate) struct Settings {
     pub(crate) max_backoff: Duration,
     /// `{topic}` stands for the source topic.
     pub(crate) dead_letter_topic: String,
-    pub(crate) retention: Option<Duration>,
+    pub(crate) retention: Retention,
     pub(crate) purge_interval: Duration,
     pub(crate) commit_interval: Duration,
     pub(crate) max_in_flight: usize,
@@ -39,6 +39,16 @@ pub(crate) struct Settings {
     pub(crate) table: TableRef,
     pub(crate) kafka_properties: Vec<(String, String)>,
     pub(crate) consumer_properties: Vec<(String, String)>,
+}
+
+/// How long inbox rows are kept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Retention {
+    /// As long as the topics may keep a message (read from the brokers at start).
+    FollowTopics,
+    /// A fixed period, refused at start if the topics keep messages longer.
+    Fixed(Duration),
+    Forever,
 }
 
 impl Settings {
@@ -74,6 +84,16 @@ impl Settings {
             .iter()
             .chain(&self.consumer_properties)
         {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// Connection and security properties only, for the admin client.
+    pub(crate) fn admin_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.kafka_properties {
             config.set(key, value);
         }
         config
@@ -144,7 +164,7 @@ impl Settings {
                 );
             }
         }
-        if self.retention.is_some_and(|r| r.is_zero()) {
+        if self.retention == Retention::Fixed(Duration::ZERO) {
             return invalid(
                 "retention",
                 "zero would forget every id at once; use disable_retention() to keep rows forever"
@@ -239,7 +259,7 @@ impl InboxBuilder {
                 initial_backoff: Duration::from_millis(500),
                 max_backoff: Duration::from_secs(60),
                 dead_letter_topic: "{topic}.dlq".into(),
-                retention: Some(Duration::from_secs(7 * 24 * 3600)),
+                retention: Retention::FollowTopics,
                 purge_interval: Duration::from_secs(600),
                 commit_interval: Duration::from_secs(1),
                 max_in_flight: 1000,
@@ -285,17 +305,20 @@ impl InboxBuilder {
         self
     }
 
-    /// Inbox rows older than this are deleted in the background (default 7 days). A
-    /// duplicate that arrives later than this is **not** recognised and is processed
-    /// again.
+    /// Inbox rows older than this are deleted in the background. A duplicate that
+    /// arrives later than this is **not** recognised and is processed again, so the
+    /// inbox refuses to start when the topics may keep a message longer
+    /// (`retention.ms + segment.ms`). Unset (the default), rows are kept exactly that
+    /// long, read from the brokers at start (forever for a topic with
+    /// `retention.ms = -1`).
     pub fn retention(mut self, retention: Duration) -> Self {
-        self.settings.retention = Some(retention);
+        self.settings.retention = Retention::Fixed(retention);
         self
     }
 
     /// Keep inbox rows forever (no background purge).
     pub fn disable_retention(mut self) -> Self {
-        self.settings.retention = None;
+        self.settings.retention = Retention::Forever;
         self
     }
 
@@ -395,7 +418,7 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(1000),
             dead_letter_topic: "{topic}.dlq".into(),
-            retention: Some(Duration::from_secs(3600)),
+            retention: Retention::Fixed(Duration::from_secs(3600)),
             purge_interval: Duration::from_secs(60),
             commit_interval: Duration::from_secs(1),
             max_in_flight: 10,

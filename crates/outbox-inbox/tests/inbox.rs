@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{apply, business_handler, read_topic, wait_until, Running, TestEnv, TestMessage};
+use common::{
+    apply, business_handler, read_topic, set_topic_config, wait_until, Running, TestEnv,
+    TestMessage,
+};
 use outbox_inbox::{handler_fn, HandlerError, InboxMessage};
 use uuid::Uuid;
 
@@ -554,7 +557,13 @@ async fn retention_deletes_old_inbox_rows() {
     assert_eq!(deleted, 30);
     assert_eq!(env.inbox_count().await, 27);
 
-    // The background purge of a running inbox: age the recent rows, then wait.
+    // The background purge of a running inbox: age the recent rows, then wait. The
+    // topic keeps messages for at most 40 minutes, so a 1-hour inbox retention is safe.
+    set_topic_config(
+        &env.topic,
+        &[("retention.ms", "1800000"), ("segment.ms", "600000")],
+    )
+    .await;
     let inbox = env
         .builder("retained")
         .retention(Duration::from_secs(3600))
@@ -643,4 +652,57 @@ async fn bad_settings_are_refused_with_the_fix() {
         .unwrap_err()
         .to_string();
     assert!(err.contains(".topics("), "{err}");
+}
+
+/// An inbox retention shorter than the topics may keep a message (retention.ms +
+/// segment.ms) would let a replay after an offset reset apply events twice: refused at
+/// start, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_shorter_than_the_topics_is_refused() {
+    let env = TestEnv::new().await;
+    let inbox = env
+        .builder("short")
+        .retention(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        inbox.run(business_handler(Duration::ZERO), Default::default()),
+    )
+    .await
+    .expect("the inbox stops by itself");
+    let err = result
+        .expect_err("a too short retention is refused")
+        .to_string();
+    assert!(
+        err.contains("shorter than the topics") && err.contains("retention()"),
+        "{err}"
+    );
+    env.cleanup().await;
+}
+
+/// Unset, the retention follows the topics: rows 8 days old are kept while the topic
+/// (Kafka's default 7 days plus a 7-day segment) may still deliver their messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_follows_the_topics_by_default() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO outbox_inbox (consumer, event_id, processed_at)
+         SELECT 'follows', gen_random_uuid(), now() - interval '8 days'
+         FROM generate_series(1, 10)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let inbox = env
+        .builder("follows")
+        .purge_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let running = Running::start(inbox, business_handler(Duration::ZERO));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = env.inbox_count().await;
+    running.stop().await;
+    assert_eq!(kept, 10, "rows the topic may still redeliver are kept");
+    env.cleanup().await;
 }

@@ -428,3 +428,20 @@ pub async fn read_topic(
     .await
     .unwrap()
 }
+
+/// Sets topic-level configuration (such as `retention.ms`) through the admin API.
+pub async fn set_topic_config(topic: &str, entries: &[(&str, &str)]) {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (key, value) in entries {
+        config = config.set(key, value);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let results = admin_client()
+        .alter_configs(&[config], &options)
+        .await
+        .expect("cannot reach Kafka");
+    for result in results {
+        result.expect("topic configuration changed");
+    }
+}
