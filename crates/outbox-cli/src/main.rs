@@ -137,6 +137,8 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Crash points of the fault tests; nothing in a release build.
+    let _failpoints = outbox_relay::failpoints::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -195,8 +195,10 @@ impl Relay<'_> {
                     stream.shutdown().await;
                     return end;
                 }
+                crash_point!("relay-published-not-recorded");
                 if let Some(lsn) = confirm_after.take() {
                     stream.confirm(lsn);
+                    crash_point!("relay-recorded");
                     if let Err(end) = self.confirmed(conn, names, &mut checkpoints, lsn).await {
                         return end;
                     }
@@ -406,6 +408,7 @@ impl Relay<'_> {
                     Action::DeadLetter {
                         attempts, error, ..
                     } => loop {
+                        crash_point!("relay-dead-letter-write");
                         let recorded = async {
                             let mut conn = self.pool.acquire().await?;
                             self.store

@@ -380,9 +380,17 @@ impl Relay<'_> {
             return Ok(0);
         }
         let (actions, outcomes) = self.deliver(&events).await;
+        crash_point!("relay-published-not-recorded");
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::DeadLetter { .. }))
+        {
+            crash_point!("relay-dead-letter-write");
+        }
         self.store
             .apply(conn, &actions, self.config.on_publish)
             .await?;
+        crash_point!("relay-recorded");
         self.record(&actions, &outcomes);
         self.metrics
             .batch_duration

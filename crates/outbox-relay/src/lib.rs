@@ -6,6 +6,42 @@
 //! - [`engine`]: leadership (one active relay per table) and the polling loop.
 //! - [`metrics`] and the HTTP endpoint (`/metrics`, `/healthz`).
 
+/// Crash points: with the `failpoints` feature (test builds only) and
+/// `FAILPOINTS=<name>=return`, the process exits with [`failpoints::EXIT_CODE`] at that
+/// point, as a crash there would leave things. Without the feature it is nothing.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        if fail::eval($name, |_| ()).is_some() {
+            tracing::warn!(failpoint = $name, "failpoint reached: exiting");
+            std::process::exit($crate::failpoints::EXIT_CODE);
+        }
+    };
+}
+
+pub mod failpoints {
+    //! The crash points of the relay, for the fault tests: `relay-published-not-recorded`
+    //! (every event of a batch acknowledged, nothing recorded or confirmed yet),
+    //! `relay-recorded` (recorded, or in CDC confirmed but perhaps not yet reported to
+    //! the server) and `relay-dead-letter-write` (a dead letter about to be stored).
+
+    /// The exit code of a process stopped at a crash point.
+    pub const EXIT_CODE: i32 = 86;
+
+    /// Reads `FAILPOINTS` (test builds only); keep the returned guard for the life of
+    /// the process.
+    #[cfg(feature = "failpoints")]
+    pub fn setup() -> Option<fail::FailScenario<'static>> {
+        Some(fail::FailScenario::setup())
+    }
+
+    /// Reads nothing: this build has no crash points.
+    #[cfg(not(feature = "failpoints"))]
+    pub fn setup() -> Option<()> {
+        None
+    }
+}
+
 mod cdc;
 pub mod config;
 pub mod engine;
