@@ -281,7 +281,8 @@ async fn runs_as_a_non_superuser_replication_role() {
         "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
          GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
          GRANT SELECT ON outbox_migrations TO {role};
-         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};"
+         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
+         GRANT SELECT ON outbox_writer_deletes TO {role};"
     ))
     .execute(&db.pool)
     .await

@@ -358,7 +358,8 @@ async fn cdc_role(db: &TestDb) -> (String, String) {
         "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
          GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
          GRANT SELECT ON outbox_migrations TO {role};
-         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};"
+         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
+         GRANT SELECT ON outbox_writer_deletes TO {role};"
     ))
     .execute(&db.pool)
     .await
@@ -476,6 +477,11 @@ async fn a_retried_dead_letter_is_marked_and_counted_by_verify(mode: Mode) {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
     assert_eq!(report["retried_dead_letters"], 1, "{report}");
+    assert_eq!(
+        writer_deletes(&db).await,
+        None,
+        "a retry's delete is the relay's own"
+    );
     assert_eq!(report["passed"], true, "{report}");
     db.drop_db().await;
 }
@@ -608,7 +614,20 @@ async fn maintenance_never_blocks_publishing(mode: Mode) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     relay.stop().await;
+    assert_eq!(
+        writer_deletes(&db).await,
+        None,
+        "the relay's purge is its own"
+    );
     db.drop_db().await;
+}
+
+/// When rows were first deleted by someone other than the relay.
+async fn writer_deletes(db: &TestDb) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT first_at FROM outbox_writer_deletes")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
 
 /// Every session of the relay asks the server for TCP keepalives and a user timeout, so a
@@ -747,5 +766,44 @@ async fn sigterm_while_the_database_does_not_answer_stops_the_relay() {
         "took {:?}",
         stopping.elapsed()
     );
+    db.drop_db().await;
+}
+
+/// Writers that insert and delete their rows in one transaction leave nothing in the
+/// table to republish a vanished slot's gap from: the relay stops (exit 3) with the
+/// recovery instead of streaming on as if nothing was missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_slot_with_deleting_writers_stops_the_relay() {
+    let db = TestDb::for_mode(Mode::Cdc).await;
+    let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
+    let gone = event("order", "1", 0);
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox::write(&mut *tx, &gone).await.unwrap();
+    sqlx::query("DELETE FROM outbox WHERE id = $1")
+        .bind(gone.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    consume_ids(vec![db.topic("order")], &[gone.id], WAIT).await;
+    // Let the relay write a checkpoint past it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.stop().await;
+    assert!(
+        writer_deletes(&db).await.is_some(),
+        "the writer's delete is noted"
+    );
+    drop_slot(&db).await;
+    let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
+    let result = tokio::time::timeout(WAIT, relay.handle)
+        .await
+        .expect("the relay stops by itself")
+        .unwrap();
+    let err = result.expect_err("the relay refuses to guess");
+    assert!(
+        matches!(err, outbox_relay::RelayError::SlotLost(_)),
+        "exit 3: {err}"
+    );
+    assert!(err.to_string().contains("deleted by writers"), "{err}");
     db.drop_db().await;
 }

@@ -105,9 +105,33 @@ CREATE TABLE {checkpoint} (
 -- Set on a row that `outbox dead-letters retry` queued again: its event is published
 -- after later events of its aggregate, and its message says so.
 ALTER TABLE {t} ADD COLUMN dead_letter_retried_at timestamptz;
+-- When rows were first deleted by someone other than the relay (writers that insert
+-- and delete in one transaction, say). A CDC slot that vanishes cannot then be
+-- recovered from the table, and the relay says so instead of guessing.
+CREATE TABLE {writer_deletes} (
+    singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    first_at   timestamptz
+);
+INSERT INTO {writer_deletes} (first_at) VALUES (NULL);
+CREATE FUNCTION {writer_deletes_fn}() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    -- The relay marks its own deletes (retention, delete-on-publish, dead-letter retry).
+    -- Once set, the UPDATE matches nothing: no lock, no write.
+    IF coalesce(current_setting('outbox.relay_delete', true), '') <> 'on' THEN
+        UPDATE {writer_deletes} SET first_at = now() WHERE first_at IS NULL;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER {writer_deletes_trigger} AFTER DELETE ON {t}
+    FOR EACH STATEMENT EXECUTE FUNCTION {writer_deletes_fn}();
 "#,
             checkpoint = table.derived_qualified("cdc_checkpoint"),
             t = table.qualified(),
+            writer_deletes = table.derived_qualified("writer_deletes"),
+            writer_deletes_fn = table.derived_qualified("note_writer_delete"),
+            writer_deletes_trigger = table.derived("writer_delete"),
         )),
         _ => None,
     }

@@ -191,6 +191,9 @@ impl PollingStore {
         }
         let t = self.table.qualified();
         let mut tx = conn.begin().await?;
+        if on_publish == OnPublish::Delete {
+            mark_relay_delete(&mut tx).await?;
+        }
         let mut done = 0;
         if !published.is_empty() {
             let sql = match on_publish {
@@ -298,7 +301,9 @@ impl PollingStore {
         limit: i64,
     ) -> Result<u64, Error> {
         let t = self.table.qualified();
-        Ok(sqlx::query(&format!(
+        let mut tx = conn.begin().await?;
+        mark_relay_delete(&mut tx).await?;
+        let deleted = sqlx::query(&format!(
             "DELETE FROM {t} WHERE id IN (
                  SELECT id FROM {t}
                  WHERE dead_lettered_at IS NULL
@@ -307,9 +312,11 @@ impl PollingStore {
         ))
         .bind(retention.as_millis() as i64)
         .bind(limit)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// Deletes at most `limit` published rows older than `retention`; returns how many.
@@ -321,7 +328,9 @@ impl PollingStore {
         limit: i64,
     ) -> Result<u64, Error> {
         let t = self.table.qualified();
-        Ok(sqlx::query(&format!(
+        let mut tx = conn.begin().await?;
+        mark_relay_delete(&mut tx).await?;
+        let deleted = sqlx::query(&format!(
             "DELETE FROM {t} WHERE id IN (
                  SELECT id FROM {t}
                  WHERE published_at IS NOT NULL
@@ -330,9 +339,11 @@ impl PollingStore {
         ))
         .bind(retention.as_millis() as i64)
         .bind(limit)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// Dead-lettered rows (an index scan of the dead-letter index).
@@ -426,9 +437,35 @@ impl PollingStore {
              SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at, now()
              FROM retried ORDER BY seq"
         );
-        let result = sqlx::query(&sql).bind(ids).execute(&mut *conn).await?;
+        let mut tx = conn.begin().await?;
+        mark_relay_delete(&mut tx).await?;
+        let result = sqlx::query(&sql).bind(ids).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(result.rows_affected())
     }
+}
+
+/// Marks the transaction's deletes as the relay's own, so that the table's
+/// writer-delete trigger does not take them for a writer's.
+async fn mark_relay_delete(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query("SELECT set_config('outbox.relay_delete', 'on', true)")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// When rows of `table` were first deleted by someone other than the relay, if ever.
+pub async fn writer_deletes_since(
+    conn: &mut PgConnection,
+    table: &TableRef,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT first_at FROM {}",
+        table.derived_qualified("writer_deletes")
+    ))
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten())
 }
 
 fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {
@@ -528,14 +565,22 @@ async fn check_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(
 }
 
 /// What CDC mode needs beyond polling's privileges: INSERT on the outbox table (a dead
-/// letter whose row the writer deleted is inserted again) and SELECT, INSERT, UPDATE on
-/// the checkpoint table. Checked at start, so a missing grant is a clear error then,
+/// letter whose row the writer deleted is inserted again), SELECT, INSERT, UPDATE on
+/// the checkpoint table, and SELECT on the writer-deletes table. Checked at start, so a missing grant is a clear error then,
 /// not a write that fails later.
 pub async fn check_cdc_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
     check_table_privileges(conn, table, &["INSERT"]).await?;
-    let checkpoint = TableRef::new(&table.schema, table.derived_name("cdc_checkpoint"))
-        .expect("a derived name of a valid table is valid");
-    check_table_privileges(conn, &checkpoint, &["SELECT", "INSERT", "UPDATE"]).await
+    let derived = |suffix: &str| {
+        TableRef::new(&table.schema, table.derived_name(suffix))
+            .expect("a derived name of a valid table is valid")
+    };
+    check_table_privileges(
+        conn,
+        &derived("cdc_checkpoint"),
+        &["SELECT", "INSERT", "UPDATE"],
+    )
+    .await?;
+    check_table_privileges(conn, &derived("writer_deletes"), &["SELECT"]).await
 }
 
 async fn check_table_privileges(

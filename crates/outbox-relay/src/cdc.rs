@@ -303,11 +303,34 @@ impl Relay<'_> {
                         "the replication slot had vanished (dropped, or lost in a failover to a standby); a new one was made, and every row committed after the last checkpoint is published again before streaming"
                     );
                     self.check_rows_retained(names, &saved)?;
+                    self.check_no_writer_deletes(conn, names).await?;
                     WrittenBy::AtOrAfter(saved.xmin_watermark)
                 }
             },
         };
         self.backfill(names, written, shutdown).await
+    }
+
+    /// Writers that delete their own rows (insert and delete in one transaction, say)
+    /// leave nothing in the table to republish the gap from: stop (exit 3) rather than
+    /// guess.
+    async fn check_no_writer_deletes(
+        &self,
+        conn: &mut PgConnection,
+        names: &CdcNames,
+    ) -> Result<(), LeadEnd> {
+        let since = outbox_postgres::writer_deletes_since(conn, &self.config.table)
+            .await
+            .map_err(|err| LeadEnd::Lost(err.into()))?;
+        let Some(since) = since else {
+            return Ok(());
+        };
+        Err(LeadEnd::Fatal(RelayError::SlotLost(format!(
+            "the replication slot {slot:?} vanished, and rows of {table} have been deleted by writers (first at {since}), so the events it did not publish may be gone from the table; nothing is republished automatically. Recovery: check the broker against your own records, publish what is missing, then set the checkpoint's backfill to 'none' (UPDATE {checkpoint} SET backfill = 'none' WHERE slot_name = '{slot}') and start the relay again (see README, \"First start, and a vanished slot\")",
+            slot = names.slot,
+            table = self.config.table,
+            checkpoint = self.config.table.derived_qualified("cdc_checkpoint"),
+        ))))
     }
 
     /// The rows a vanished slot did not deliver must still be in the table. Rows older
