@@ -36,8 +36,8 @@ async fn sigkill_loop(mode: Mode) {
     ];
     let mut relay = spawn_relay(&db, &log, &env);
 
-    // Writers own disjoint aggregates and write at a bounded pace (about 2,000 events/s)
-    // so the stream outlives the kills.
+    // Writers own disjoint aggregates and write at a bounded pace (at most about 1,200
+    // events/s, so the stream lasts at least 10 s and outlives the kills).
     let started = Instant::now();
     let mut writers = Vec::new();
     for writer in 0..WRITERS {
@@ -58,7 +58,7 @@ async fn sigkill_loop(mode: Mode) {
                 let mut tx = pool.begin().await.unwrap();
                 outbox::write_all(&mut *tx, &events).await.unwrap();
                 tx.commit().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));
     }
@@ -67,7 +67,9 @@ async fn sigkill_loop(mode: Mode) {
     let mut progress = Vec::new();
     let mut written_at_kill = Vec::new();
     while kills < KILLS {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Long enough for a restarted relay to publish and report a position (status
+        // updates go to the server every second).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         sigkill(&mut relay);
         kills += 1;
         let position = progress_of(&db, mode).await;

@@ -706,3 +706,52 @@ async fn retention_follows_the_topics_by_default() {
     assert_eq!(kept, 10, "rows the topic may still redeliver are kept");
     env.cleanup().await;
 }
+
+/// A topic deleted and re-created under a running inbox starts its offsets over. The
+/// new messages are applied, not taken for the old ones that had those offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_is_consumed_from_its_new_start() {
+    let env = TestEnv::new().await;
+    let first: Vec<TestMessage> = (0..30)
+        .map(|n| TestMessage::new(&format!("a-{}", n % 3), n))
+        .collect();
+    env.produce(&first).await;
+    let inbox = env.builder("recreated").build().unwrap();
+    let running = Running::start(inbox, business_handler(Duration::ZERO));
+    let stats = running.stats.clone();
+    let consumed = |n: u64| {
+        let stats = stats.clone();
+        move || {
+            let stats = stats.clone();
+            async move { stats.processed() == n }
+        }
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the first 30 applied",
+        consumed(30),
+    )
+    .await;
+
+    common::delete_topics(&[&env.topic]).await;
+    // Deletion completes in the background: create again until the broker accepts it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !common::try_create_topic(&env.topic).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not re-create the topic"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let second: Vec<TestMessage> = (0..5).map(|n| TestMessage::new("b", 100 + n)).collect();
+    env.produce(&second).await;
+    wait_until(
+        Duration::from_secs(120),
+        "the re-created topic's 5 messages applied",
+        consumed(35),
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(env.business_count().await, 35);
+    env.cleanup().await;
+}

@@ -445,3 +445,14 @@ pub async fn set_topic_config(topic: &str, entries: &[(&str, &str)]) {
         result.expect("topic configuration changed");
     }
 }
+
+/// Creates one topic; false when the broker refuses (for example while a deleted topic
+/// of that name is still being removed).
+pub async fn try_create_topic(name: &str) -> bool {
+    let topic = NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    match admin_client().create_topics(&[topic], &options).await {
+        Ok(results) => results.iter().all(Result::is_ok),
+        Err(_) => false,
+    }
+}
