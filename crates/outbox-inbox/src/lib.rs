@@ -47,8 +47,9 @@
 //!   consumer name, even when two members of the group briefly overlap during a
 //!   rebalance (the second waits on the first's uncommitted inbox row, then skips).
 //!   This holds as long as the id's inbox row is kept: rows older than the retention
-//!   (default 7 days) are deleted, and a duplicate arriving after that is processed
-//!   again.
+//!   are deleted, and a duplicate arriving after that is processed again. By default
+//!   the retention is as long as the topics may keep a message (`retention.ms +
+//!   segment.ms`, read from the brokers), and a shorter one is refused at start.
 //! - **Per-aggregate order.** Messages with the same key (the aggregate id) are handled
 //!   one at a time in partition order; a message that is retrying holds back only its
 //!   own key. Different keys run concurrently.
