@@ -226,14 +226,7 @@ async fn insert_then_delete_is_published_and_updates_are_refused() {
     let db = TestDb::for_mode(Mode::Cdc).await;
     let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
     let transient = event("order", "1", 0);
-    let mut tx = db.pool.begin().await.unwrap();
-    outbox::write(&mut *tx, &transient).await.unwrap();
-    sqlx::query("DELETE FROM outbox WHERE id = $1")
-        .bind(transient.id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    db.write_and_delete(&transient).await;
     let kept = event("order", "2", 1);
     db.write(std::slice::from_ref(&kept)).await;
     sqlx::query("UPDATE outbox SET payload = '{\"tampered\": true}' WHERE id = $1")

@@ -137,14 +137,7 @@ async fn illegal_topic_name_is_dead_lettered_without_blocking(mode: Mode) {
     if mode == Mode::Cdc {
         // Insert and delete in one transaction: the dead letter is kept all the same.
         let gone = event("my order!", "2", 2);
-        let mut tx = db.pool.begin().await.unwrap();
-        outbox::write(&mut *tx, &gone).await.unwrap();
-        sqlx::query("DELETE FROM outbox WHERE id = $1")
-            .bind(gone.id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        db.write_and_delete(&gone).await;
         let (_, error) = dead_letter(&db, gone.id).await;
         assert!(error.contains("not a legal Kafka topic name"), "{error}");
     }

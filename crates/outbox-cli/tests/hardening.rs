@@ -151,11 +151,9 @@ async fn a_publication_without_the_table_is_refused() {
     .await
     .unwrap();
     let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
-    let result = tokio::time::timeout(WAIT, relay.handle)
+    let err = relay
+        .stopped_by_itself(WAIT)
         .await
-        .expect("the relay stops by itself")
-        .unwrap();
-    let err = result
         .expect_err("the relay refuses the publication")
         .to_string();
     assert!(
@@ -311,11 +309,10 @@ async fn a_vanished_slot_whose_rows_may_be_purged_stops_the_relay() {
     assert_eq!(updated, 1, "the relay keeps a checkpoint");
     drop_slot(&db).await;
     let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
-    let result = tokio::time::timeout(WAIT, relay.handle)
+    let err = relay
+        .stopped_by_itself(WAIT)
         .await
-        .expect("the relay stops by itself")
-        .unwrap();
-    let err = result.expect_err("the relay refuses to guess");
+        .expect_err("the relay refuses to guess");
     assert!(
         matches!(err, outbox_relay::RelayError::SlotLost(_)),
         "exit 3: {err}"
@@ -389,11 +386,10 @@ async fn a_dead_letter_that_cannot_be_stored_stops_the_cdc_relay() {
         .unwrap();
     let poison = event("bad topic", "1", 1);
     db.write(std::slice::from_ref(&poison)).await;
-    let result = tokio::time::timeout(Duration::from_secs(60), relay.handle)
+    let err = relay
+        .stopped_by_itself(WAIT)
         .await
-        .expect("the relay stops by itself")
-        .unwrap();
-    let err = result.expect_err("the relay stops with an error");
+        .expect_err("the relay stops with an error");
     assert!(
         matches!(err, outbox_relay::RelayError::Config(_)),
         "exit 2: {err}"
@@ -420,11 +416,11 @@ async fn cdc_relay_without_insert_is_refused_at_start() {
     let mut config = db.relay_config_for(Mode::Cdc, "");
     config.database_url = outbox_relay::DatabaseUrl::new(url);
     let relay = InProcessRelay::start(config);
-    let result = tokio::time::timeout(Duration::from_secs(60), relay.handle)
+    let err = relay
+        .stopped_by_itself(WAIT)
         .await
-        .expect("the relay stops by itself")
-        .unwrap();
-    let err = result.expect_err("the relay refuses to start").to_string();
+        .expect_err("the relay refuses to start")
+        .to_string();
     assert!(
         err.contains("lacks INSERT") && err.contains("GRANT INSERT"),
         "{err}"
@@ -777,14 +773,7 @@ async fn a_vanished_slot_with_deleting_writers_stops_the_relay() {
     let db = TestDb::for_mode(Mode::Cdc).await;
     let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
     let gone = event("order", "1", 0);
-    let mut tx = db.pool.begin().await.unwrap();
-    outbox::write(&mut *tx, &gone).await.unwrap();
-    sqlx::query("DELETE FROM outbox WHERE id = $1")
-        .bind(gone.id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    db.write_and_delete(&gone).await;
     consume_ids(vec![db.topic("order")], &[gone.id], WAIT).await;
     // Let the relay write a checkpoint past it.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -795,11 +784,10 @@ async fn a_vanished_slot_with_deleting_writers_stops_the_relay() {
     );
     drop_slot(&db).await;
     let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
-    let result = tokio::time::timeout(WAIT, relay.handle)
+    let err = relay
+        .stopped_by_itself(WAIT)
         .await
-        .expect("the relay stops by itself")
-        .unwrap();
-    let err = result.expect_err("the relay refuses to guess");
+        .expect_err("the relay refuses to guess");
     assert!(
         matches!(err, outbox_relay::RelayError::SlotLost(_)),
         "exit 3: {err}"

@@ -300,23 +300,13 @@ impl PollingStore {
         retention: Duration,
         limit: i64,
     ) -> Result<u64, Error> {
-        let t = self.table.qualified();
-        let mut tx = conn.begin().await?;
-        mark_relay_delete(&mut tx).await?;
-        let deleted = sqlx::query(&format!(
-            "DELETE FROM {t} WHERE id IN (
-                 SELECT id FROM {t}
-                 WHERE dead_lettered_at IS NULL
-                   AND created_at < now() - $1 * interval '1 millisecond'
-                 LIMIT $2)"
-        ))
-        .bind(retention.as_millis() as i64)
-        .bind(limit)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(deleted)
+        self.purge_batch(
+            conn,
+            "dead_lettered_at IS NULL AND created_at",
+            retention,
+            limit,
+        )
+        .await
     }
 
     /// Deletes at most `limit` published rows older than `retention`; returns how many.
@@ -327,14 +317,31 @@ impl PollingStore {
         retention: Duration,
         limit: i64,
     ) -> Result<u64, Error> {
+        self.purge_batch(
+            conn,
+            "published_at IS NOT NULL AND published_at",
+            retention,
+            limit,
+        )
+        .await
+    }
+
+    /// One purge statement: rows where `{older} < now() - retention`, at most `limit`,
+    /// marked as the relay's own deletes.
+    async fn purge_batch(
+        &self,
+        conn: &mut PgConnection,
+        older: &str,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, Error> {
         let t = self.table.qualified();
         let mut tx = conn.begin().await?;
         mark_relay_delete(&mut tx).await?;
         let deleted = sqlx::query(&format!(
             "DELETE FROM {t} WHERE id IN (
                  SELECT id FROM {t}
-                 WHERE published_at IS NOT NULL
-                   AND published_at < now() - $1 * interval '1 millisecond'
+                 WHERE {older} < now() - $1 * interval '1 millisecond'
                  LIMIT $2)"
         ))
         .bind(retention.as_millis() as i64)

@@ -152,6 +152,19 @@ impl TestDb {
         tx.commit().await.unwrap();
     }
 
+    /// Writes `event` and deletes its row in the same transaction, as writers that keep
+    /// the table empty do (Debezium's pattern).
+    pub async fn write_and_delete(&self, event: &Event) {
+        let mut tx = self.pool.begin().await.unwrap();
+        outbox::write(&mut *tx, event).await.unwrap();
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(event.id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
     /// (id, aggregateid, seq) of every row, in seq order.
     pub async fn rows(&self) -> Vec<(Uuid, String, i64)> {
         sqlx::query_as("SELECT id, aggregateid, seq FROM outbox ORDER BY seq")
@@ -246,6 +259,18 @@ impl InProcessRelay {
             shutdown,
             handle,
         }
+    }
+
+    /// Waits for a relay that is expected to stop on its own (an error), at most
+    /// `timeout`; returns how it ended.
+    pub async fn stopped_by_itself(
+        self,
+        timeout: Duration,
+    ) -> Result<(), outbox_relay::RelayError> {
+        tokio::time::timeout(timeout, self.handle)
+            .await
+            .expect("the relay stops by itself")
+            .unwrap()
     }
 
     pub async fn stop(self) {
