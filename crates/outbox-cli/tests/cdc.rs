@@ -269,20 +269,7 @@ async fn insert_then_delete_is_published_and_updates_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_a_non_superuser_replication_role() {
     let db = TestDb::for_mode(Mode::Cdc).await;
-    let role = format!("relay_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
-        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
-         GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
-         GRANT SELECT ON outbox_migrations TO {role};
-         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
-         GRANT SELECT ON outbox_writer_deletes TO {role};"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let mut url = url::Url::parse(&db.url).unwrap();
-    url.set_username(&role).unwrap();
-    url.set_password(Some("relay-pw")).unwrap();
+    let (role, url) = cdc_relay_role(&db).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("relay.log");
     let mut relay = spawn_relay(

@@ -347,33 +347,13 @@ async fn drop_slot(db: &TestDb) {
     }
 }
 
-/// A role that may connect, replicate and read, with the grants the README lists for a
-/// CDC relay; returns its URL.
-async fn cdc_role(db: &TestDb) -> (String, String) {
-    let role = format!("relay_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
-        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
-         GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
-         GRANT SELECT ON outbox_migrations TO {role};
-         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
-         GRANT SELECT ON outbox_writer_deletes TO {role};"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let mut url = url::Url::parse(&db.url).unwrap();
-    url.set_username(&role).unwrap();
-    url.set_password(Some("relay-pw")).unwrap();
-    (role, url.to_string())
-}
-
 /// A dead letter that cannot be stored for a reason retrying cannot fix (the role lost
 /// its INSERT and UPDATE grants) stops the relay with the fix, instead of retrying every
 /// second forever; nothing is confirmed past the event, so it comes back after the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_that_cannot_be_stored_stops_the_cdc_relay() {
     let db = TestDb::for_mode(Mode::Cdc).await;
-    let (role, url) = cdc_role(&db).await;
+    let (role, url) = cdc_relay_role(&db).await;
     let mut config = db.relay_config_for(Mode::Cdc, "");
     config.database_url = outbox_relay::DatabaseUrl::new(url);
     let relay = InProcessRelay::start(config);
@@ -408,7 +388,7 @@ async fn a_dead_letter_that_cannot_be_stored_stops_the_cdc_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cdc_relay_without_insert_is_refused_at_start() {
     let db = TestDb::for_mode(Mode::Cdc).await;
-    let (role, url) = cdc_role(&db).await;
+    let (role, url) = cdc_relay_role(&db).await;
     sqlx::raw_sql(&format!("REVOKE INSERT ON outbox FROM {role}"))
         .execute(&db.pool)
         .await

@@ -106,27 +106,6 @@ fn count(report: &Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in {report:#}"))
 }
 
-/// Runs a case once per mode.
-macro_rules! for_each_mode {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use super::*;
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn polling() {
-                    super::$case(Mode::Polling).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn cdc() {
-                    super::$case(Mode::Cdc).await
-                }
-            }
-        )*
-    };
-}
-
 for_each_mode!(clean_run_passes);
 
 /// Everything the relay published is found, once, in order: exit 0.

@@ -393,34 +393,72 @@ impl Config {
                 "delivery.max_attempts is 0; set it to at least 1".into(),
             ));
         }
-        check_duration(
-            "polling.interval",
-            self.polling.interval,
-            Duration::from_millis(10),
-            Duration::from_secs(3600),
-            "1s",
-        )?;
-        check_duration(
-            "cdc.heartbeat",
-            self.cdc.heartbeat,
-            Duration::from_millis(100),
-            Duration::from_secs(3600),
-            "10s",
-        )?;
-        check_duration(
-            "delivery.initial_backoff",
-            self.delivery.initial_backoff,
-            Duration::from_millis(1),
-            Duration::from_secs(3600),
-            "500ms",
-        )?;
-        check_duration(
-            "delivery.max_backoff",
-            self.delivery.max_backoff,
-            Duration::from_millis(1),
-            Duration::from_secs(24 * 3600),
-            "60s",
-        )?;
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        // (setting, value, lowest, highest, default). kafka.message_timeout must not be
+        // 0: librdkafka reads it as "wait forever", and a relay stopped during an outage
+        // would never drain.
+        let durations = [
+            (
+                "polling.interval",
+                self.polling.interval,
+                ms(10),
+                secs(3600),
+                "1s",
+            ),
+            (
+                "cdc.heartbeat",
+                self.cdc.heartbeat,
+                ms(100),
+                secs(3600),
+                "10s",
+            ),
+            (
+                "delivery.initial_backoff",
+                self.delivery.initial_backoff,
+                ms(1),
+                secs(3600),
+                "500ms",
+            ),
+            (
+                "delivery.max_backoff",
+                self.delivery.max_backoff,
+                ms(1),
+                secs(24 * 3600),
+                "60s",
+            ),
+            (
+                "kafka.message_timeout",
+                self.kafka.message_timeout,
+                secs(1),
+                secs(3600),
+                "30s",
+            ),
+            (
+                "postgres.connect_timeout",
+                self.postgres.connect_timeout,
+                secs(1),
+                secs(300),
+                "10s",
+            ),
+            (
+                "postgres.keepalive_idle",
+                self.postgres.keepalive_idle,
+                secs(1),
+                secs(7200),
+                "15s",
+            ),
+            (
+                "postgres.keepalive_interval",
+                self.postgres.keepalive_interval,
+                secs(1),
+                secs(600),
+                "5s",
+            ),
+        ];
+        for (setting, value, min, max, default) in durations {
+            check_duration(setting, value, min, max, default)?;
+        }
         if self.delivery.max_backoff < self.delivery.initial_backoff {
             return Err(RelayError::Config(format!(
                 "delivery.max_backoff ({}) is below delivery.initial_backoff ({}); set max_backoff to at least initial_backoff",
@@ -428,42 +466,12 @@ impl Config {
                 humantime_serde::re::humantime::format_duration(self.delivery.initial_backoff),
             )));
         }
-        // librdkafka reads 0 as "wait forever": a relay stopped during an outage would
-        // then never drain.
-        check_duration(
-            "kafka.message_timeout",
-            self.kafka.message_timeout,
-            Duration::from_secs(1),
-            Duration::from_secs(3600),
-            "30s",
-        )?;
         if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.cdc.max_batch_bytes) {
             return Err(RelayError::Config(format!(
                 "cdc.max_batch_bytes is {}; set it between 65536 (64 KiB) and 1073741824 (1 GiB) (8388608 is the default)",
                 self.cdc.max_batch_bytes
             )));
         }
-        check_duration(
-            "postgres.connect_timeout",
-            self.postgres.connect_timeout,
-            Duration::from_secs(1),
-            Duration::from_secs(300),
-            "10s",
-        )?;
-        check_duration(
-            "postgres.keepalive_idle",
-            self.postgres.keepalive_idle,
-            Duration::from_secs(1),
-            Duration::from_secs(7200),
-            "15s",
-        )?;
-        check_duration(
-            "postgres.keepalive_interval",
-            self.postgres.keepalive_interval,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-            "5s",
-        )?;
         if !(1..=100).contains(&self.postgres.keepalive_count) {
             return Err(RelayError::Config(format!(
                 "postgres.keepalive_count is {}; set it between 1 and 100 (3 is the default)",

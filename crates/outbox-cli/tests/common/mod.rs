@@ -677,3 +677,23 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// A role that may connect, replicate and read, with the grants the README lists for a
+/// CDC relay; returns its name and URL.
+pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
+    let role = format!("relay_{}", &db.name[12..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
+         GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
+         GRANT SELECT ON outbox_migrations TO {role};
+         GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
+         GRANT SELECT ON outbox_writer_deletes TO {role};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(Some("relay-pw")).unwrap();
+    (role, url.to_string())
+}
