@@ -46,10 +46,10 @@ pub(crate) struct InboxContext {
 impl InboxContext {
     pub(crate) fn new(engine: Arc<Engine>) -> InboxContext {
         InboxContext {
+            log: QuietLog::redacting(engine.settings.redactor()),
             engine,
             partitions: Mutex::new(HashMap::new()),
             assignment_changed: AtomicBool::new(false),
-            log: QuietLog::default(),
         }
     }
 

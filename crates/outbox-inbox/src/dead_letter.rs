@@ -35,8 +35,8 @@ impl DeadLetters {
     pub(crate) fn new(settings: &Settings) -> Result<DeadLetters, InboxError> {
         let producer = settings
             .producer_config()
-            .create_with_context(QuietLog::default())
-            .map_err(InboxError::KafkaConfig)?;
+            .create_with_context(QuietLog::redacting(settings.redactor()))
+            .map_err(|err| settings.config_error(err))?;
         Ok(DeadLetters {
             producer,
             settings: settings.clone(),

@@ -10,8 +10,19 @@ pub enum InboxError {
         setting: &'static str,
         problem: String,
     },
+    /// The text is librdkafka's, with the values of secret properties removed.
     #[error("librdkafka refused the configuration: {0}; check the properties given with kafka_property()")]
-    KafkaConfig(#[source] KafkaError),
+    KafkaConfig(String),
+    /// The brokers did not answer in time (the message says what was tried).
+    #[error("{0}")]
+    KafkaUnreachable(String),
+    /// The brokers answered but refused the inbox (TLS, SASL): retrying cannot help.
+    #[error("Kafka brokers {brokers} refused the connection: {hint} ({detail})")]
+    KafkaRefused {
+        brokers: String,
+        hint: &'static str,
+        detail: String,
+    },
     #[error("cannot reach the Kafka brokers {brokers}: {source}; check the broker list and that the brokers are running")]
     BrokersUnreachable {
         brokers: String,

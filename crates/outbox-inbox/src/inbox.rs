@@ -105,6 +105,7 @@ impl Inbox {
                 source,
             })?;
 
+        check_brokers(&self.settings).await?;
         // Refuses a retention shorter than the topics keep messages, before consuming.
         let retention = crate::retention::resolve(&self.settings).await?;
         let dead_letters = DeadLetters::new(&self.settings)?;
@@ -120,7 +121,7 @@ impl Inbox {
             .settings
             .consumer_config()
             .create_with_context(InboxContext::new(engine.clone()))
-            .map_err(InboxError::KafkaConfig)?;
+            .map_err(|err| self.settings.config_error(err))?;
 
         // Dropping this future (instead of cancelling `shutdown`) stops the inbox too.
         let shutdown = shutdown.child_token();
@@ -184,3 +185,32 @@ async fn purge_periodically(
         }
     }
 }
+
+/// Fails fast, with what to change, when the brokers cannot be reached or refuse the
+/// inbox (TLS, SASL, plaintext to a TLS listener).
+async fn check_brokers(settings: &crate::settings::Settings) -> Result<(), InboxError> {
+    let config = settings.admin_config();
+    let redactor = settings.redactor();
+    let brokers = settings.brokers.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        outbox_kafka::check_connection(&config, &redactor, &brokers, BROKER_CHECK_TIMEOUT)
+    })
+    .await
+    .expect("the connection check does not panic");
+    match checked {
+        Ok(()) => Ok(()),
+        Err(outbox_kafka::ConnectError::Refused {
+            brokers,
+            hint,
+            detail,
+        }) => Err(InboxError::KafkaRefused {
+            brokers,
+            hint,
+            detail,
+        }),
+        Err(other) => Err(InboxError::KafkaUnreachable(other.to_string())),
+    }
+}
+
+/// How long the start-up check waits for the brokers.
+const BROKER_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

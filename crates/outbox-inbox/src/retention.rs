@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use outbox_kafka::QuietLog;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use tracing::info;
 
 use crate::settings::{Retention, Settings};
@@ -16,10 +16,10 @@ use crate::InboxError;
 /// How long the topics may keep a message: `None` when one keeps messages forever.
 /// Topics that do not exist yet are left out.
 async fn topic_lifetime(settings: &Settings) -> Result<Option<Duration>, InboxError> {
-    let admin: AdminClient<DefaultClientContext> = settings
+    let admin: AdminClient<QuietLog> = settings
         .admin_config()
-        .create()
-        .map_err(InboxError::KafkaConfig)?;
+        .create_with_context(QuietLog::redacting(settings.redactor()))
+        .map_err(|err| settings.config_error(err))?;
     let resources: Vec<ResourceSpecifier<'_>> = settings
         .topics
         .iter()

@@ -90,6 +90,22 @@ impl Settings {
     }
 
     /// Connection and security properties only, for the admin client.
+    /// Hides the values of secret properties (passwords, keys, JAAS) in librdkafka's
+    /// texts.
+    pub(crate) fn redactor(&self) -> outbox_kafka::Redactor {
+        outbox_kafka::Redactor::for_properties(
+            self.kafka_properties
+                .iter()
+                .chain(&self.consumer_properties)
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
+    }
+
+    /// librdkafka refused a configuration: its message may quote a secret value.
+    pub(crate) fn config_error(&self, err: rdkafka::error::KafkaError) -> crate::InboxError {
+        crate::InboxError::KafkaConfig(self.redactor().redact(&err.to_string()))
+    }
+
     pub(crate) fn admin_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);

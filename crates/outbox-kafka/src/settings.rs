@@ -145,6 +145,16 @@ impl KafkaSettings {
         Ok(())
     }
 
+    /// Hides the values of the secret properties (see [`crate::is_secret_property`]) in
+    /// any text.
+    pub fn redactor(&self) -> crate::Redactor {
+        crate::Redactor::for_properties(
+            self.properties
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        )
+    }
+
     /// Connection and security properties, shared by the producer and the admin client.
     pub(crate) fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();

@@ -10,7 +10,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig, ThreadedProducer};
+use rdkafka::ClientConfig;
 use tracing::{info, warn};
 
 use crate::classify::delivery_error;
@@ -26,21 +27,96 @@ const PURGE_GRACE: Duration = Duration::from_secs(1);
 pub enum ConnectError {
     #[error(transparent)]
     Settings(#[from] crate::SettingsError),
+    /// The text is librdkafka's, with secret values removed.
     #[error("librdkafka refused the configuration: {0}; check kafka.properties")]
-    Client(KafkaError),
-    #[error("cannot reach the Kafka brokers {brokers} within {timeout:?}: {source}; check kafka_brokers (OUTBOX_KAFKA_BROKERS) and that the broker is running (scripts/services start)")]
+    Client(String),
+    #[error("cannot reach the Kafka brokers {brokers} within {timeout:?}: {detail}; check kafka_brokers (OUTBOX_KAFKA_BROKERS) and that the broker is running (scripts/services start)")]
     Unreachable {
         brokers: String,
         timeout: Duration,
-        source: KafkaError,
+        detail: String,
+    },
+    /// The brokers answered but refused us (TLS, SASL, ACLs): retrying cannot help.
+    #[error("Kafka brokers {brokers} refused the connection: {hint} ({detail})")]
+    Refused {
+        brokers: String,
+        hint: &'static str,
+        detail: String,
     },
 }
+
+/// Asks the brokers for metadata until they answer or `timeout` passes, through a
+/// short-lived client with `config`'s connection settings. A refusal that retrying
+/// cannot fix (TLS, SASL, plaintext to a TLS listener) ends the wait at once, with what
+/// to change. Blocks: call it from a blocking task.
+pub fn check_connection(
+    config: &ClientConfig,
+    redactor: &crate::Redactor,
+    brokers: &str,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    // A threaded producer serves librdkafka's error events on its own thread, so the
+    // reasons of a refusal reach the context while we wait (other clients see them
+    // only when polled). It sends nothing.
+    let probe: ThreadedProducer<QuietLog> = config
+        .create_with_context(QuietLog::redacting(redactor.clone()))
+        .map_err(|err| ConnectError::Client(redactor.redact(&err.to_string())))?;
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = probe.client().fetch_metadata(None, CHECK_STEP);
+        let recent = probe.context().recent_errors();
+        let Err(err) = attempt else {
+            return Ok(());
+        };
+        if let Some((hint, detail)) = recent
+            .iter()
+            .rev()
+            .find_map(|e| crate::refused_connection_hint(e).map(|hint| (hint, e.clone())))
+        {
+            return Err(ConnectError::Refused {
+                brokers: brokers.to_string(),
+                hint,
+                detail,
+            });
+        }
+        if started.elapsed() >= MISMATCH_AFTER {
+            if let Some((hint, detail)) = recent
+                .iter()
+                .rev()
+                .find_map(|e| crate::security::protocol_mismatch_hint(e).map(|h| (h, e.clone())))
+            {
+                return Err(ConnectError::Refused {
+                    brokers: brokers.to_string(),
+                    hint,
+                    detail,
+                });
+            }
+        }
+        if started.elapsed() >= timeout {
+            let err = redactor.redact(&err.to_string());
+            return Err(ConnectError::Unreachable {
+                brokers: brokers.to_string(),
+                timeout,
+                detail: match recent.last() {
+                    Some(latest) => format!("{err}; last client error: {latest}"),
+                    None => err,
+                },
+            });
+        }
+    }
+}
+
+/// One metadata request of [`check_connection`]: short, so a refusal is seen quickly.
+const CHECK_STEP: Duration = Duration::from_secs(1);
+/// How long connections closed at the first request must go on before the check says
+/// the security protocol is wrong (a restarting broker does it briefly).
+const MISMATCH_AFTER: Duration = Duration::from_secs(3);
 
 /// Publishes outbox messages to Kafka. See [`outbox_core::Sink`] for the contract.
 pub struct KafkaSink {
     settings: KafkaSettings,
     producer: RwLock<Arc<FutureProducer<QuietLog>>>,
-    admin: AdminClient<QuietLog>,
+    admin: Arc<AdminClient<QuietLog>>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
 }
@@ -53,18 +129,20 @@ impl KafkaSink {
         if settings.brokers.trim().is_empty() {
             return Err(crate::SettingsError::NoBrokers.into());
         }
+        let redactor = settings.redactor();
+        let refused = |err: KafkaError| ConnectError::Client(redactor.redact(&err.to_string()));
         let producer = settings
             .producer_config()
-            .create_with_context(QuietLog::default())
-            .map_err(ConnectError::Client)?;
+            .create_with_context(QuietLog::redacting(redactor.clone()))
+            .map_err(refused)?;
         let admin = settings
             .client_config()
-            .create_with_context(QuietLog::default())
-            .map_err(ConnectError::Client)?;
+            .create_with_context(QuietLog::redacting(redactor.clone()))
+            .map_err(refused)?;
         Ok(KafkaSink {
             settings,
             producer: RwLock::new(Arc::new(producer)),
-            admin,
+            admin: Arc::new(admin),
             known_topics: Mutex::new(HashSet::new()),
         })
     }
@@ -72,17 +150,17 @@ impl KafkaSink {
     /// Fetches cluster metadata once, to fail fast with a clear message when the brokers
     /// are unreachable.
     pub async fn check_connection(&self, timeout: Duration) -> Result<(), ConnectError> {
-        let producer = self.producer();
-        let result = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(None, timeout).map(|_| ())
+        let settings = self.settings.clone();
+        tokio::task::spawn_blocking(move || {
+            check_connection(
+                &settings.client_config(),
+                &settings.redactor(),
+                &settings.brokers,
+                timeout,
+            )
         })
         .await
-        .expect("metadata task does not panic");
-        result.map_err(|source| ConnectError::Unreachable {
-            brokers: self.settings.brokers.clone(),
-            timeout,
-            source,
-        })
+        .expect("the connection check does not panic")
     }
 
     fn producer(&self) -> Arc<FutureProducer<QuietLog>> {
@@ -98,7 +176,7 @@ impl KafkaSink {
             match self
                 .settings
                 .producer_config()
-                .create_with_context(QuietLog::default())
+                .create_with_context(QuietLog::redacting(self.settings.redactor()))
             {
                 Ok(fresh) => *self.producer.write().expect("producer lock") = Arc::new(fresh),
                 Err(err) => warn!(%err, "could not create a new Kafka producer"),

@@ -91,18 +91,14 @@ where
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
         .set("auto.offset.reset", "earliest");
+    let redactor = settings.redactor();
     let consumer: BaseConsumer<QuietLog> = config
-        .create_with_context(QuietLog::default())
-        .map_err(ConnectError::Client)?;
+        .create_with_context(QuietLog::redacting(redactor.clone()))
+        .map_err(|err| ConnectError::Client(redactor.redact(&err.to_string())))?;
+    let probe = settings.client_config();
     let brokers = settings.brokers.clone();
     tokio::task::spawn_blocking(move || {
-        consumer
-            .fetch_metadata(None, REQUEST_TIMEOUT)
-            .map_err(|source| ConnectError::Unreachable {
-                brokers,
-                timeout: REQUEST_TIMEOUT,
-                source,
-            })?;
+        crate::check_connection(&probe, &redactor, &brokers, REQUEST_TIMEOUT)?;
         read_blocking(&consumer, &topics, wanted)
     })
     .await

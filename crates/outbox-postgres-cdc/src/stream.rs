@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use outbox_core::{StoredEvent, TableRef};
 use pgwire_replication::{
-    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
 };
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::ConnectOptions;
 use uuid::Uuid;
 
 use crate::pgoutput::{Change, DecodeError, Decoder, Relation, Value, BYTEA_OID};
@@ -38,6 +40,9 @@ pub enum CdcError {
     SlotLost { slot: String, detail: String },
     #[error("database_url cannot be used for replication: {0}")]
     Url(String),
+    /// The server or TLS refused the replication connection; retrying cannot help.
+    #[error("PostgreSQL refused the replication connection: {hint} ({detail})")]
+    Refused { hint: &'static str, detail: String },
     #[error("replication stream: {0}")]
     Stream(#[from] PgWireError),
     #[error(transparent)]
@@ -49,6 +54,20 @@ pub enum CdcError {
 impl CdcError {
     fn classify(err: PgWireError, slot: &str) -> CdcError {
         let text = err.to_string();
+        let refusal = match &err {
+            PgWireError::Auth(_) | PgWireError::Tls(_) => true,
+            // Class 28: invalid authorization (pg_hba.conf, password).
+            PgWireError::Server(message) => message.contains("SQLSTATE 28"),
+            _ => false,
+        };
+        if refusal {
+            return CdcError::Refused {
+                hint: outbox_postgres::refused_connection_hint(&text).unwrap_or(
+                    "check the user, password and TLS settings (sslmode, sslrootcert) in database_url",
+                ),
+                detail: text,
+            };
+        }
         if text.contains("SQLSTATE 55000") && text.contains("replication slot") {
             return CdcError::SlotLost {
                 slot: slot.to_string(),
@@ -57,6 +76,84 @@ impl CdcError {
         }
         CdcError::Stream(err)
     }
+}
+
+/// The replication connection of `connect`: the same host, socket, user, password,
+/// database and TLS settings as the relay's other connections, read from sqlx's parse of
+/// the URL (never a second parser), so one URL means the same everywhere.
+fn replication_config(
+    connect: &PgConnectOptions,
+    names: &CdcNames,
+) -> Result<ReplicationConfig, CdcError> {
+    // sqlx keeps the password and certificate paths private; its own rendering of the
+    // options carries them.
+    let rendered = connect.to_url_lossy();
+    let password = rendered
+        .password()
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    let parameter = |name: &str| -> Result<Option<std::path::PathBuf>, CdcError> {
+        match rendered.query_pairs().find(|(key, _)| key == name) {
+            None => Ok(None),
+            Some((_, value)) => match value.strip_prefix("file: ") {
+                Some(path) => Ok(Some(path.into())),
+                None => Err(CdcError::Url(format!(
+                    "{name} must be the path of a PEM file for the replication connection, not the certificate itself"
+                ))),
+            },
+        }
+    };
+    let database = connect.get_database().unwrap_or(connect.get_username());
+    // `publication_names` is a list of identifiers: unquoted, PostgreSQL would fold
+    // `OutboxEvents_pub` to lower case and split at spaces.
+    let publication = outbox_core::quote_ident(&names.publication);
+    if let Some(socket) = connect.get_socket() {
+        return Ok(ReplicationConfig::unix(
+            socket.display().to_string(),
+            connect.get_port(),
+            connect.get_username(),
+            password,
+            database,
+            names.slot.clone(),
+            publication,
+        ));
+    }
+    let ca = parameter("sslrootcert")?;
+    let mut tls = match connect.get_ssl_mode() {
+        PgSslMode::Disable => TlsConfig::disabled(),
+        // The replication client has no "plaintext first" mode; both accept either.
+        PgSslMode::Allow | PgSslMode::Prefer => TlsConfig {
+            mode: SslMode::Prefer,
+            ..TlsConfig::default()
+        },
+        PgSslMode::Require => TlsConfig::require(),
+        PgSslMode::VerifyCa => TlsConfig::verify_ca(ca),
+        PgSslMode::VerifyFull => TlsConfig::verify_full(ca),
+    };
+    match (parameter("sslcert")?, parameter("sslkey")?) {
+        (Some(cert), Some(key)) => tls = tls.with_client_cert(cert, key),
+        (None, None) => {}
+        _ => {
+            return Err(CdcError::Url(
+                "sslcert and sslkey must be given together (the client certificate and its key)"
+                    .into(),
+            ))
+        }
+    }
+    Ok(ReplicationConfig::new(
+        connect.get_host(),
+        connect.get_username(),
+        password,
+        database,
+        names.slot.clone(),
+        publication,
+    )
+    .with_port(connect.get_port())
+    .with_tls(tls))
 }
 
 /// Reads outbox inserts from the table's slot.
@@ -82,34 +179,17 @@ impl CdcStream {
     /// `session_options` are sent at connection start (`-c name=value`), as for the
     /// relay's other connections (its keepalive settings).
     pub async fn start(
-        database_url: &str,
+        connect: &PgConnectOptions,
         names: &CdcNames,
         table: TableRef,
         session_options: &[(&str, String)],
     ) -> Result<Self, CdcError> {
-        let url = url::Url::parse(database_url).map_err(|e| CdcError::Url(e.to_string()))?;
-        let decode = |s: &str| percent_decode(s);
-        let host = url.host_str().unwrap_or("localhost").to_string();
-        let user = decode(url.username());
-        let password = url.password().map(decode).unwrap_or_default();
-        let database = decode(url.path().trim_start_matches('/'));
-        let config = ReplicationConfig::new(
-            host,
-            user,
-            password,
-            database,
-            names.slot.clone(),
-            // `publication_names` is a list of identifiers: unquoted, PostgreSQL would
-            // fold `OutboxEvents_pub` to lower case and split at spaces.
-            outbox_core::quote_ident(&names.publication),
-        )
-        .with_port(url.port().unwrap_or(5432))
-        .with_tls(TlsConfig::disabled())
-        .with_start_lsn(Lsn::ZERO)
-        .with_status_interval(STATUS_INTERVAL)
-        .with_buffer_size(READ_AHEAD_MESSAGES)
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_application_name("outbox-relay-cdc");
+        let config = replication_config(connect, names)?
+            .with_start_lsn(Lsn::ZERO)
+            .with_status_interval(STATUS_INTERVAL)
+            .with_buffer_size(READ_AHEAD_MESSAGES)
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_application_name("outbox-relay-cdc");
         let config = if session_options.is_empty() {
             config
         } else {
@@ -287,13 +367,6 @@ fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,10 +379,46 @@ mod tests {
         assert_eq!(decode_bytea_hex(b"00"), None);
     }
 
+    fn replication_config_of(url: &str) -> Result<ReplicationConfig, CdcError> {
+        let options: PgConnectOptions = url.parse().unwrap();
+        let names = CdcNames {
+            publication: "outbox_pub".into(),
+            slot: "outbox_slot".into(),
+        };
+        replication_config(&options, &names)
+    }
+
     #[test]
-    fn percent_decoding_of_url_parts() {
-        assert_eq!(percent_decode("p%40ss%2Bw"), "p@ss+w");
-        assert_eq!(percent_decode("plain"), "plain");
+    fn the_replication_connection_reads_the_url_as_sqlx_does() {
+        let config = replication_config_of(
+            "postgres://relay:p%26ss%3Dw%40rd@db.example:6543/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&sslcert=/c.pem&sslkey=/k.pem",
+        )
+        .unwrap();
+        assert_eq!(config.host, "db.example");
+        assert_eq!(config.port, 6543);
+        assert_eq!(config.user, "relay");
+        assert_eq!(config.password, "p&ss=w@rd");
+        assert_eq!(config.database, "app");
+        assert_eq!(config.tls.mode, SslMode::VerifyFull);
+        assert_eq!(config.tls.ca_pem_path, Some("/etc/ca.pem".into()));
+        assert!(config.tls.is_mtls());
+
+        let query_host = replication_config_of(
+            "postgres://relay@ignored/app?host=db2&port=7000&sslmode=require",
+        )
+        .unwrap();
+        assert_eq!((query_host.host.as_str(), query_host.port), ("db2", 7000));
+        assert_eq!(query_host.tls.mode, SslMode::Require);
+
+        let socket =
+            replication_config_of("postgres://relay@localhost/app?host=/var/run/postgresql")
+                .unwrap();
+        assert!(socket.is_unix_socket());
+        assert_eq!(socket.tls.mode, SslMode::Disable);
+
+        let disabled = replication_config_of("postgres://relay@h/app?sslmode=disable").unwrap();
+        assert_eq!(disabled.tls.mode, SslMode::Disable);
+        assert!(replication_config_of("postgres://relay@h/app?sslcert=/c.pem").is_err());
     }
 
     #[test]

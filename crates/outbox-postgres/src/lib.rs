@@ -7,9 +7,12 @@
 //! - [`PollingStore`]: what the polling relay does to the table: fetch pending rows in
 //!   per-aggregate order, record outcomes, report statistics, manage dead letters.
 //! - [`read_audit_rows`]: the rows `outbox verify` audits (read-only, SELECT is enough).
+//! - [`DatabaseUrl`]: the URL every command connects with (TLS settings included), never
+//!   printed with its password.
 //! - [`LeaderLock`]: the advisory lock that keeps one relay active per outbox table.
 
 mod audit;
+mod database_url;
 mod error;
 mod leader;
 mod schema;
@@ -17,6 +20,9 @@ mod store;
 mod writer;
 
 pub use audit::{read_audit_rows, AuditRows, CreatedWindow};
+pub use database_url::{
+    connection_tls, describe_ssl_mode, redact_text, refused_connection_hint, DatabaseUrl, UrlError,
+};
 pub use error::Error;
 pub use leader::{LeaderLock, LockHolder};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};

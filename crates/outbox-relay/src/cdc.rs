@@ -63,8 +63,12 @@ impl Relay<'_> {
             return end;
         }
         let mut checkpoints = CheckpointTracker::new();
+        let connect = match crate::engine::connect_options(self.config) {
+            Ok(connect) => connect,
+            Err(err) => return LeadEnd::Fatal(err),
+        };
         let mut stream = match CdcStream::start(
-            self.config.database_url.expose(),
+            &connect,
             names,
             self.config.table.clone(),
             &self.config.postgres.session_options(),
@@ -501,6 +505,9 @@ pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
 fn cdc_end(err: CdcError) -> LeadEnd {
     match err {
         CdcError::SlotLost { .. } => LeadEnd::Fatal(RelayError::SlotLost(err.to_string())),
+        CdcError::Refused { .. } | CdcError::Url(_) => {
+            LeadEnd::Fatal(RelayError::Config(err.to_string()))
+        }
         other => LeadEnd::Lost(RelayError::Other(other.to_string())),
     }
 }

@@ -12,6 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use outbox_core::{RetryPolicy, Router, TableRef, TopicTemplate};
 use outbox_kafka::{KafkaSettings, TopicSettings};
+pub use outbox_postgres::DatabaseUrl;
 use outbox_postgres::OnPublish;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,9 @@ use crate::RelayError;
 pub struct Config {
     /// PostgreSQL URL, such as `postgres://outbox@127.0.0.1:5432/app`.
     pub database_url: Option<DatabaseUrl>,
+    /// A file holding the URL instead (a mounted secret), so the password stays out
+    /// of the configuration and the environment.
+    pub database_url_file: Option<std::path::PathBuf>,
     /// Kafka bootstrap servers, such as `127.0.0.1:9092`.
     pub kafka_brokers: Option<String>,
     #[serde(default)]
@@ -210,8 +214,51 @@ pub struct KafkaSection {
     #[serde(with = "humantime_serde")]
     pub message_timeout: Duration,
     pub compression: String,
-    /// Extra librdkafka properties (security, SASL, TLS...).
-    pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties (security, SASL, TLS...). A value is a string, or
+    /// `{ file = "/run/secrets/x" }` / `{ env = "VAR" }` to read a secret from a file or
+    /// an environment variable instead of the configuration.
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A `kafka.properties` value: given as is, or read from a file or the environment.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Text(String),
+    File { file: std::path::PathBuf },
+    Env { env: String },
+}
+
+impl PropertyValue {
+    fn resolve(self, name: &str) -> Result<String, RelayError> {
+        match self {
+            PropertyValue::Text(text) => Ok(text),
+            PropertyValue::File { file } => std::fs::read_to_string(&file)
+                .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|err| {
+                    RelayError::Config(format!(
+                        "kafka.properties.\"{name}\" is read from {}: {err}; point `file` at a readable file",
+                        file.display()
+                    ))
+                }),
+            PropertyValue::Env { env } => std::env::var(&env).map_err(|_| {
+                RelayError::Config(format!(
+                    "kafka.properties.\"{name}\" is read from the environment variable {env}, which is not set; set it or change `env`"
+                ))
+            }),
+        }
+    }
+}
+
+/// Only where the value comes from, never the value.
+impl fmt::Debug for PropertyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::Text(_) => f.write_str("Text(<hidden>)"),
+            PropertyValue::File { file } => write!(f, "File({})", file.display()),
+            PropertyValue::Env { env } => write!(f, "Env({env})"),
+        }
+    }
 }
 
 impl Default for KafkaSection {
@@ -242,50 +289,6 @@ impl Default for HttpSection {
     }
 }
 
-/// A PostgreSQL URL whose password never appears in `Debug` or `Display`.
-#[derive(Clone, PartialEq, Deserialize, Serialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        DatabaseUrl(url.into())
-    }
-
-    /// The URL with its password, for connecting only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut url) => {
-                if url.password().is_some() {
-                    let _ = url.set_password(Some("***"));
-                }
-                url.to_string()
-            }
-            Err(_) => "<unparseable URL>".into(),
-        }
-    }
-
-    fn validate(&self) -> Result<(), RelayError> {
-        let url = url::Url::parse(&self.0).map_err(|err| {
-            RelayError::Config(format!(
-                "database_url is not a valid URL ({err}); write it as postgres://USER[:PASSWORD]@HOST:PORT/DATABASE (flag --database-url or OUTBOX_DATABASE_URL)"
-            ))
-        })?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(RelayError::Config(format!(
-                "database_url has scheme {:?}, expected postgres:// (flag --database-url or OUTBOX_DATABASE_URL)",
-                url.scheme()
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Refuses a duration outside `min..=max`, naming the setting, its range and default.
 fn check_duration(
     setting: &str,
@@ -303,18 +306,6 @@ fn check_duration(
         )));
     }
     Ok(())
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DatabaseUrl({})", self.redacted())
-    }
-}
-
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
 }
 
 /// Settings given as command-line flags; they override the file and the environment.
@@ -335,10 +326,23 @@ pub struct HttpOverride {
     pub listen: String,
 }
 
+/// Variables that `scripts/services env` exports for the tests and the examples (the
+/// secured endpoints); they are not settings, so they are not read as such. Keys are
+/// lower case, as figment sees them.
+const SERVICE_VARIABLES: &[&str] = &[
+    "tls_database_url",
+    "sasl_kafka_brokers",
+    "sasl_kafka_config",
+    "services_tls_dir",
+];
+
 impl Config {
     /// Reads the file (if any), then the environment, then the flags.
     pub fn load(file: Option<&Path>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
-        Config::load_from(file, Some(Env::prefixed("OUTBOX_").split("__")), overrides)
+        let env = Env::prefixed("OUTBOX_")
+            .ignore(SERVICE_VARIABLES)
+            .split("__");
+        Config::load_from(file, Some(env), overrides)
     }
 
     /// Reads the file and the flags only, ignoring the environment (for programs that
@@ -373,12 +377,20 @@ impl Config {
 
     /// Validates the settings and turns them into what the relay runs with.
     pub fn resolve(self) -> Result<RelayConfig, RelayError> {
-        let database_url = self.database_url.ok_or_else(|| {
-            RelayError::Config(
-                "database_url is not set; pass --database-url, set OUTBOX_DATABASE_URL, or put database_url in the config file".into(),
-            )
-        })?;
-        database_url.validate()?;
+        let database_url = match (self.database_url, self.database_url_file) {
+            (Some(_), Some(_)) => return Err(RelayError::Config(
+                "both database_url and database_url_file are set; keep one of them".into(),
+            )),
+            (Some(url), None) => url,
+            (None, Some(path)) => DatabaseUrl::from_file(&path)
+                .map_err(|err| RelayError::Config(err.to_string()))?,
+            (None, None) => return Err(RelayError::Config(
+                "database_url is not set; pass --database-url, set OUTBOX_DATABASE_URL (or OUTBOX_DATABASE_URL_FILE, a file holding it), or put database_url in the config file".into(),
+            )),
+        };
+        database_url
+            .connect_options()
+            .map_err(|err| RelayError::Config(err.to_string()))?;
         let table = TableRef::new(&self.table.schema, &self.table.name)
             .map_err(|err| RelayError::Config(format!("table: {err}")))?;
         let template = TopicTemplate::parse(&self.topics.template)
@@ -497,7 +509,12 @@ impl Config {
             batch_bytes: self.kafka.batch_bytes,
             message_timeout: self.kafka.message_timeout,
             compression: self.kafka.compression,
-            properties: self.kafka.properties,
+            properties: self
+                .kafka
+                .properties
+                .into_iter()
+                .map(|(name, value)| value.resolve(&name).map(|value| (name, value)))
+                .collect::<Result<_, _>>()?,
             topics: TopicSettings {
                 create: self.topics.create,
                 partitions: self.topics.partitions,
@@ -566,10 +583,36 @@ fn describe(err: figment::Error) -> String {
         };
         lines.push(format!(
             "bad configuration in {source}{key}: {}{hint}",
-            err.kind
+            describe_kind(&err.kind)
         ));
     }
     lines.join("\n")
+}
+
+/// The error without the text that was found: a misplaced password must not be printed
+/// back.
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let found = |actual: &Actual| match actual {
+        Actual::Str(_) => "a string".to_string(),
+        Actual::Other(_) => "a value".to_string(),
+        other => other.to_string(),
+    };
+    match kind {
+        Kind::InvalidType(actual, expected) => {
+            format!("invalid type: found {}, expected {expected}", found(actual))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!(
+                "invalid value: found {}, expected {expected}",
+                found(actual)
+            )
+        }
+        Kind::UnknownVariant(_, expected) => {
+            format!("unknown variant, expected one of {}", expected.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// How connections to PostgreSQL notice a dead peer (see [`PostgresSection`]).

@@ -12,7 +12,6 @@
 //! only after its delivery report, so a crash at any point leaves it pending and it is
 //! published again: duplicates, never loss.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +70,7 @@ pub async fn run_with_metrics(
             .acquire()
             .await
             .map_err(|err| unreachable_database(&config, &err))?;
+        log_connection_security(&mut conn, &connect).await;
         let store = PollingStore::open(&mut conn, config.table.clone())
             .await
             .map_err(store_open_error)?;
@@ -156,17 +156,39 @@ fn connect_timed_out(config: &RelayConfig) -> sqlx::Error {
     ))
 }
 
-fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError> {
-    let options = PgConnectOptions::from_str(config.database_url.expose()).map_err(|err| {
-        RelayError::Config(format!(
-            "database_url {} cannot be used: {err}; write it as postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
-            config.database_url
-        ))
-    })?;
+pub(crate) fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, RelayError> {
+    let options = config
+        .database_url
+        .connect_options()
+        .map_err(|err| RelayError::Config(err.to_string()))?;
     Ok(options
         .application_name("outbox-relay")
         .options(config.postgres.session_options())
         .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+/// Says at start whether the database connection is encrypted: `sslmode=prefer` (the
+/// default) falls back to plaintext silently otherwise.
+async fn log_connection_security(conn: &mut PgConnection, connect: &PgConnectOptions) {
+    let mode = outbox_postgres::describe_ssl_mode(connect.get_ssl_mode());
+    match outbox_postgres::connection_tls(conn).await {
+        Ok(Some(version)) => info!(tls = %version, sslmode = mode, "PostgreSQL connection is encrypted"),
+        Ok(None) if connect.get_socket().is_some() || is_loopback(connect.get_host()) => {
+            info!(sslmode = mode, "PostgreSQL connection is not encrypted (local)")
+        }
+        Ok(None) => warn!(
+            sslmode = mode,
+            "PostgreSQL connection is NOT encrypted; set sslmode=verify-full and sslrootcert in database_url to require TLS"
+        ),
+        Err(err) => warn!(%err, "cannot tell whether the PostgreSQL connection is encrypted"),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A table that is missing, outdated or not ours to write is a configuration problem.
@@ -178,10 +200,31 @@ fn store_open_error(err: outbox_postgres::Error) -> RelayError {
 }
 
 fn unreachable_database(config: &RelayConfig, err: &sqlx::Error) -> RelayError {
+    let detail = outbox_postgres::redact_text(&error_chain(err), &config.database_url);
+    let advice = match outbox_postgres::refused_connection_hint(&detail) {
+        Some(hint) => hint.to_string(),
+        None => "check database_url (--database-url or OUTBOX_DATABASE_URL) and that the server runs (scripts/services start)".into(),
+    };
     RelayError::Config(format!(
-        "cannot connect to PostgreSQL at {} ({err}); check database_url (--database-url or OUTBOX_DATABASE_URL) and that the server runs (scripts/services start)",
+        "cannot connect to PostgreSQL at {} ({detail}); {advice}",
         config.database_url
     ))
+}
+
+/// The error and its causes, one after the other: TLS failures keep the useful part
+/// (an unknown issuer, a name mismatch) in the source.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 pub(crate) struct Relay<'a> {
