@@ -594,7 +594,11 @@ fn describe(err: figment::Error) -> String {
 fn describe_kind(kind: &figment::error::Kind) -> String {
     use figment::error::{Actual, Kind};
     let found = |actual: &Actual| match actual {
-        Actual::Str(_) => "a string".to_string(),
+        Actual::Bool(_) => "a boolean".to_string(),
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer".to_string(),
+        Actual::Float(_) => "a number".to_string(),
+        Actual::Char(_) | Actual::Str(_) => "a string".to_string(),
+        Actual::Bytes(_) => "bytes".to_string(),
         Actual::Other(_) => "a value".to_string(),
         other => other.to_string(),
     };

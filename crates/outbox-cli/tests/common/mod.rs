@@ -697,3 +697,146 @@ pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
     url.set_password(Some("relay-pw")).unwrap();
     (role, url.to_string())
 }
+
+/// The secured endpoints `scripts/services start` runs beside the plain ones: PostgreSQL
+/// over TLS for the TLS-only role `outbox_tls`, Kafka's SASL_SSL listener.
+pub struct Secured {
+    /// `.services/tls`: the CA, certificates and passwords.
+    pub tls_dir: PathBuf,
+    /// OUTBOX_TLS_DATABASE_URL: verify-full, sslrootcert, the TLS-only role.
+    pub tls_url: String,
+    /// OUTBOX_SASL_KAFKA_BROKERS.
+    pub sasl_brokers: String,
+    /// OUTBOX_SASL_KAFKA_CONFIG: the `[kafka.properties]` of the SASL_SSL listener.
+    pub sasl_config: PathBuf,
+}
+
+impl Secured {
+    pub fn from_env() -> Secured {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set; run the tests with scripts/test (or eval \"$(scripts/services env)\")")
+            })
+        };
+        Secured {
+            tls_dir: var("OUTBOX_SERVICES_TLS_DIR").into(),
+            tls_url: var("OUTBOX_TLS_DATABASE_URL"),
+            sasl_brokers: var("OUTBOX_SASL_KAFKA_BROKERS"),
+            sasl_config: var("OUTBOX_SASL_KAFKA_CONFIG").into(),
+        }
+    }
+
+    /// OUTBOX_TLS_DATABASE_URL with another database.
+    pub fn tls_url_for(&self, database: &str) -> String {
+        let mut url = url::Url::parse(&self.tls_url).unwrap();
+        url.set_path(database);
+        url.to_string()
+    }
+
+    /// A file of `.services/tls`.
+    pub fn file(&self, name: &str) -> String {
+        self.tls_dir.join(name).display().to_string()
+    }
+
+    /// A password `scripts/services` generated (`kafka-outbox`, `pg-outbox_tls`...).
+    pub fn password(&self, name: &str) -> String {
+        std::fs::read_to_string(self.tls_dir.join(format!("{name}.password")))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// The SASL_SSL listener's properties, as the relay reads them from the config file.
+    pub fn sasl_properties(&self) -> std::collections::BTreeMap<String, String> {
+        let overrides = ConfigOverrides {
+            database_url: Some("postgres://unused@localhost/unused".into()),
+            kafka_brokers: Some(self.sasl_brokers.clone()),
+            ..ConfigOverrides::default()
+        };
+        Config::load_file_only(&self.sasl_config, &overrides)
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .kafka
+            .properties
+    }
+}
+
+impl TestDb {
+    /// A migrated database owned by the TLS-only role, migrated by `outbox migrate` over
+    /// TLS (with `--cdc` in CDC mode), so that role may do everything a relay does.
+    pub async fn owned_by_tls_role(secured: &Secured, mode: Mode) -> TestDb {
+        let db = TestDb::unmigrated().await;
+        sqlx::query(&format!("ALTER DATABASE {} OWNER TO outbox_tls", db.name))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let mut args = vec!["migrate"];
+        if mode == Mode::Cdc {
+            args.push("--cdc");
+        }
+        let run = run_cli(
+            &args,
+            &[("OUTBOX_DATABASE_URL", &secured.tls_url_for(&db.name))],
+        );
+        assert_eq!(run.code, Some(0), "outbox migrate over TLS: {}", run.stderr);
+        db
+    }
+}
+
+/// What one run of the `outbox` binary printed, and how it ended.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl CliRun {
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `outbox ARGS` with `env` on top of a clean OUTBOX_* environment (at most 120 s).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command.args(args).stdin(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOX_") {
+            command.env_remove(key);
+        }
+    }
+    command.env("OUTBOX_HTTP__LISTEN", "off");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let started = Instant::now();
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return;
+            }
+        }
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = watchdog.join();
+    CliRun {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
