@@ -648,3 +648,96 @@ async fn no_secret_appears_in_any_output() {
     db.drop_db().await;
     drop_role(&role).await;
 }
+
+/// `scripts/kafka-tool acls ARGS`: Kafka's AclCommand as the super user.
+fn kafka_acls(args: &[&str]) {
+    let output = Command::new(repo_root().join("scripts/kafka-tool"))
+        .arg("acls")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kafka-tool acls {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+for_each_mode!(the_documented_acls_are_enough_and_a_missing_one_loses_nothing);
+/// The relay's principal with only the ACLs the README lists (Write, Describe and Create
+/// on its topics) publishes everything. Events for a topic it may not write wait, in
+/// order, using up no attempt and never dead-lettered, until the ACL is granted.
+async fn the_documented_acls_are_enough_and_a_missing_one_loses_nothing(mode: Mode) {
+    let secured = Secured::from_env();
+    let db = TestDb::owned_by_tls_role(&secured, mode).await;
+    let prefix = db.topic("");
+    let properties = format!(
+        "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"relay\"\n\"sasl.password\" = {{ file = \"{}\" }}\n\"ssl.ca.location\" = \"{}\"\n[delivery]\nmax_attempts = 2\ninitial_backoff = \"100ms\"\nmax_backoff = \"200ms\"\n",
+        secured.file("kafka-relay.password"),
+        secured.file("ca.crt"),
+    );
+    let mut config = db.relay_config_for(mode, &properties);
+    config.kafka.brokers = secured.sasl_brokers.clone();
+    config.database_url = outbox_relay::DatabaseUrl::new(secured.tls_url_for(&db.name));
+    kafka_acls(&[
+        "--add",
+        "--allow-principal",
+        "User:relay",
+        "--operation",
+        "Write",
+        "--operation",
+        "Describe",
+        "--operation",
+        "Create",
+        "--topic",
+        &format!("{prefix}order"),
+        "--resource-pattern-type",
+        "prefixed",
+    ]);
+    let allowed: Vec<_> = (0..40)
+        .map(|n| event("order", &(n % 4).to_string(), n))
+        .collect();
+    let refused: Vec<_> = (0..10).map(|n| event("denied", "d1", n)).collect();
+    db.write(&allowed).await;
+    db.write(&refused).await;
+    let relay = InProcessRelay::start(config);
+    let allowed_ids: Vec<Uuid> = allowed.iter().map(|e| e.id).collect();
+    let received = consume_ids(
+        vec![db.topic("order")],
+        &allowed_ids,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Far beyond max_attempts (2) at 100-200 ms backoff: not one is dead-lettered.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, 0, "a missing ACL dead-lettered events");
+    kafka_acls(&[
+        "--add",
+        "--allow-principal",
+        "User:relay",
+        "--operation",
+        "Write",
+        "--operation",
+        "Describe",
+        "--operation",
+        "Create",
+        "--topic",
+        &format!("{prefix}denied"),
+    ]);
+    let refused_ids: Vec<Uuid> = refused.iter().map(|e| e.id).collect();
+    let late = consume_ids(
+        vec![db.topic("denied")],
+        &refused_ids,
+        Duration::from_secs(60),
+    )
+    .await;
+    relay.stop().await;
+    let all: Vec<Received> = received.into_iter().chain(late).collect();
+    audit(&db.rows().await, &all).assert_complete_and_ordered();
+    db.drop_db().await;
+}

@@ -26,6 +26,17 @@ pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
         None => err.to_string(),
     };
     match code {
+        // A missing ACL is the operator's to fix, not the event's fault: the events wait
+        // (in order, using up no attempt) until it is granted.
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::Authentication,
+        ) => DeliveryError::unavailable(format!(
+            "{reason}; grant the relay's principal the ACLs it needs (README, \"Least privilege\"): Write and Describe on the topic, Create when topics.create = true"
+        )),
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
             | RDKafkaErrorCode::InvalidMessageSize
@@ -91,12 +102,20 @@ mod tests {
 
     #[test]
     fn refusals_that_may_pass_are_retried() {
-        for code in [
-            RDKafkaErrorCode::UnknownTopicOrPartition,
-            RDKafkaErrorCode::TopicAuthorizationFailed,
+        let err = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert_eq!(delivery_error(&err).kind, ErrorKind::Retriable);
+    }
+
+    #[test]
+    fn missing_acls_hold_events_back_without_attempts() {
+        for err in [
+            KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed),
+            KafkaError::AdminOp(RDKafkaErrorCode::TopicAuthorizationFailed),
+            KafkaError::MessageProduction(RDKafkaErrorCode::ClusterAuthorizationFailed),
         ] {
-            let err = KafkaError::MessageProduction(code);
-            assert_eq!(delivery_error(&err).kind, ErrorKind::Retriable, "{code:?}");
+            let error = delivery_error(&err);
+            assert_eq!(error.kind, ErrorKind::Unavailable, "{err:?}");
+            assert!(error.reason.contains("Least privilege"), "{}", error.reason);
         }
     }
 }
