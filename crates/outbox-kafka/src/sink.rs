@@ -58,6 +58,10 @@ pub fn check_connection(
     // A threaded producer serves librdkafka's error events on its own thread, so the
     // reasons of a refusal reach the context while we wait (other clients see them
     // only when polled). It sends nothing.
+    let mut config = config.clone();
+    // Disconnections are logged at Info; rdkafka would otherwise take the level of
+    // the `log` crate, which an application logging through `tracing` leaves off.
+    config.set_log_level(rdkafka::config::RDKafkaLogLevel::Info);
     let probe: ThreadedProducer<QuietLog> = config
         .create_with_context(QuietLog::redacting(redactor.clone()))
         .map_err(|err| ConnectError::Client(redactor.redact(&err.to_string())))?;
