@@ -741,3 +741,88 @@ async fn the_documented_acls_are_enough_and_a_missing_one_loses_nothing(mode: Mo
     audit(&db.rows().await, &all).assert_complete_and_ordered();
     db.drop_db().await;
 }
+
+/// The README's TLS and SASL_SSL example, copied from the README and run as written from
+/// the repository's root: migrate, relay, status and verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_secure_example_runs_as_written() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("```toml\n# outbox.toml\n")
+        .expect("the README's secure example");
+    let block = &readme[start + "```toml\n".len()..];
+    let example = &block[..block.find("```").unwrap()];
+    assert!(example.contains("sslmode=verify-full") && example.contains("SASL_SSL"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outbox.toml");
+    std::fs::write(&config, example).unwrap();
+    let config = config.display().to_string();
+
+    let run = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("OUTBOX_") {
+                command.env_remove(key);
+            }
+        }
+        let output = command
+            .current_dir(repo_root())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("OUTBOX_HTTP__LISTEN", "off")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "outbox {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    run(&["migrate"]);
+    // The example's database is shared: an aggregate type of this run's own.
+    let aggregate_type = format!("readme{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let mut admin_url = url::Url::parse(&admin_url()).unwrap();
+    admin_url.set_path("outbox_tls");
+    let admin = sqlx::PgPool::connect(admin_url.as_str()).await.unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ($1, $2, '1', 'T', $3)",
+        )
+        .bind(id)
+        .bind(&aggregate_type)
+        .bind(serde_json::json!({ "n": n }))
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOX_") {
+            relay.env_remove(key);
+        }
+    }
+    let mut relay = relay
+        .current_dir(repo_root())
+        .args(["--config", &config, "relay"])
+        .env("OUTBOX_HTTP__LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let topic = format!("outbox.event.{aggregate_type}");
+    let received = consume_ids(vec![topic], &ids, Duration::from_secs(60)).await;
+    sigterm(&relay);
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(
+        received.iter().map(Received::id).collect::<Vec<_>>(),
+        ids,
+        "in order"
+    );
+    assert!(run(&["status"]).contains("pending"));
+    run(&["verify", "--since", "10m"]);
+    admin.close().await;
+}

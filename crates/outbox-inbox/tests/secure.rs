@@ -155,7 +155,8 @@ async fn inbox_refusals_fail_fast_and_name_the_setting() {
     let secured = Secured::from_env();
     let env = TestEnv::new().await;
     let password = secured.password("kafka-outbox");
-    let cases: Vec<(&str, &str, Box<dyn Fn(outbox_inbox::InboxBuilder) -> _>)> = vec![
+    type Configure<'a> = Box<dyn Fn(outbox_inbox::InboxBuilder) -> outbox_inbox::InboxBuilder + 'a>;
+    let cases: Vec<(&str, &str, Configure)> = vec![
         (
             "wrong password",
             "sasl.password",
