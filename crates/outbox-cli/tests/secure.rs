@@ -17,7 +17,7 @@ fn spawn_secured_relay(
     mode: Mode,
     database_url: &str,
     log: &std::path::Path,
-) -> std::process::Child {
+) -> KillOnDrop {
     let log = std::fs::File::create(log).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
     for (key, _) in std::env::vars() {
@@ -38,6 +38,7 @@ fn spawn_secured_relay(
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(KillOnDrop)
         .unwrap()
 }
 
@@ -553,6 +554,7 @@ async fn no_secret_appears_in_any_output() {
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let received = consume_ids(
         vec![db.topic("order")],
@@ -812,6 +814,7 @@ async fn readme_secure_example_runs_as_written() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let topic = format!("outbox.event.{aggregate_type}");
     let received = consume_ids(vec![topic], &ids, Duration::from_secs(60)).await;

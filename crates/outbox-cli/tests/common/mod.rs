@@ -840,3 +840,28 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> CliRun {
         elapsed: started.elapsed(),
     }
 }
+
+/// A child process that is killed (SIGKILL) when dropped, so that a failing test leaves
+/// no relay running behind it.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            sigkill(&mut self.0);
+        }
+    }
+}
