@@ -39,8 +39,16 @@ pub struct Settled {
 
 impl Arrivals {
     /// Starts reading `topic` (which must exist) from the beginning of every partition.
-    pub fn start(brokers: &str, topic: &str) -> Result<Arrivals> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    pub fn start(
+        brokers: &str,
+        properties: &std::collections::BTreeMap<String, String>,
+        topic: &str,
+    ) -> Result<Arrivals> {
+        let mut config = ClientConfig::new();
+        for (name, value) in properties {
+            config.set(name, value);
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("bench-{}", Uuid::now_v7()))
             .set("enable.auto.commit", "false")

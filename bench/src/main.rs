@@ -37,6 +37,11 @@ struct Args {
     database_url: String,
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
+    /// A relay configuration file whose `[kafka.properties]` (TLS, SASL) the relay and the
+    /// harness's consumer use, such as OUTBOX_SASL_KAFKA_CONFIG. The Debezium peer always
+    /// uses the plaintext brokers.
+    #[arg(long, env = "BENCH_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
     /// The relay binary to measure (build it with --release).
     #[arg(long, default_value = "target/release/outbox")]
     relay_bin: PathBuf,
@@ -163,6 +168,11 @@ async fn main() -> Result<()> {
             relay_bin: &args.relay_bin,
             debezium_script: &args.debezium_script,
             kafka_brokers: &args.kafka_brokers,
+            kafka_config: args.kafka_config.as_deref(),
+            kafka_properties: match &args.kafka_config {
+                Some(path) => outbox_relay::config::kafka_properties_from_file(path)?,
+                None => Default::default(),
+            },
         },
         plan: &plan,
         shape: Shape {

@@ -192,7 +192,12 @@ async fn warm_up(cx: &Context<'_>, db: &BenchDb, sut: &mut Running) -> Result<Ar
             last_write = Instant::now();
         }
         if arrivals.is_none() {
-            arrivals = Arrivals::start(cx.launcher.kafka_brokers, &db.topic).ok();
+            arrivals = Arrivals::start(
+                cx.launcher.kafka_brokers,
+                &cx.launcher.kafka_properties,
+                &db.topic,
+            )
+            .ok();
         }
         if let Some(a) = &arrivals {
             if written.iter().any(|id| a.contains(id)) {

@@ -68,6 +68,10 @@ pub struct Launcher<'a> {
     pub relay_bin: &'a Path,
     pub debezium_script: &'a Path,
     pub kafka_brokers: &'a str,
+    /// Given to the relay as `--config` (its `[kafka.properties]`).
+    pub kafka_config: Option<&'a Path>,
+    /// The same properties, for the harness's own consumer.
+    pub kafka_properties: std::collections::BTreeMap<String, String>,
 }
 
 impl Launcher<'_> {
@@ -91,7 +95,11 @@ impl Launcher<'_> {
                 .spawn()
                 .context("starting Kafka Connect with Debezium")?
         } else {
-            Command::new(self.relay_bin)
+            let mut relay = Command::new(self.relay_bin);
+            if let Some(config) = self.kafka_config {
+                relay.arg("--config").arg(config);
+            }
+            relay
                 .arg("relay")
                 .env("OUTBOX_MODE", system.name())
                 .env("OUTBOX_DATABASE_URL", &db.url)

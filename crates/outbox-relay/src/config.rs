@@ -220,6 +220,25 @@ pub struct KafkaSection {
     pub properties: BTreeMap<String, PropertyValue>,
 }
 
+/// The `[kafka.properties]` of a relay configuration file, their values read from files
+/// and the environment where they say so: for programs beside the relay (the demo, the
+/// benchmark) that connect to the same brokers.
+pub fn kafka_properties_from_file(path: &Path) -> Result<BTreeMap<String, String>, RelayError> {
+    let properties: Option<BTreeMap<String, PropertyValue>> = Figment::new()
+        .merge(Toml::file_exact(path))
+        .extract_inner::<BTreeMap<String, PropertyValue>>("kafka.properties")
+        .map(Some)
+        .or_else(|err| match err.kind {
+            figment::error::Kind::MissingField(_) => Ok(None),
+            _ => Err(RelayError::Config(describe(err))),
+        })?;
+    properties
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| value.resolve(&name).map(|value| (name, value)))
+        .collect()
+}
+
 /// A `kafka.properties` value: given as is, or read from a file or the environment.
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -339,10 +358,14 @@ const SERVICE_VARIABLES: &[&str] = &[
 impl Config {
     /// Reads the file (if any), then the environment, then the flags.
     pub fn load(file: Option<&Path>, overrides: &ConfigOverrides) -> Result<Config, RelayError> {
-        let env = Env::prefixed("OUTBOX_")
+        Config::load_from(file, Some(Config::environment()), overrides)
+    }
+
+    /// The `OUTBOX_*` variables, nested keys split at `__`.
+    fn environment() -> Env {
+        Env::prefixed("OUTBOX_")
             .ignore(SERVICE_VARIABLES)
-            .split("__");
-        Config::load_from(file, Some(env), overrides)
+            .split("__")
     }
 
     /// Reads the file and the flags only, ignoring the environment (for programs that
@@ -692,11 +715,26 @@ mod tests {
         overrides: &ConfigOverrides,
     ) -> Result<Config, RelayError> {
         let path = file.map(|f| jail.directory().join(f));
-        Config::load_from(
-            path.as_deref(),
-            Some(Env::prefixed("OUTBOX_").split("__")),
-            overrides,
-        )
+        Config::load_from(path.as_deref(), Some(Config::environment()), overrides)
+    }
+
+    #[test]
+    fn the_variables_of_scripts_services_are_not_settings() {
+        Jail::expect_with(|jail| {
+            jail.set_env("OUTBOX_DATABASE_URL", "postgres://env@localhost/db");
+            jail.set_env("OUTBOX_TLS_DATABASE_URL", "postgres://tls@localhost/db");
+            jail.set_env("OUTBOX_SASL_KAFKA_BROKERS", "localhost:9094");
+            jail.set_env("OUTBOX_SASL_KAFKA_CONFIG", "/tmp/kafka-sasl.toml");
+            jail.set_env("OUTBOX_SERVICES_TLS_DIR", "/tmp/tls");
+            let config = load(jail, None, &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(config.database_url.expose(), "postgres://env@localhost/db");
+            jail.set_env("OUTBOX_SASL_KAFKA_BROKERZ", "localhost:9094");
+            assert!(load(jail, None, &ConfigOverrides::default()).is_err());
+            Ok(())
+        });
     }
 
     #[test]

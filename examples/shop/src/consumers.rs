@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use uuid::Uuid;
 
-use crate::setup::Databases;
+use crate::setup::{Databases, Kafka};
 
 #[derive(Clone, Copy)]
 pub enum Service {
@@ -67,15 +67,18 @@ struct InventoryUpdated {
 }
 
 /// Consumes until SIGTERM or SIGINT.
-pub async fn run(service: Service, dbs: &Databases, brokers: &str) -> Result<()> {
+pub async fn run(service: Service, dbs: &Databases, kafka: &Kafka) -> Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect(&dbs.consumers)
         .await?;
-    let inbox = Inbox::builder(pool.clone(), brokers, service.name(), service.name())
+    let mut builder = Inbox::builder(pool.clone(), &kafka.brokers, service.name(), service.name())
         .topics([service.topic()])
-        .max_attempts(5)
-        .build()?;
+        .max_attempts(5);
+    for (name, value) in &kafka.properties {
+        builder = builder.kafka_property(name, value);
+    }
+    let inbox = builder.build()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let run = Uuid::now_v7();

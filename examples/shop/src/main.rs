@@ -48,6 +48,10 @@ struct Cli {
         default_value = "127.0.0.1:9092"
     )]
     kafka_brokers: String,
+    /// A relay configuration file whose `[kafka.properties]` (TLS, SASL) the services use
+    /// too, such as the one `scripts/services` writes for the SASL_SSL listener.
+    #[arg(long, env = "SHOP_KAFKA_CONFIG", global = true)]
+    kafka_config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,20 +96,23 @@ async fn main() -> Result<()> {
         writers: cli.database_url,
         consumers: cli.consumer_database_url,
     };
+    let kafka = setup::Kafka {
+        brokers: cli.kafka_brokers,
+        properties: match &cli.kafka_config {
+            Some(path) => outbox_relay::config::kafka_properties_from_file(path)?,
+            None => Default::default(),
+        },
+    };
     match cli.command {
-        Command::Setup => setup::run(&dbs, &cli.kafka_brokers).await,
+        Command::Setup => setup::run(&dbs, &kafka).await,
         Command::Orders(load) => writers::orders(&dbs.writers, load).await,
         Command::Registrations(load) => writers::registrations(&dbs.writers, load).await,
         Command::Inventory(load) => writers::inventory(&dbs.writers, load).await,
-        Command::Payments => {
-            consumers::run(consumers::Service::Payments, &dbs, &cli.kafka_brokers).await
-        }
+        Command::Payments => consumers::run(consumers::Service::Payments, &dbs, &kafka).await,
         Command::Notifications => {
-            consumers::run(consumers::Service::Notifications, &dbs, &cli.kafka_brokers).await
+            consumers::run(consumers::Service::Notifications, &dbs, &kafka).await
         }
-        Command::SearchIndex => {
-            consumers::run(consumers::Service::SearchIndex, &dbs, &cli.kafka_brokers).await
-        }
+        Command::SearchIndex => consumers::run(consumers::Service::SearchIndex, &dbs, &kafka).await,
         Command::Report { wait_secs } => report::run(&dbs, Duration::from_secs(wait_secs)).await,
     }
 }

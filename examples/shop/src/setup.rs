@@ -16,6 +16,24 @@ pub struct Databases {
     pub consumers: String,
 }
 
+/// Where Kafka is, and its librdkafka connection properties (TLS, SASL).
+pub struct Kafka {
+    pub brokers: String,
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Kafka {
+    /// A client configuration with the brokers and the properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in &self.properties {
+            config.set(name, value);
+        }
+        config
+    }
+}
+
 /// The number of products in the inventory story.
 pub const SKUS: usize = 100;
 
@@ -62,7 +80,7 @@ CREATE TABLE consumer_runs (
 );
 ";
 
-pub async fn run(dbs: &Databases, brokers: &str) -> Result<()> {
+pub async fn run(dbs: &Databases, kafka: &Kafka) -> Result<()> {
     recreate(&dbs.writers).await?;
     recreate(&dbs.consumers).await?;
     let mut writers = PgConnection::connect(&dbs.writers).await?;
@@ -76,7 +94,7 @@ pub async fn run(dbs: &Databases, brokers: &str) -> Result<()> {
         .execute(&mut consumers)
         .await?;
     outbox_inbox::migrate(&mut consumers, &outbox_inbox::default_table()).await?;
-    create_topics(brokers).await
+    create_topics(kafka).await
 }
 
 /// Drops and creates the database named in `url`, through the `postgres` database.
@@ -98,10 +116,8 @@ async fn recreate(url: &str) -> Result<()> {
 /// subscribe first) and their dead-letter topics, with the relay's 3 partitions. Topics
 /// and consumer groups of an earlier run are deleted first, so the report counts this
 /// run only.
-async fn create_topics(brokers: &str) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+async fn create_topics(kafka: &Kafka) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let groups: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
     // Unknown groups and topics answer with errors here; that is the first run.
