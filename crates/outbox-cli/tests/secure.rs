@@ -829,3 +829,128 @@ async fn readme_secure_example_runs_as_written() {
     run(&["verify", "--since", "10m"]);
     admin.close().await;
 }
+
+for_each_mode!(the_documented_database_grants_are_enough);
+/// A role with only the grants the README lists for the mode relays everything over TLS,
+/// and a role with only SELECT runs `outbox verify`.
+async fn the_documented_database_grants_are_enough(mode: Mode) {
+    let secured = Secured::from_env();
+    let db = TestDb::for_mode(mode).await;
+    let (role, url) = match mode {
+        Mode::Cdc => cdc_relay_role(&db).await,
+        Mode::Polling => {
+            let role = format!("relay_{}", &db.name[12..]);
+            sqlx::raw_sql(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD 'relay-pw';
+                 GRANT SELECT, UPDATE, DELETE ON outbox TO {role};
+                 GRANT SELECT ON outbox_migrations TO {role};"
+            ))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+            let mut url = url::Url::parse(&db.url).unwrap();
+            url.set_username(&role).unwrap();
+            url.set_password(Some("relay-pw")).unwrap();
+            (role, url.to_string())
+        }
+    };
+    let mut url = url::Url::parse(&url).unwrap();
+    url.set_host(Some("localhost")).unwrap();
+    url.set_query(Some(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        secured.file("ca.crt")
+    )));
+    let events: Vec<_> = (0..30)
+        .map(|n| event("order", &(n % 3).to_string(), n))
+        .collect();
+    db.write(&events).await;
+    let mut config = db.relay_config_for(mode, "");
+    config.database_url = outbox_relay::DatabaseUrl::new(url.to_string());
+    let relay = InProcessRelay::start(config);
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(60)).await;
+    if mode == Mode::Polling {
+        db.wait_drained(Duration::from_secs(30)).await;
+    }
+    relay.stop().await;
+    audit(&db.rows().await, &received).assert_complete_and_ordered();
+
+    let reader = format!("reader_{}", &db.name[12..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {reader} LOGIN PASSWORD 'reader-pw';
+         GRANT SELECT ON outbox, outbox_migrations TO {reader};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    url.set_username(&reader).unwrap();
+    url.set_password(Some("reader-pw")).unwrap();
+    let verify = run_cli(
+        &["verify", "--json", "--mode", mode_name(mode)],
+        &[
+            ("OUTBOX_DATABASE_URL", url.as_str()),
+            ("OUTBOX_KAFKA_BROKERS", &brokers()),
+            ("OUTBOX_TOPICS__TEMPLATE", &db.template),
+        ],
+    );
+    assert_eq!(
+        verify.code,
+        Some(0),
+        "verify as {reader}: {}",
+        verify.output()
+    );
+    db.drop_db().await;
+    drop_role(&role).await;
+    drop_role(&reader).await;
+}
+
+/// With `topics.create = false` the relay's principal needs no `Create`: Write and
+/// Describe on an existing topic are enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_topic_creation_write_and_describe_are_enough() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let secured = Secured::from_env();
+    let db = TestDb::new().await;
+    let topic = db.topic("order");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    kafka_acls(&[
+        "--add",
+        "--allow-principal",
+        "User:relay",
+        "--operation",
+        "Write",
+        "--operation",
+        "Describe",
+        "--topic",
+        &topic,
+    ]);
+    let properties = format!(
+        "[topics]\ncreate = false\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"relay\"\n\"sasl.password\" = {{ file = \"{}\" }}\n\"ssl.ca.location\" = \"{}\"\n",
+        secured.file("kafka-relay.password"),
+        secured.file("ca.crt"),
+    );
+    let mut config = db.relay_config(&properties);
+    config.kafka.brokers = secured.sasl_brokers.clone();
+    let events: Vec<_> = (0..20)
+        .map(|n| event("order", &(n % 2).to_string(), n))
+        .collect();
+    db.write(&events).await;
+    let relay = InProcessRelay::start(config);
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let received = consume_ids(vec![topic], &ids, Duration::from_secs(60)).await;
+    db.wait_drained(Duration::from_secs(30)).await;
+    relay.stop().await;
+    audit(&db.rows().await, &received).assert_complete_and_ordered();
+    db.drop_db().await;
+}
