@@ -2,7 +2,10 @@ use rdkafka::error::KafkaError;
 
 /// Why the inbox could not start or had to stop. Handler failures are not here: they
 /// are retried and dead-lettered, and consumption goes on.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` shows the message and its causes (as `anyhow` does), so a program whose
+/// `main` returns `Result<(), Box<dyn Error>>` prints the hint, not a struct dump.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum InboxError {
     #[error("invalid inbox setting `{setting}`: {problem}")]
@@ -29,8 +32,10 @@ pub enum InboxError {
         #[source]
         source: KafkaError,
     },
-    #[error("the dead-letter topic {topic:?} does not exist; create it (kafka-topics.sh --create --topic {topic}) or name another with dead_letter_topic()")]
+    #[error("the dead-letter topic {topic:?} does not exist and create_dead_letter_topics(false) forbids creating it; create it (with as many partitions as its source topic, for example `kafka-topics.sh --create --topic {topic}` from Kafka's distribution), turn creation back on, or name another with dead_letter_topic()")]
     MissingDeadLetterTopic { topic: String },
+    #[error("cannot create the dead-letter topic {topic:?}: {reason}; grant the inbox's principal Create on it, create it yourself (as many partitions as its source topic), or name another with dead_letter_topic()")]
+    CreateDeadLetterTopic { topic: String, reason: String },
     #[error("cannot read the inbox table {table}: {source}; create it with outbox_inbox::migrate (Inbox::migrate) and grant the consumer's role SELECT, INSERT and DELETE on it")]
     MissingTable {
         table: String,
@@ -59,4 +64,48 @@ pub enum InboxError {
     Consumer(#[source] KafkaError),
     #[error("the inbox's Kafka polling thread could not start or panicked; see the log above, then restart the consumer")]
     PollThreadFailed,
+}
+
+impl std::fmt::Debug for InboxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::error::Error;
+        write!(f, "{self}")?;
+        let mut source = self.source();
+        let mut first = true;
+        while let Some(cause) = source {
+            if first {
+                write!(f, "\n\nCaused by:")?;
+                first = false;
+            }
+            write!(f, "\n    {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `main() -> Result<(), Box<dyn Error>>` prints when the inbox fails.
+    #[test]
+    fn debug_shows_the_message_and_its_hint() {
+        let err = InboxError::MissingDeadLetterTopic {
+            topic: "orders.dlq".into(),
+        };
+        let boxed: Box<dyn std::error::Error> = Box::new(err);
+        let shown = format!("Error: {boxed:?}");
+        assert!(
+            shown.starts_with("Error: the dead-letter topic \"orders.dlq\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("MissingDeadLetterTopic {"), "{shown}");
+        let caused = InboxError::Subscribe {
+            topics: vec!["t".into()],
+            source: KafkaError::Subscription("bad pattern".into()),
+        };
+        let shown = format!("{caused:?}");
+        assert!(shown.contains("Caused by:\n    "), "{shown}");
+    }
 }

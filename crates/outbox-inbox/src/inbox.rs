@@ -106,6 +106,9 @@ impl Inbox {
             })?;
 
         check_brokers(&self.settings).await?;
+        if self.settings.create_dead_letter_topics {
+            create_dead_letter_topics(&self.settings).await?;
+        }
         // Refuses a retention shorter than the topics keep messages, before consuming.
         let retention = crate::retention::resolve(&self.settings).await?;
         let dead_letters = DeadLetters::new(&self.settings)?;
@@ -210,6 +213,71 @@ async fn check_brokers(settings: &crate::settings::Settings) -> Result<(), Inbox
         }),
         Err(other) => Err(InboxError::KafkaUnreachable(other.to_string())),
     }
+}
+
+/// Creates the dead-letter topics that do not exist yet, each with as many partitions as
+/// its source topic (the relay's default, 3, for a source not created yet).
+async fn create_dead_letter_topics(settings: &crate::settings::Settings) -> Result<(), InboxError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::error::RDKafkaErrorCode;
+    let admin: AdminClient<outbox_kafka::QuietLog> = settings
+        .admin_config()
+        .create_with_context(outbox_kafka::QuietLog::redacting(settings.redactor()))
+        .map_err(|err| settings.config_error(err))?;
+    let admin = std::sync::Arc::new(admin);
+    let reader = admin.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        reader.inner().fetch_metadata(None, BROKER_CHECK_TIMEOUT)
+    })
+    .await
+    .expect("the metadata request does not panic")
+    .map_err(|source| InboxError::BrokersUnreachable {
+        brokers: settings.brokers.clone(),
+        source,
+    })?;
+    let partitions_of = |topic: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+    };
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for topic in &settings.topics {
+        let dead_letters = settings.dead_letter_topic_for(topic);
+        if partitions_of(&dead_letters).is_none() && !wanted.iter().any(|(t, _)| *t == dead_letters)
+        {
+            wanted.push((dead_letters, partitions_of(topic).unwrap_or(3)));
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(BROKER_CHECK_TIMEOUT));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| InboxError::BrokersUnreachable {
+            brokers: settings.brokers.clone(),
+            source,
+        })?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, "created the dead-letter topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(InboxError::CreateDeadLetterTopic {
+                    topic,
+                    reason: format!("{code:?} ({code})"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How long the start-up check waits for the brokers.

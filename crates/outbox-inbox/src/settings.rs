@@ -29,6 +29,8 @@ pub(crate) struct Settings {
     pub(crate) max_backoff: Duration,
     /// `{topic}` stands for the source topic.
     pub(crate) dead_letter_topic: String,
+    /// Create missing dead-letter topics at start (as many partitions as the source).
+    pub(crate) create_dead_letter_topics: bool,
     pub(crate) retention: Retention,
     pub(crate) purge_interval: Duration,
     pub(crate) commit_interval: Duration,
@@ -275,6 +277,7 @@ impl InboxBuilder {
                 initial_backoff: Duration::from_millis(500),
                 max_backoff: Duration::from_secs(60),
                 dead_letter_topic: "{topic}.dlq".into(),
+                create_dead_letter_topics: true,
                 retention: Retention::FollowTopics,
                 purge_interval: Duration::from_secs(600),
                 commit_interval: Duration::from_secs(1),
@@ -315,9 +318,19 @@ impl InboxBuilder {
     }
 
     /// Where dead letters go: a topic name, in which `{topic}` stands for the source
-    /// topic (default `"{topic}.dlq"`). The topics must exist.
+    /// topic (default `"{topic}.dlq"`). Missing ones are created at start; see
+    /// [`InboxBuilder::create_dead_letter_topics`].
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.settings.dead_letter_topic = topic.into();
+        self
+    }
+
+    /// Whether `run` creates missing dead-letter topics, with as many partitions as their
+    /// source topic (3, the relay's default, when the source does not exist yet) and the
+    /// broker's default replication factor. On by default; turn it off where ACLs forbid
+    /// creating topics, and `run` then refuses to start until they exist.
+    pub fn create_dead_letter_topics(mut self, create: bool) -> Self {
+        self.settings.create_dead_letter_topics = create;
         self
     }
 
@@ -434,6 +447,7 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(1000),
             dead_letter_topic: "{topic}.dlq".into(),
+            create_dead_letter_topics: true,
             retention: Retention::Fixed(Duration::from_secs(3600)),
             purge_interval: Duration::from_secs(60),
             commit_interval: Duration::from_secs(1),

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    apply, business_handler, read_topic, set_topic_config, wait_until, Running, TestEnv,
-    TestMessage,
+    apply, brokers, business_handler, delete_topics, read_topic, set_topic_config, wait_until,
+    Running, TestEnv, TestMessage, PARTITIONS,
 };
 use outbox_inbox::{handler_fn, HandlerError, InboxMessage};
+use rdkafka::consumer::Consumer;
 use uuid::Uuid;
 
 /// The same event delivered again (same id) is applied once: by the same consumer, by
@@ -600,6 +601,7 @@ async fn missing_dead_letter_topic_or_table_fails_at_start() {
     let inbox = env
         .builder("start")
         .dead_letter_topic("{topic}.missing")
+        .create_dead_letter_topics(false)
         .build()
         .unwrap();
     let result = tokio::time::timeout(
@@ -608,10 +610,14 @@ async fn missing_dead_letter_topic_or_table_fails_at_start() {
     )
     .await
     .expect("fails fast");
-    let err = result.unwrap_err().to_string();
+    let err = result.unwrap_err();
+    // What `main() -> Result<(), Box<dyn Error>>` prints: the message and its hint.
+    let shown = format!("{:?}", Box::<dyn std::error::Error>::from(err));
     assert!(
-        err.contains(&format!("{}.missing", env.topic)) && err.contains("does not exist"),
-        "{err}"
+        shown.contains(&format!("{}.missing", env.topic))
+            && shown.contains("does not exist")
+            && shown.contains("create_dead_letter_topics"),
+        "{shown}"
     );
 
     let inbox = env
@@ -628,6 +634,59 @@ async fn missing_dead_letter_topic_or_table_fails_at_start() {
         err.contains("no_such_inbox") && err.contains("migrate"),
         "{err}"
     );
+    env.cleanup().await;
+}
+
+/// A missing dead-letter topic is created at start with its source topic's partitions,
+/// and dead letters land in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_dead_letter_topics_are_created_like_their_source() {
+    let env = TestEnv::new().await;
+    let poison = TestMessage::new("P", 0);
+    env.produce(std::slice::from_ref(&poison)).await;
+    let inbox = env
+        .builder("autodlq")
+        .dead_letter_topic("{topic}.auto")
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let handler = handler_fn(|_tx, _message: &InboxMessage| {
+        Box::pin(async move { Err(HandlerError::permanent("always refused")) })
+    });
+    let running = Running::start(inbox, handler);
+    let stats = running.stats.clone();
+    wait_until(
+        Duration::from_secs(60),
+        "the poison message dead-lettered",
+        || {
+            let stats = stats.clone();
+            async move { stats.dead_lettered() == 1 }
+        },
+    )
+    .await;
+    running.stop().await;
+    let dead_letters = format!("{}.auto", env.topic);
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&dead_letters), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        metadata.topics()[0].partitions().len() as i32,
+        PARTITIONS,
+        "as many partitions as the source topic"
+    );
+    let received = read_topic(
+        &dead_letters,
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(received.len(), 1);
+    delete_topics(&[&dead_letters]).await;
     env.cleanup().await;
 }
 
