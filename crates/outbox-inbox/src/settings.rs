@@ -91,7 +91,6 @@ impl Settings {
         config
     }
 
-    /// Connection and security properties only, for the admin client.
     /// Hides the values of secret properties (passwords, keys, JAAS) in librdkafka's
     /// texts.
     pub(crate) fn redactor(&self) -> outbox_kafka::Redactor {
@@ -108,6 +107,7 @@ impl Settings {
         crate::InboxError::KafkaConfig(self.redactor().redact(&err.to_string()))
     }
 
+    /// Connection and security properties only, for the admin client.
     pub(crate) fn admin_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
@@ -408,6 +408,20 @@ impl InboxBuilder {
         self.settings
             .kafka_properties
             .push((key.into(), value.into()));
+        self
+    }
+
+    /// Makes this consumer a static member of its group (`group.instance.id`): restarted
+    /// with the same id (after a crash, a deploy), it takes its partitions back at once,
+    /// without a rebalance, instead of waiting for the dead member's session timeout
+    /// (`session.timeout.ms`, 45 s by default). The id must be unique in the group and
+    /// stable across restarts of the same member (a pod name, `host-1`). The trade-off:
+    /// a static member that stops for good keeps its partitions unconsumed until its
+    /// session timeout passes, since it does not leave the group on shutdown.
+    pub fn static_member(mut self, instance_id: impl Into<String>) -> Self {
+        self.settings
+            .consumer_properties
+            .push(("group.instance.id".into(), instance_id.into()));
         self
     }
 

@@ -42,12 +42,17 @@ fn inbox_consumer_process() {
             .connect(&database_url)
             .await
             .unwrap();
-        let inbox = Inbox::builder(pool, common::brokers(), group, "crash-test")
+        let builder = Inbox::builder(pool, common::brokers(), group, "crash-test")
             .topics([topic])
-            .commit_interval(Duration::from_millis(commit_ms))
-            .consumer_property("session.timeout.ms", "6000")
-            .build()
-            .unwrap();
+            .commit_interval(Duration::from_millis(commit_ms));
+        let inbox = match std::env::var("INBOX_TEST_INSTANCE") {
+            // A static member keeps the default session timeout (45 s): its restart
+            // must not wait for it.
+            Ok(instance) => builder.static_member(instance),
+            Err(_) => builder.consumer_property("session.timeout.ms", "6000"),
+        }
+        .build()
+        .unwrap();
         let stats = inbox.stats();
         let shutdown = CancellationToken::new();
         let on_sigterm = shutdown.clone();
@@ -70,7 +75,20 @@ fn inbox_consumer_process() {
 }
 
 fn start_consumer(env: &TestEnv, commit_ms: u64, delay_ms: u64) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+    start_consumer_as(env, commit_ms, delay_ms, None)
+}
+
+fn start_consumer_as(
+    env: &TestEnv,
+    commit_ms: u64,
+    delay_ms: u64,
+    instance: Option<&str>,
+) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if let Some(instance) = instance {
+        command.env("INBOX_TEST_INSTANCE", instance);
+    }
+    command
         .args([
             "inbox_consumer_process",
             "--exact",
@@ -212,4 +230,45 @@ async fn killed_consumer_with_frequent_commits_loses_nothing() {
         outcome.duplicates,
         outcome.applied_at_kill
     );
+}
+
+/// A static member (`static_member`) restarted after SIGKILL takes its partitions back
+/// at once: with the default 45 s session timeout, the new process applies messages
+/// well before the dead member's session could have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_static_member_resumes_without_waiting_for_the_session_timeout() {
+    let env = TestEnv::new().await;
+    let messages: Vec<TestMessage> = (0..N)
+        .map(|i| TestMessage::new(&format!("agg-{}", i % 50), (i / 50) as i32))
+        .collect();
+    env.produce(&messages).await;
+    let mut first = start_consumer_as(&env, 200, 10, Some("member-1"));
+    wait_until(
+        Duration::from_secs(90),
+        "the first consumer applying",
+        || {
+            let env = &env;
+            async move { env.business_count().await >= 300 }
+        },
+    )
+    .await;
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    let applied_at_kill = env.business_count().await;
+    let restarted = std::time::Instant::now();
+    let second = start_consumer_as(&env, 200, 0, Some("member-1"));
+    wait_until(Duration::from_secs(120), "all messages applied", || {
+        let env = &env;
+        async move { env.business_count().await >= N }
+    })
+    .await;
+    let resumed = restarted.elapsed();
+    eprintln!("static member: {applied_at_kill} applied at the kill; the restart applied the rest within {resumed:?}");
+    assert!(
+        resumed < Duration::from_secs(30),
+        "the restarted static member waited {resumed:?}, as if for the 45 s session timeout"
+    );
+    assert_eq!(env.business_distinct().await, N);
+    drop(second);
+    env.cleanup().await;
 }

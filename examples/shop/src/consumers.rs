@@ -74,7 +74,9 @@ pub async fn run(service: Service, dbs: &Databases, kafka: &Kafka) -> Result<()>
         .await?;
     let mut builder = Inbox::builder(pool.clone(), &kafka.brokers, service.name(), service.name())
         .topics([service.topic()])
-        .max_attempts(5);
+        .max_attempts(5)
+        // One member per service: restarted after a crash, it resumes at once.
+        .static_member(service.name());
     for (name, value) in &kafka.properties {
         builder = builder.kafka_property(name, value);
     }
