@@ -15,18 +15,38 @@ use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_longer_than_the_message_timeout_loses_nothing_polling() {
-    broker_outage(Mode::Polling).await
+    broker_outage(Mode::Polling, Duration::from_secs(20), 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_longer_than_the_message_timeout_loses_nothing_cdc() {
-    broker_outage(Mode::Cdc).await
+    broker_outage(Mode::Cdc, Duration::from_secs(20), 0).await
+}
+
+/// CDC: while Kafka is down the relay stops reading the replication stream, so the
+/// server's sends stall on a full socket. An outage longer than the relay's dead-peer
+/// timeout (30 s with the defaults) must neither end the stream nor wedge the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdc_outage_longer_than_the_dead_peer_timeout_loses_nothing() {
+    broker_outage(Mode::Cdc, Duration::from_secs(50), 2048).await
 }
 
 /// Both cases stop the one broker: they must not overlap.
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn broker_outage(mode: Mode) {
+/// The server process of the CDC relay's replication stream (`None` in polling mode).
+async fn walsender_pid(db: &TestDb) -> Option<i32> {
+    sqlx::query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1")
+        .bind(&db.cdc_names().slot)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+/// Writes about 100 events/s for 40 s (events of `pad` extra bytes) while the broker is
+/// stopped for `outage`, from the fifth second.
+async fn broker_outage(mode: Mode, outage: Duration, pad: usize) {
     let _broker = BROKER.lock().await;
     let db = TestDb::for_mode(mode).await;
     let relay = InProcessRelay::start(db.relay_config_for(
@@ -36,9 +56,15 @@ async fn broker_outage(mode: Mode) {
 
     // About 100 events/s for 40 s, over 20 aggregates.
     let pool = db.pool.clone();
+    let padding = "x".repeat(pad);
     let writer = tokio::spawn(async move {
         for n in 0..4000usize {
-            let events: Vec<Event> = vec![event("order", &(n % 20).to_string(), n)];
+            let events: Vec<Event> = vec![Event::new(
+                "order",
+                (n % 20).to_string(),
+                "Tested",
+                serde_json::json!({ "n": n, "aggregate": (n % 20).to_string(), "pad": padding }),
+            )];
             let mut tx = pool.begin().await.unwrap();
             outbox::write_all(&mut *tx, &events).await.unwrap();
             tx.commit().await.unwrap();
@@ -49,12 +75,13 @@ async fn broker_outage(mode: Mode) {
     });
 
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let walsender = walsender_pid(&db).await;
     let stopped = Instant::now();
     tokio::task::spawn_blocking(|| services(&["stop", "kafka"]))
         .await
         .unwrap();
     eprintln!("kafka stopped");
-    tokio::time::sleep(Duration::from_secs(20).saturating_sub(stopped.elapsed())).await;
+    tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
     let pending_during_outage = db.pending().await;
     tokio::task::spawn_blocking(|| services(&["start", "kafka"]))
         .await
@@ -67,6 +94,13 @@ async fn broker_outage(mode: Mode) {
     writer.await.unwrap();
     if mode == Mode::Polling {
         db.wait_drained(Duration::from_secs(90)).await;
+    }
+    if mode == Mode::Cdc {
+        assert_eq!(
+            walsender_pid(&db).await,
+            walsender,
+            "the replication stream was ended during the outage"
+        );
     }
     let rows = db.rows().await;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();

@@ -71,7 +71,7 @@ impl Relay<'_> {
             &connect,
             names,
             self.config.table.clone(),
-            &self.config.postgres.session_options(),
+            &self.config.postgres.replication_session_options(),
         )
         .await
         {

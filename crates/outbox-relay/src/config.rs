@@ -661,6 +661,19 @@ impl PostgresSettings {
     /// The session settings (sent at connection start) that make the server end a dead
     /// relay's session: keepalives while idle, `tcp_user_timeout` while data is unacknowledged.
     pub fn session_options(&self) -> Vec<(&'static str, String)> {
+        let mut options = self.replication_session_options();
+        options.push((
+            "tcp_user_timeout",
+            self.dead_peer_timeout().as_millis().to_string(),
+        ));
+        options
+    }
+
+    /// The same for the replication stream, without `tcp_user_timeout`: while Kafka is
+    /// down the relay stops reading the stream, the server's sends wait on a full socket,
+    /// and Linux applies `tcp_user_timeout` to that wait too, which would end the stream
+    /// of a relay that is alive. The server's `wal_sender_timeout` ends a dead one's.
+    pub fn replication_session_options(&self) -> Vec<(&'static str, String)> {
         vec![
             (
                 "tcp_keepalives_idle",
@@ -671,10 +684,6 @@ impl PostgresSettings {
                 self.keepalive_interval.as_secs().to_string(),
             ),
             ("tcp_keepalives_count", self.keepalive_count.to_string()),
-            (
-                "tcp_user_timeout",
-                self.dead_peer_timeout().as_millis().to_string(),
-            ),
         ]
     }
 }

@@ -242,9 +242,12 @@ pub struct InProcessRelay {
 
 impl InProcessRelay {
     pub fn start(config: RelayConfig) -> InProcessRelay {
-        // RUST_LOG=info shows the relay's log in a failing test's output.
+        // A failing test's output shows the relay's warnings (RUST_LOG=info: everything).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,librdkafka=error,outbox_kafka::context=error")
+        });
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
         let shutdown = CancellationToken::new();
