@@ -34,12 +34,16 @@ impl BenchDb {
         let name = format!("outbox_bench_{}", system.name().replace('-', "_"));
         let mut admin = PgConnection::connect(admin_url).await?;
         drop_slots(&mut admin, &name).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        ))))
+        .execute(&mut admin)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "CREATE DATABASE {name}"
+        ))))
+        .execute(&mut admin)
+        .await?;
         let url = url_with_db(admin_url, &name)?;
         let mut migrate = Command::new(relay_bin);
         migrate
@@ -89,10 +93,10 @@ impl BenchDb {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
-        ))
+        ))))
         .execute(&mut admin)
         .await?;
         Ok(())

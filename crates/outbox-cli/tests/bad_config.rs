@@ -135,10 +135,10 @@ async fn unmigrated_table_says_run_migrate() {
 async fn missing_privileges_name_the_grant() {
     let db = TestDb::new().await;
     let role = format!("reader_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD '{SECRET}';
          GRANT SELECT ON outbox, outbox_migrations TO {role};"
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();

@@ -236,12 +236,12 @@ async fn plain_sql_writers_are_published_the_same_way(mode: Mode) {
     let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
     // What a service in any language does: one INSERT in its own transaction, no library.
     let id = Uuid::new_v4();
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "BEGIN;
          INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers)
          VALUES ('{id}', 'invoice', 'inv-9', 'InvoiceIssued', '{{\"amount\": 5}}', '{{\"tenant\": \"acme\"}}');
          COMMIT;"
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();

@@ -31,11 +31,11 @@ async fn insert_raw(
     headers: Option<&str>,
 ) -> Uuid {
     let id = Uuid::now_v7();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, headers)
          VALUES ($1, 'order', $2, 'Tested', '{{\"n\": 1}}', $3::jsonb)",
         table.qualified()
-    ))
+    ))))
     .bind(id)
     .bind(aggregate_id)
     .bind(headers)
@@ -360,10 +360,12 @@ async fn a_dead_letter_that_cannot_be_stored_stops_the_cdc_relay() {
     let first = event("order", "1", 0);
     db.write(std::slice::from_ref(&first)).await;
     consume_ids(vec![db.topic("order")], &[first.id], WAIT).await;
-    sqlx::raw_sql(&format!("REVOKE INSERT, UPDATE ON outbox FROM {role}"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
+        "REVOKE INSERT, UPDATE ON outbox FROM {role}"
+    ))))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let poison = event("bad topic", "1", 1);
     db.write(std::slice::from_ref(&poison)).await;
     let err = relay
@@ -389,10 +391,12 @@ async fn a_dead_letter_that_cannot_be_stored_stops_the_cdc_relay() {
 async fn cdc_relay_without_insert_is_refused_at_start() {
     let db = TestDb::for_mode(Mode::Cdc).await;
     let (role, url) = cdc_relay_role(&db).await;
-    sqlx::raw_sql(&format!("REVOKE INSERT ON outbox FROM {role}"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
+        "REVOKE INSERT ON outbox FROM {role}"
+    ))))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let mut config = db.relay_config_for(Mode::Cdc, "");
     config.database_url = outbox_relay::DatabaseUrl::new(url);
     let relay = InProcessRelay::start(config);
@@ -559,10 +563,10 @@ async fn maintenance_never_blocks_publishing(mode: Mode) {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "ALTER DATABASE {} SET statement_timeout = '250ms'",
         db.name
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();

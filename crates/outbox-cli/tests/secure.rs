@@ -315,7 +315,7 @@ async fn special_characters_and_query_hosts_work_in_every_connection(mode: Mode)
     let db = TestDb::for_mode(mode).await;
     let role = format!("special_{}", &db.name[12..]);
     let password = "p&ss=w@rd/%?#:x";
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}';
          ALTER DATABASE {} OWNER TO {role};
          ALTER TABLE outbox OWNER TO {role};
@@ -323,7 +323,7 @@ async fn special_characters_and_query_hosts_work_in_every_connection(mode: Mode)
          ALTER TABLE outbox_cdc_checkpoint OWNER TO {role};
          ALTER TABLE outbox_writer_deletes OWNER TO {role};",
         db.name
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();
@@ -351,10 +351,13 @@ for_each_mode!(a_client_certificate_logs_in_to_postgres);
 async fn a_client_certificate_logs_in_to_postgres(mode: Mode) {
     let secured = Secured::from_env();
     let db = TestDb::unmigrated().await;
-    sqlx::query(&format!("ALTER DATABASE {} OWNER TO outbox_cert", db.name))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+        "ALTER DATABASE {} OWNER TO outbox_cert",
+        db.name
+    ))))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let url = format!(
         "postgres://outbox_cert@localhost:5432/{}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
         db.name,
@@ -423,11 +426,11 @@ async fn no_secret_appears_in_any_output() {
     let db = TestDb::unmigrated().await;
     let role = format!("canary_{}", &db.name[12..]);
     let pg_password = canary("pgpassword");
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{pg_password}';
          ALTER DATABASE {} OWNER TO {role};",
         db.name
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();
@@ -840,11 +843,11 @@ async fn the_documented_database_grants_are_enough(mode: Mode) {
         Mode::Cdc => cdc_relay_role(&db).await,
         Mode::Polling => {
             let role = format!("relay_{}", &db.name[12..]);
-            sqlx::raw_sql(&format!(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
                 "CREATE ROLE {role} LOGIN PASSWORD 'relay-pw';
                  GRANT SELECT, UPDATE, DELETE ON outbox TO {role};
                  GRANT SELECT ON outbox_migrations TO {role};"
-            ))
+            ))))
             .execute(&db.pool)
             .await
             .unwrap();
@@ -876,10 +879,10 @@ async fn the_documented_database_grants_are_enough(mode: Mode) {
     audit(&db.rows().await, &received).assert_complete_and_ordered();
 
     let reader = format!("reader_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {reader} LOGIN PASSWORD 'reader-pw';
          GRANT SELECT ON outbox, outbox_migrations TO {reader};"
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();

@@ -474,10 +474,10 @@ async fn a_select_only_role_can_audit() {
     db.write(&written).await;
     relay_until_published(&db, Mode::Polling, &written).await;
     let role = format!("auditor_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'audit-pw';
          GRANT SELECT ON outbox, outbox_migrations TO {role};"
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();
@@ -491,10 +491,12 @@ async fn a_select_only_role_can_audit() {
     assert!(!verified.stderr.contains("audit-pw"));
 
     // Without SELECT it is a configuration error that names the grant.
-    sqlx::raw_sql(&format!("REVOKE SELECT ON outbox FROM {role}"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
+        "REVOKE SELECT ON outbox FROM {role}"
+    ))))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let refused = verify(&db, &["--json"], &[("OUTBOX_DATABASE_URL", url.as_str())]).await;
     refused.expect_code(2);
     assert!(

@@ -97,7 +97,7 @@ impl Inbox {
         shutdown: CancellationToken,
     ) -> Result<(), InboxError> {
         let statements = Statements::new(&self.settings.table);
-        sqlx::query(&statements.probe)
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&statements.probe)))
             .execute(&self.pool)
             .await
             .map_err(|source| InboxError::MissingTable {

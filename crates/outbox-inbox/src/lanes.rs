@@ -242,7 +242,7 @@ impl Engine {
     /// commit both.
     async fn attempt(&self, message: &InboxMessage) -> Result<Attempt, AttemptError> {
         let mut tx = self.pool.begin().await.map_err(AttemptError::Database)?;
-        let claimed = sqlx::query(&self.statements.claim)
+        let claimed = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.statements.claim)))
             .bind(&self.settings.consumer)
             .bind(message.id)
             .execute(&mut *tx)
@@ -336,11 +336,13 @@ impl Engine {
         if let Some(id) = id {
             let mut failures = 0;
             loop {
-                let recorded = sqlx::query(&self.statements.dead_letter)
-                    .bind(&self.settings.consumer)
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await;
+                let recorded = sqlx::query(sqlx::AssertSqlSafe(String::from(
+                    &self.statements.dead_letter,
+                )))
+                .bind(&self.settings.consumer)
+                .bind(id)
+                .execute(&self.pool)
+                .await;
                 let Err(err) = recorded else { break };
                 failures += 1;
                 let delay = self.settings.backoff(failures);

@@ -86,5 +86,9 @@ pub use inbox::Inbox;
 pub use message::{InboxMessage, PayloadError, ID_HEADER};
 pub use outbox_core::TableRef;
 pub use settings::InboxBuilder;
+/// The sqlx this crate is built with (0.9), for the pool and the handler's transaction.
+pub use sqlx;
 pub use stats::InboxStats;
 pub use table::{default_table, migrate, purge_expired};
+/// What [`Inbox::run`] takes to stop: cancel it on SIGTERM.
+pub use tokio_util::sync::CancellationToken;

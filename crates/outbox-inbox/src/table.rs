@@ -41,7 +41,7 @@ pub async fn migrate(conn: &mut PgConnection, table: &TableRef) -> Result<(), In
         .execute(&mut *tx)
         .await
         .map_err(database)?;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
             consumer text NOT NULL,
             event_id uuid NOT NULL,
@@ -51,15 +51,15 @@ pub async fn migrate(conn: &mut PgConnection, table: &TableRef) -> Result<(), In
             PRIMARY KEY (consumer, event_id)
         )",
         table.qualified()
-    ))
+    ))))
     .execute(&mut *tx)
     .await
     .map_err(database)?;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE INDEX IF NOT EXISTS {} ON {} (consumer, processed_at)",
         table.derived("processed_at_idx"),
         table.qualified()
-    ))
+    ))))
     .execute(&mut *tx)
     .await
     .map_err(database)?;
@@ -90,7 +90,7 @@ pub async fn purge_expired(
     );
     let mut deleted = 0;
     loop {
-        let batch = sqlx::query(&sql)
+        let batch = sqlx::query(sqlx::AssertSqlSafe(String::from(&sql)))
             .bind(consumer)
             .bind(older_than.as_secs_f64())
             .bind(PURGE_BATCH)

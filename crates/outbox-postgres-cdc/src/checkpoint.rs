@@ -99,11 +99,11 @@ pub async fn read(
     table: &TableRef,
     slot: &str,
 ) -> Result<Option<Checkpoint>, sqlx::Error> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "SELECT xmin_watermark::text AS xmin, confirmed_lsn::text AS lsn, updated_at, backfill
          FROM {} WHERE slot_name = $1",
         checkpoint_table(table)
-    ))
+    ))))
     .bind(slot)
     .fetch_optional(&mut *conn)
     .await?;
@@ -141,14 +141,14 @@ async fn upsert(
     lsn: Lsn,
     backfill: Backfill,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "INSERT INTO {} (slot_name, xmin_watermark, confirmed_lsn, updated_at, backfill)
          VALUES ($1, $2::text::xid8, $3::text::pg_lsn, now(), $4)
          ON CONFLICT (slot_name) DO UPDATE
          SET xmin_watermark = excluded.xmin_watermark, confirmed_lsn = excluded.confirmed_lsn,
              updated_at = excluded.updated_at, backfill = excluded.backfill",
         checkpoint_table(table)
-    ))
+    ))))
     .bind(slot)
     .bind(xmin_watermark.to_string())
     .bind(lsn.to_string())
@@ -170,10 +170,10 @@ pub(crate) async fn before_slot_creation(
         if previous.backfill == Backfill::None {
             // The slot vanished: republish what came after the last checkpoint. Its
             // time is kept, to tell whether those rows may have been purged since.
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
                 "UPDATE {} SET backfill = 'after' WHERE slot_name = $1",
                 checkpoint_table(table)
-            ))
+            ))))
             .bind(slot)
             .execute(&mut *conn)
             .await?;

@@ -110,11 +110,11 @@ pub async fn ensure_publication(
         }
         return Ok(false);
     }
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update')",
         quote_ident(&names.publication),
         table.qualified()
-    ))
+    ))))
     .execute(&mut *conn)
     .await?;
     Ok(true)

@@ -80,7 +80,7 @@ pub async fn read_audit_rows(
         }
         CreatedWindow::Between { from, to } => (from, to),
     };
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "SELECT id, seq, aggregatetype, aggregateid,
                 published_at IS NOT NULL AS marked_published,
                 dead_lettered_at IS NOT NULL AS dead_lettered,
@@ -91,7 +91,7 @@ pub async fn read_audit_rows(
            AND ($2::timestamptz IS NULL OR created_at < $2)
          ORDER BY seq",
         table.qualified()
-    ))
+    ))))
     .bind(from)
     .bind(to)
     .fetch_all(&mut *tx)

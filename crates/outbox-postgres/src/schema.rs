@@ -152,25 +152,25 @@ pub async fn migrate(
         .bind(format!("outbox.migrate:{table}"))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
         quote_ident(&table.schema)
-    ))
+    ))))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
             version    integer     PRIMARY KEY,
             applied_at timestamptz NOT NULL DEFAULT now()
         )",
         migrations_table(table)
-    ))
+    ))))
     .execute(&mut *tx)
     .await?;
-    let current: i32 = sqlx::query_scalar(&format!(
+    let current: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
         "SELECT coalesce(max(version), 0) FROM {}",
         migrations_table(table)
-    ))
+    ))))
     .fetch_one(&mut *tx)
     .await?;
     if current > LATEST_VERSION {
@@ -183,11 +183,13 @@ pub async fn migrate(
     let mut applied = Vec::new();
     for version in current + 1..=LATEST_VERSION {
         let sql = migration_sql(version, table, payload).expect("versions up to LATEST exist");
-        sqlx::raw_sql(&sql).execute(&mut *tx).await?;
-        sqlx::query(&format!(
+        sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&sql)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "INSERT INTO {} (version) VALUES ($1)",
             migrations_table(table)
-        ))
+        ))))
         .bind(version)
         .execute(&mut *tx)
         .await?;
@@ -209,10 +211,10 @@ pub async fn schema_version(
     if !exists {
         return Ok(None);
     }
-    let version: Option<i32> = sqlx::query_scalar(&format!(
+    let version: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
         "SELECT max(version) FROM {}",
         migrations_table(table)
-    ))
+    ))))
     .fetch_one(&mut *conn)
     .await?;
     Ok(version)

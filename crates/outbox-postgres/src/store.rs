@@ -106,7 +106,7 @@ impl PollingStore {
         conn: &mut PgConnection,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, Error> {
-        let rows = sqlx::query(&self.fetch_sql)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql)))
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
@@ -153,7 +153,7 @@ impl PollingStore {
              ORDER BY o.seq
              LIMIT $1"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&sql)))
             .bind(limit)
             .bind(after_seq)
             .bind(watermark.map(|x| x as i64))
@@ -202,20 +202,20 @@ impl PollingStore {
                 ),
                 OnPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
             };
-            done = sqlx::query(&sql)
+            done = sqlx::query(sqlx::AssertSqlSafe(String::from(&sql)))
                 .bind(&published)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
         }
         if !retry.ids.is_empty() {
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
                 "UPDATE {t} SET attempts = u.attempts, last_error = u.error,
                      next_attempt_at = now() + u.backoff_ms * interval '1 millisecond'
                  FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[])
                       AS u(id, attempts, backoff_ms, error)
                  WHERE {t}.id = u.id"
-            ))
+            ))))
             .bind(&retry.ids)
             .bind(&retry.attempts)
             .bind(&retry.backoff_ms)
@@ -224,12 +224,12 @@ impl PollingStore {
             .await?;
         }
         if !dead.ids.is_empty() {
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
                 "UPDATE {t} SET attempts = u.attempts, last_error = u.error,
                      dead_lettered_at = now(), next_attempt_at = NULL
                  FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempts, error)
                  WHERE {t}.id = u.id"
-            ))
+            ))))
             .bind(&dead.ids)
             .bind(&dead.attempts)
             .bind(&dead.errors)
@@ -251,9 +251,9 @@ impl PollingStore {
         error: &str,
     ) -> Result<(), Error> {
         let t = self.table.qualified();
-        let updated = sqlx::query(&format!(
+        let updated = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "UPDATE {t} SET dead_lettered_at = now(), attempts = $2, last_error = $3 WHERE id = $1"
-        ))
+        ))))
         .bind(event.id)
         .bind(attempts)
         .bind(error)
@@ -272,11 +272,11 @@ impl PollingStore {
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers,
                               dead_lettered_at, attempts, last_error)
              VALUES ($1, $2, $3, $4, {payload}, $6, now(), $7, $8)"
-        ))
+        ))))
         .bind(event.id)
         .bind(&event.aggregate_type)
         .bind(&event.aggregate_id)
@@ -338,12 +338,12 @@ impl PollingStore {
         let t = self.table.qualified();
         let mut tx = conn.begin().await?;
         mark_relay_delete(&mut tx).await?;
-        let deleted = sqlx::query(&format!(
+        let deleted = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "DELETE FROM {t} WHERE id IN (
                  SELECT id FROM {t}
                  WHERE {older} < now() - $1 * interval '1 millisecond'
                  LIMIT $2)"
-        ))
+        ))))
         .bind(retention.as_millis() as i64)
         .bind(limit)
         .execute(&mut *tx)
@@ -355,27 +355,29 @@ impl PollingStore {
 
     /// Dead-lettered rows (an index scan of the dead-letter index).
     pub async fn dead_letter_count(&self, conn: &mut PgConnection) -> Result<i64, Error> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
-            self.table.qualified()
-        ))
-        .fetch_one(&mut *conn)
-        .await?)
+        Ok(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
+                "SELECT count(*) FROM {} WHERE dead_lettered_at IS NOT NULL",
+                self.table.qualified()
+            ))))
+            .fetch_one(&mut *conn)
+            .await?,
+        )
     }
 
     pub async fn stats(&self, conn: &mut PgConnection) -> Result<OutboxStats, Error> {
         let t = self.table.qualified();
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "SELECT count(*) AS pending,
                     coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest,
                     count(*) FILTER (WHERE next_attempt_at IS NOT NULL) AS retrying
              FROM {t} WHERE {PENDING}"
-        ))
+        ))))
         .fetch_one(&mut *conn)
         .await?;
-        let dead_lettered: i64 = sqlx::query_scalar(&format!(
+        let dead_lettered: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
             "SELECT count(*) FROM {t} WHERE dead_lettered_at IS NOT NULL"
-        ))
+        ))))
         .fetch_one(&mut *conn)
         .await?;
         Ok(OutboxStats {
@@ -392,13 +394,13 @@ impl PollingStore {
         conn: &mut PgConnection,
         limit: i64,
     ) -> Result<Vec<DeadLetter>, Error> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "SELECT id, aggregatetype, aggregateid, type, attempts, last_error, created_at,
                     dead_lettered_at
              FROM {} WHERE dead_lettered_at IS NOT NULL
              ORDER BY dead_lettered_at, seq LIMIT $1",
             self.table.qualified()
-        ))
+        ))))
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
@@ -446,7 +448,10 @@ impl PollingStore {
         );
         let mut tx = conn.begin().await?;
         mark_relay_delete(&mut tx).await?;
-        let result = sqlx::query(&sql).bind(ids).execute(&mut *tx).await?;
+        let result = sqlx::query(sqlx::AssertSqlSafe(String::from(&sql)))
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(result.rows_affected())
     }
@@ -466,13 +471,15 @@ pub async fn writer_deletes_since(
     conn: &mut PgConnection,
     table: &TableRef,
 ) -> Result<Option<DateTime<Utc>>, Error> {
-    Ok(sqlx::query_scalar(&format!(
-        "SELECT first_at FROM {}",
-        table.derived_qualified("writer_deletes")
-    ))
-    .fetch_optional(&mut *conn)
-    .await?
-    .flatten())
+    Ok(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
+            "SELECT first_at FROM {}",
+            table.derived_qualified("writer_deletes")
+        ))))
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten(),
+    )
 }
 
 fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {

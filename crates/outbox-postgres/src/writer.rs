@@ -104,7 +104,7 @@ impl OutboxWriter {
             types.push(&event.event_type);
             headers.push((!event.headers.is_empty()).then_some(Json(&event.headers)));
         }
-        let query = sqlx::query(&self.insert_many)
+        let query = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.insert_many)))
             .bind(ids)
             .bind(aggregate_types)
             .bind(aggregate_ids)

@@ -36,3 +36,12 @@ pub use outbox_core::{Event, Payload, PayloadError, TableRef};
 pub use outbox_postgres::{
     migrate, schema_version, write, write_all, Error, OutboxWriter, PayloadType, LATEST_VERSION,
 };
+/// The sqlx this crate is built with (0.9): use it, or depend on the same major
+/// version, so that your pool and transactions are the types `write` takes.
+pub use sqlx;
+
+/// Every Rust block of README.md, compiled as a doctest: a README that stops compiling
+/// fails `scripts/test`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

@@ -103,12 +103,16 @@ async fn recreate(url: &str) -> Result<()> {
     let name = parsed.path().trim_start_matches('/').to_string();
     parsed.set_path("postgres");
     let mut admin = PgConnection::connect(parsed.as_str()).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut admin)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    ))))
+    .execute(&mut admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+        "CREATE DATABASE \"{name}\""
+    ))))
+    .execute(&mut admin)
+    .await?;
     Ok(())
 }
 

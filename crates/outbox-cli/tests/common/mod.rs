@@ -95,10 +95,12 @@ impl TestDb {
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("cannot reach PostgreSQL; start it with scripts/services start");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "CREATE DATABASE {name}"
+        ))))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         let options = PgConnectOptions::from_str(&admin_url())
             .unwrap()
             .database(&name)
@@ -223,10 +225,10 @@ impl TestDb {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let _ = sqlx::query(&format!(
+            let _ = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
-            ))
+            ))))
             .execute(&mut admin)
             .await;
         }
@@ -622,9 +624,9 @@ pub fn cli(db: &TestDb, args: &[&str]) -> String {
 /// Drops a role a test created (after its database is gone).
 pub async fn drop_role(role: &str) {
     let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role};"
-    ))
+    ))))
     .execute(&mut admin)
     .await
     .unwrap();
@@ -685,13 +687,13 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
 /// CDC relay; returns its name and URL.
 pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
     let role = format!("relay_{}", &db.name[12..]);
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
         "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
          GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
          GRANT SELECT ON outbox_migrations TO {role};
          GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
          GRANT SELECT ON outbox_writer_deletes TO {role};"
-    ))
+    ))))
     .execute(&db.pool)
     .await
     .unwrap();
@@ -770,10 +772,13 @@ impl TestDb {
     /// TLS (with `--cdc` in CDC mode), so that role may do everything a relay does.
     pub async fn owned_by_tls_role(secured: &Secured, mode: Mode) -> TestDb {
         let db = TestDb::unmigrated().await;
-        sqlx::query(&format!("ALTER DATABASE {} OWNER TO outbox_tls", db.name))
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "ALTER DATABASE {} OWNER TO outbox_tls",
+            db.name
+        ))))
+        .execute(&db.pool)
+        .await
+        .unwrap();
         let mut args = vec!["migrate"];
         if mode == Mode::Cdc {
             args.push("--cdc");

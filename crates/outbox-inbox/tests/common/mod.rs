@@ -66,10 +66,12 @@ impl TestEnv {
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("cannot reach PostgreSQL; start it with scripts/services start");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "CREATE DATABASE {db_name}"
+        ))))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         let options = PgConnectOptions::from_str(&admin_url())
             .unwrap()
             .database(&db_name);
@@ -169,10 +171,10 @@ impl TestEnv {
     pub async fn cleanup(self) {
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(&format!(
+            let _ = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db_name
-            ))
+            ))))
             .execute(&mut admin)
             .await;
         }
