@@ -179,6 +179,9 @@ async fn execute(cli: Cli) -> Result<ExitCode, RelayError> {
         Command::Verify { mode, .. } => overrides.mode = mode.as_ref().map(mode_arg),
         _ => {}
     }
+    for variable in outbox_relay::config::ignored_environment_variables() {
+        warn!(%variable, "ignoring an OUTBOX_ variable that is not a setting (settings: OUTBOX_DATABASE_URL, OUTBOX_DATABASE_URL_FILE, OUTBOX_KAFKA_BROKERS, OUTBOX_MODE, and OUTBOX_<SECTION>__<KEY> for the sections table, polling, delivery, topics, kafka, http, cdc, postgres)");
+    }
     let config = Config::load(cli.config.as_deref(), &overrides)?.resolve()?;
     let done = match cli.command {
         Command::Migrate { payload_type, cdc } => migrate(&config, payload_type, cdc).await,

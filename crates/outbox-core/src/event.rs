@@ -34,7 +34,7 @@ pub enum Payload {
 /// A payload that cannot be stored in the table's payload column.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
-    #[error("the payload is not valid JSON but the outbox table stores JSON (jsonb): {0}; store it as JSON, or migrate the table with payload_type = \"bytea\"")]
+    #[error("the payload is not valid JSON but the outbox table stores JSON (jsonb): {0}; store it as JSON, or create the table for bytes with `outbox migrate --payload-type bytea` (outbox::migrate with PayloadType::Bytea)")]
     NotJson(serde_json::Error),
     #[error("could not serialize the payload to JSON: {0}")]
     Serialize(serde_json::Error),

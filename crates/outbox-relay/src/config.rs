@@ -230,7 +230,7 @@ pub fn kafka_properties_from_file(path: &Path) -> Result<BTreeMap<String, String
         .map(Some)
         .or_else(|err| match err.kind {
             figment::error::Kind::MissingField(_) => Ok(None),
-            _ => Err(RelayError::Config(describe(err))),
+            _ => Err(RelayError::Config(describe(err, Some(path)))),
         })?;
     properties
         .unwrap_or_default()
@@ -345,15 +345,54 @@ pub struct HttpOverride {
     pub listen: String,
 }
 
-/// Variables that `scripts/services env` exports for the tests and the examples (the
-/// secured endpoints); they are not settings, so they are not read as such. Keys are
-/// lower case, as figment sees them.
-const SERVICE_VARIABLES: &[&str] = &[
-    "tls_database_url",
-    "sasl_kafka_brokers",
-    "sasl_kafka_config",
-    "services_tls_dir",
+/// The top-level settings: an `OUTBOX_*` variable is read as a setting only when its
+/// name starts with one of these (`OUTBOX_POLLING__BATCH_SIZE`); any other
+/// (`OUTBOX_LOG`, the variables `scripts/services env` exports) is left alone.
+const SETTINGS: &[&str] = &[
+    "database_url",
+    "database_url_file",
+    "kafka_brokers",
+    "mode",
+    "table",
+    "polling",
+    "delivery",
+    "topics",
+    "kafka",
+    "http",
+    "cdc",
+    "postgres",
 ];
+
+/// Variables that `scripts/services env` exports for the tests and the examples (the
+/// secured endpoints); they are not settings, and not worth a warning either.
+const SERVICE_VARIABLES: &[&str] = &[
+    "OUTBOX_TLS_DATABASE_URL",
+    "OUTBOX_SASL_KAFKA_BROKERS",
+    "OUTBOX_SASL_KAFKA_CONFIG",
+    "OUTBOX_SERVICES_TLS_DIR",
+];
+
+/// Whether the variable `OUTBOX_<key>` names a setting.
+fn is_setting(key: &str) -> bool {
+    let top = key.split("__").next().unwrap_or_default();
+    SETTINGS
+        .iter()
+        .any(|setting| setting.eq_ignore_ascii_case(top))
+}
+
+/// `OUTBOX_*` variables of the environment that are not read as settings, but for those
+/// of `scripts/services`: the relay warns about them (a typo such as
+/// `OUTBOX_DATABSE_URL` would otherwise go unnoticed).
+pub fn ignored_environment_variables() -> Vec<String> {
+    std::env::vars()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.strip_prefix("OUTBOX_")
+                .is_some_and(|key| !is_setting(key))
+                && !SERVICE_VARIABLES.contains(&name.as_str())
+        })
+        .collect()
+}
 
 impl Config {
     /// Reads the file (if any), then the environment, then the flags.
@@ -364,7 +403,7 @@ impl Config {
     /// The `OUTBOX_*` variables, nested keys split at `__`.
     fn environment() -> Env {
         Env::prefixed("OUTBOX_")
-            .ignore(SERVICE_VARIABLES)
+            .filter(|key| is_setting(key.as_str()))
             .split("__")
     }
 
@@ -395,7 +434,7 @@ impl Config {
         figment = figment.merge(Serialized::globals(overrides));
         figment
             .extract()
-            .map_err(|err| RelayError::Config(describe(err)))
+            .map_err(|err| RelayError::Config(describe(err, file)))
     }
 
     /// Validates the settings and turns them into what the relay runs with.
@@ -579,35 +618,54 @@ impl Config {
     }
 }
 
-/// Renders a figment error as one line that names the key and where it came from.
-fn describe(err: figment::Error) -> String {
+/// Renders a figment error as one line per problem that names the key, where it came
+/// from (the config file as given, or the variable) and how to fix it.
+fn describe(err: figment::Error, file: Option<&Path>) -> String {
+    use figment::error::Kind;
     let mut lines = Vec::new();
     for err in err {
-        let source = err
+        let from_env = err
             .metadata
             .as_ref()
-            .map(|m| match &m.source {
-                Some(source) => format!("{} ({source})", m.name),
-                None => m.name.to_string(),
-            })
-            .unwrap_or_else(|| "configuration".into());
-        let key = if err.path.is_empty() {
+            .is_some_and(|m| m.name.contains("environment"));
+        let key = err.path.join(".");
+        let variable = format!("OUTBOX_{}", err.path.join("__").to_uppercase());
+        let source = match (&err.metadata, file) {
+            _ if from_env => format!("the environment variable {variable}"),
+            (Some(m), Some(file)) if m.name.contains("TOML") => {
+                format!("config file {}", file.display())
+            }
+            (Some(m), _) => m.name.to_string(),
+            (None, _) => "the configuration".into(),
+        };
+        let at = if key.is_empty() {
             String::new()
         } else {
-            format!(" at key `{}`", err.path.join("."))
+            format!(" at key `{key}`")
         };
-        let hint = match &err.kind {
-            figment::error::Kind::UnknownField(field, _) => format!(
-                "; remove or correct it (in the environment, OUTBOX_{} is read as the key `{}`)",
-                field.to_uppercase(),
-                field
-            ),
-            _ => String::new(),
+        let problem = match &err.kind {
+            Kind::UnknownField(_, expected) => {
+                let hint = if from_env {
+                    format!("unset or rename {variable}")
+                } else {
+                    format!("remove or correct it (in the environment the same key is {variable})")
+                };
+                format!(
+                    "unknown key; the keys here are {}; {hint}",
+                    expected.join(", ")
+                )
+            }
+            other => {
+                let mut text = describe_kind(other);
+                if text.contains("a duration") {
+                    text.push_str(
+                        " such as \"500ms\", \"30s\", \"5m\", \"2h\" or \"7d\" (a number with a unit)",
+                    );
+                }
+                text
+            }
         };
-        lines.push(format!(
-            "bad configuration in {source}{key}: {}{hint}",
-            describe_kind(&err.kind)
-        ));
+        lines.push(format!("bad configuration in {source}{at}: {problem}"));
     }
     lines.join("\n")
 }
@@ -740,8 +798,11 @@ mod tests {
                 .resolve()
                 .unwrap();
             assert_eq!(config.database_url.expose(), "postgres://env@localhost/db");
-            jail.set_env("OUTBOX_SASL_KAFKA_BROKERZ", "localhost:9094");
-            assert!(load(jail, None, &ConfigOverrides::default()).is_err());
+            jail.set_env("OUTBOX_LOG", "debug");
+            assert!(load(jail, None, &ConfigOverrides::default()).is_ok());
+            let ignored = ignored_environment_variables();
+            assert!(ignored.contains(&"OUTBOX_LOG".to_string()), "{ignored:?}");
+            assert!(!ignored.iter().any(|v| v.contains("SASL")), "{ignored:?}");
             Ok(())
         });
     }
@@ -779,17 +840,40 @@ mod tests {
     fn unknown_keys_are_named() {
         Jail::expect_with(|jail| {
             jail.create_file("outbox.toml", "[polling]\nbatch_sise = 10\n")?;
-            let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default()).unwrap_err();
+            let path = jail.directory().join("outbox.toml");
+            let err =
+                Config::load_from(Some(&path), None, &ConfigOverrides::default()).unwrap_err();
             let text = err.to_string();
             assert!(err.is_config());
-            assert!(text.contains("batch_sise"), "{text}");
-            assert!(text.contains("outbox.toml"), "{text}");
+            assert_eq!(
+                text,
+                format!(
+                    "bad configuration in config file {} at key `polling.batch_sise`: unknown key; the keys here are batch_size, interval; remove or correct it (in the environment the same key is OUTBOX_POLLING__BATCH_SISE)",
+                    path.display()
+                )
+            );
             Ok(())
         });
         Jail::expect_with(|jail| {
-            jail.set_env("OUTBOX_BROKERS", "x");
+            jail.set_env("OUTBOX_POLLING__BATCHSIZE", "10");
             let err = load(jail, None, &ConfigOverrides::default()).unwrap_err();
-            assert!(err.to_string().contains("OUTBOX_BROKERS"), "{err}");
+            assert_eq!(
+                err.to_string(),
+                "bad configuration in the environment variable OUTBOX_POLLING__BATCHSIZE at key `polling.batchsize`: unknown key; the keys here are batch_size, interval; unset or rename OUTBOX_POLLING__BATCHSIZE"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_duration_shows_the_format() {
+        Jail::expect_with(|jail| {
+            jail.create_file("outbox.toml", "[polling]\ninterval = \"fast\"\n")?;
+            let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("at key `polling.interval`"), "{text}");
+            assert!(text.contains("\"500ms\", \"30s\""), "{text}");
+            assert!(!text.contains("fast"), "{text}");
             Ok(())
         });
     }
