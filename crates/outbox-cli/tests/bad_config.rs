@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 
@@ -249,4 +250,87 @@ fn max_backoff_below_initial_backoff_is_refused() {
         &output,
         &["delivery.max_backoff", "delivery.initial_backoff"],
     );
+}
+
+for_each_mode!(a_missing_topic_without_creation_is_named_at_once);
+/// `topics.create = false` and a topic nobody created: the relay says at once which
+/// topic and what to do, holds its events (no attempt used, nothing dead-lettered),
+/// stops promptly on SIGTERM, and publishes them in order once the topic exists.
+async fn a_missing_topic_without_creation_is_named_at_once(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
+    let events: Vec<_> = (0..10).map(|n| event("order", "1", n)).collect();
+    db.write(&events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let mut relay = spawn_relay(
+        &db,
+        &log,
+        &[
+            ("OUTBOX_MODE", mode_name(mode)),
+            ("OUTBOX_TOPICS__CREATE", "false"),
+            ("OUTBOX_DELIVERY__MAX_ATTEMPTS", "2"),
+        ],
+    );
+    let topic = db.topic("order");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!(
+            "topic \\\"{topic}\\\" does not exist and topics.create = false"
+        )) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay did not name the missing topic within 10 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Well past max_attempts: still waiting, nothing dead-lettered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, 0);
+    let stopping = std::time::Instant::now();
+    sigterm(&relay);
+    assert!(relay.wait().unwrap().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        stopping.elapsed()
+    );
+
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+    admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                3,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let mut relay = spawn_relay(
+        &db,
+        &log,
+        &[
+            ("OUTBOX_MODE", mode_name(mode)),
+            ("OUTBOX_TOPICS__CREATE", "false"),
+        ],
+    );
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    let received = consume_ids(vec![topic], &ids, Duration::from_secs(60)).await;
+    sigterm(&relay);
+    let _ = relay.wait();
+    audit(&db.rows().await, &received).assert_complete_and_ordered();
+    db.drop_db().await;
 }

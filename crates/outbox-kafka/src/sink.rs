@@ -139,8 +139,10 @@ impl KafkaSink {
             .producer_config()
             .create_with_context(QuietLog::redacting(redactor.clone()))
             .map_err(refused)?;
-        let admin = settings
-            .client_config()
+        let mut admin_config = settings.client_config();
+        // Asking whether a topic exists must not create it (with topics.create = false).
+        admin_config.set("allow.auto.create.topics", "false");
+        let admin = admin_config
             .create_with_context(QuietLog::redacting(redactor.clone()))
             .map_err(refused)?;
         Ok(KafkaSink {
@@ -188,6 +190,44 @@ impl KafkaSink {
         }
     }
 
+    /// With `topics.create = false`: which of `topics` do not exist. Their messages are
+    /// not sent (librdkafka would hold them until the message timeout, and then only
+    /// say "unknown topic"): they wait, in order and using up no attempt, with a reason
+    /// that names the topic and the fix, until someone creates it.
+    async fn check_topics_exist(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
+        let mut failed = HashMap::new();
+        for topic in topics {
+            let admin = self.admin.clone();
+            let name = topic.to_string();
+            let timeout = self.settings.message_timeout.min(Duration::from_secs(10));
+            let metadata = tokio::task::spawn_blocking(move || {
+                admin.inner().fetch_metadata(Some(&name), timeout)
+            })
+            .await
+            .expect("the metadata request does not panic");
+            let error = match metadata {
+                Ok(metadata) => {
+                    let exists = metadata.topics().iter().any(|t| {
+                        t.name() == *topic && t.error().is_none() && !t.partitions().is_empty()
+                    });
+                    if exists {
+                        self.known_topics
+                            .lock()
+                            .expect("topics lock")
+                            .insert(topic.to_string());
+                        continue;
+                    }
+                    DeliveryError::unavailable(format!(
+                        "topic {topic:?} does not exist and topics.create = false: create it (for example `kafka-topics.sh --create --topic {topic}`) or set topics.create = true; its events wait, in order, until it exists"
+                    ))
+                }
+                Err(err) => delivery_error(&err),
+            };
+            failed.insert(topic.to_string(), error);
+        }
+        failed
+    }
+
     /// Makes sure each topic exists. Returns the topics that cannot be used, with the
     /// error to report for their messages.
     async fn ensure_topics(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
@@ -204,13 +244,7 @@ impl KafkaSink {
             return failed;
         }
         if !self.settings.topics.create {
-            // Without creation rights, a send to a missing topic fails with "unknown
-            // topic" and is retried with backoff until the topic appears.
-            self.known_topics
-                .lock()
-                .expect("topics lock")
-                .extend(missing.iter().map(|t| t.to_string()));
-            return failed;
+            return self.check_topics_exist(&missing).await;
         }
         let new_topics: Vec<NewTopic> = missing
             .iter()
