@@ -98,8 +98,10 @@ enum Command {
 enum DeadLetterCommand {
     /// List dead letters, oldest first, with the reason of their last failure.
     List {
+        /// The most dead letters to show.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -386,7 +388,11 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
         println!("  (in CDC mode rows are never marked: `pending` below counts rows in the table)");
     }
     println!("  pending:       {}", stats.pending);
-    println!("  oldest:        {:.1} s", stats.oldest_pending_age_secs);
+    if stats.pending > 0 {
+        println!("  oldest:        {:.1} s", stats.oldest_pending_age_secs);
+    } else {
+        println!("  oldest:        - (nothing pending)");
+    }
     println!("  retrying:      {}", stats.retrying);
     println!(
         "  dead letters:  {}{}",
@@ -460,8 +466,21 @@ async fn retry_dead_letters(
     ids: Option<Vec<Uuid>>,
 ) -> Result<(), RelayError> {
     let (mut conn, store) = open_store(config).await?;
-    let count = store.retry_dead_letters(&mut conn, ids.as_deref()).await?;
-    println!("queued {count} dead letter(s) for delivery again");
+    let retried = store.retry_dead_letters(&mut conn, ids.as_deref()).await?;
+    println!("queued {} dead letter(s) for delivery again", retried.len());
+    let not_found: Vec<String> = ids
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| !retried.contains(id))
+        .map(|id| id.to_string())
+        .collect();
+    if !not_found.is_empty() {
+        return Err(RelayError::Config(format!(
+            "not dead letters of {} (unknown ids, or events that are not dead-lettered): {}; `outbox dead-letters list` shows the dead letters",
+            config.table,
+            not_found.join(", ")
+        )));
+    }
     Ok(())
 }
 

@@ -46,13 +46,62 @@ fn unknown_key_in_the_file_is_named() {
     let path = dir.path().join("outbox.toml");
     std::fs::write(&path, "[polling]\nbatch_sise = 10\n").unwrap();
     let output = outbox(&["--config", path.to_str().unwrap(), "relay"], &[]);
-    expect_config_error(&output, &["batch_sise", "outbox.toml"]);
+    // The file as given (absolute here), the keys of the section, the variable.
+    expect_config_error(
+        &output,
+        &[
+            &format!("config file {} at key `polling.batch_sise`", path.display()),
+            "the keys here are batch_size, interval",
+            "OUTBOX_POLLING__BATCH_SISE",
+        ],
+    );
 }
 
-#[test]
-fn unknown_environment_variable_is_named() {
-    let output = outbox(&["status"], &[("OUTBOX_BATCH_SIZE", "10")]);
-    expect_config_error(&output, &["OUTBOX_BATCH_SIZE"]);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_environment_variables_are_named() {
+    let output = outbox(&["status"], &[("OUTBOX_POLLING__BATCH_SISE", "10")]);
+    expect_config_error(
+        &output,
+        &[
+            "the environment variable OUTBOX_POLLING__BATCH_SISE",
+            "batch_size, interval",
+        ],
+    );
+    // A variable that is no setting at all is ignored, with a warning naming it.
+    let db = TestDb::new().await;
+    let output = outbox(
+        &["status"],
+        &[("OUTBOX_DATABASE_URL", &db.url), ("OUTBOX_LOG", "debug")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ignoring an OUTBOX_ variable that is not a setting")
+            && stderr.contains("OUTBOX_LOG"),
+        "{stderr}"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_commands_have_no_rough_edges() {
+    let db = TestDb::new().await;
+    let help = outbox(&["dead-letters", "list", "--help"], &[]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("The most dead letters to show") && help.contains("One JSON document"),
+        "{help}"
+    );
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let output = outbox(
+        &["dead-letters", "retry", &unknown],
+        &[("OUTBOX_DATABASE_URL", &db.url)],
+    );
+    expect_config_error(&output, &[&unknown, "outbox dead-letters list"]);
+    let output = outbox(&["status"], &[("OUTBOX_DATABASE_URL", &db.url)]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("oldest:        - (nothing pending)"), "{stdout}");
+    db.drop_db().await;
 }
 
 #[test]

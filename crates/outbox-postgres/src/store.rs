@@ -433,7 +433,7 @@ impl PollingStore {
         &self,
         conn: &mut PgConnection,
         ids: Option<&[Uuid]>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Vec<Uuid>, Error> {
         let t = self.table.qualified();
         let sql = format!(
             "WITH retried AS (
@@ -444,16 +444,17 @@ impl PollingStore {
              INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers, created_at,
                               dead_letter_retried_at)
              SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at, now()
-             FROM retried ORDER BY seq"
+             FROM retried ORDER BY seq
+             RETURNING id"
         );
         let mut tx = conn.begin().await?;
         mark_relay_delete(&mut tx).await?;
-        let result = sqlx::query(sqlx::AssertSqlSafe(String::from(&sql)))
+        let retried: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(ids)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(result.rows_affected())
+        Ok(retried)
     }
 }
 
