@@ -57,6 +57,10 @@ pub async fn run_with_metrics(
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let connect = connect_options(&config)?;
+    // One plain connection first: when the server cannot be reached, this says why at
+    // once (refused, TLS, password), where the pool would wait out its timeout and only
+    // say that it timed out.
+    connect_once(&config).await?.close().await.ok();
     let pool = PgPoolOptions::new()
         // The active relay's helpers: dead letters and backfills (CDC), the monitor, and
         // maintenance; the leader's own connection is separate.
@@ -136,6 +140,10 @@ pub async fn run_with_metrics(
 /// Opens one connection for the administrative commands (migrate, status, dead
 /// letters), with the same messages as the relay when the database cannot be reached.
 pub async fn connect(config: &RelayConfig) -> Result<PgConnection, RelayError> {
+    connect_once(config).await
+}
+
+async fn connect_once(config: &RelayConfig) -> Result<PgConnection, RelayError> {
     let options = connect_options(config)?;
     tokio::time::timeout(
         config.postgres.connect_timeout,
