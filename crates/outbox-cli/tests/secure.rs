@@ -841,21 +841,7 @@ async fn the_documented_database_grants_are_enough(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
     let (role, url) = match mode {
         Mode::Cdc => cdc_relay_role(&db).await,
-        Mode::Polling => {
-            let role = format!("relay_{}", &db.name[12..]);
-            sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
-                "CREATE ROLE {role} LOGIN PASSWORD 'relay-pw';
-                 GRANT SELECT, UPDATE, DELETE ON outbox TO {role};
-                 GRANT SELECT ON outbox_migrations TO {role};"
-            ))))
-            .execute(&db.pool)
-            .await
-            .unwrap();
-            let mut url = url::Url::parse(&db.url).unwrap();
-            url.set_username(&role).unwrap();
-            url.set_password(Some("relay-pw")).unwrap();
-            (role, url.to_string())
-        }
+        Mode::Polling => polling_relay_role(&db).await,
     };
     let mut url = url::Url::parse(&url).unwrap();
     url.set_host(Some("localhost")).unwrap();

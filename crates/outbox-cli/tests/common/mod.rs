@@ -686,17 +686,40 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
 /// A role that may connect, replicate and read, with the grants the README lists for a
 /// CDC relay; returns its name and URL.
 pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
-    let role = format!("relay_{}", &db.name[12..]);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
-        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'relay-pw';
-         GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
+    relay_role(
+        db,
+        "LOGIN REPLICATION",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
          GRANT SELECT ON outbox_migrations TO {role};
          GRANT SELECT, INSERT, UPDATE ON outbox_cdc_checkpoint TO {role};
-         GRANT SELECT ON outbox_writer_deletes TO {role};"
-    ))))
-    .execute(&db.pool)
+         GRANT SELECT ON outbox_writer_deletes TO {role};",
+    )
     .await
-    .unwrap();
+}
+
+/// A role with the grants the README lists for a polling relay; returns its name and URL.
+pub async fn polling_relay_role(db: &TestDb) -> (String, String) {
+    relay_role(
+        db,
+        "LOGIN",
+        "GRANT SELECT, UPDATE, DELETE ON outbox TO {role};
+         GRANT SELECT ON outbox_migrations TO {role};",
+    )
+    .await
+}
+
+/// Creates `relay_<db>` with `attributes` and password `relay-pw`, runs `grants` (with
+/// `{role}` standing for its name), and returns its name and URL.
+async fn relay_role(db: &TestDb, attributes: &str, grants: &str) -> (String, String) {
+    let role = format!("relay_{}", &db.name[12..]);
+    let sql = format!(
+        "CREATE ROLE {role} {attributes} PASSWORD 'relay-pw'; {}",
+        grants.replace("{role}", &role)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let mut url = url::Url::parse(&db.url).unwrap();
     url.set_username(&role).unwrap();
     url.set_password(Some("relay-pw")).unwrap();
