@@ -21,10 +21,13 @@ pub const LISTED_EXAMPLES: usize = 10;
 /// One outbox row as the audit needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRow {
+    /// The event id, matched against the messages' `id` header.
     pub id: Uuid,
     /// The table's order; within one aggregate it is commit order (DESIGN.md).
     pub seq: i64,
+    /// The `aggregatetype` column; routed to the topic to look on.
     pub aggregate_type: String,
+    /// The `aggregateid` column.
     pub aggregate_id: String,
     /// `published_at` is set: the relay recorded the broker's acknowledgement.
     pub marked_published: bool,
@@ -40,11 +43,15 @@ pub struct AuditRow {
 /// One message read back from a topic. Only its identity and position matter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObservedMessage {
+    /// The topic it was read from.
     pub topic: String,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset within the partition.
     pub offset: i64,
     /// The `id` header.
     pub id: Uuid,
+    /// The message key, if it has one.
     pub key: Option<Vec<u8>>,
 }
 
@@ -61,7 +68,9 @@ pub struct AuditPolicy {
 /// Where a message sits on its topic. Ordered by partition, then offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Position {
+    /// The partition.
     pub partition: i32,
+    /// The offset within the partition.
     pub offset: i64,
 }
 
@@ -75,21 +84,29 @@ pub enum LostReason {
     OlderThanGrace,
 }
 
+/// A row missing from its topic that should be there, as the report lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LostEvent {
+    /// The event id.
     pub id: Uuid,
+    /// The row's `seq`.
     pub seq: i64,
+    /// The row's `aggregatetype`.
     #[serde(rename = "aggregatetype")]
     pub aggregate_type: String,
+    /// The row's `aggregateid`.
     #[serde(rename = "aggregateid")]
     pub aggregate_id: String,
     /// The topic it should be on (`None` when its aggregate type makes no legal topic).
     pub topic: Option<String>,
+    /// Why it counts as lost rather than pending.
     pub reason: LostReason,
 }
 
+/// An event id found on its topic more than once.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DuplicateExample {
+    /// The event id.
     pub id: Uuid,
     /// How many times the id is on its topic (2 or more).
     pub copies: u64,
@@ -98,18 +115,25 @@ pub struct DuplicateExample {
 /// An event that reached the broker before an event of its aggregate with a lower `seq`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OrderViolation {
+    /// The aggregate's `aggregatetype`.
     #[serde(rename = "aggregatetype")]
     pub aggregate_type: String,
+    /// The aggregate's `aggregateid`.
     #[serde(rename = "aggregateid")]
     pub aggregate_id: String,
+    /// The topic both events are on.
     pub topic: String,
     /// The later event (higher `seq`) ...
     pub id: Uuid,
+    /// Its `seq`.
     pub seq: i64,
+    /// Where it first appeared.
     pub position: Position,
     /// ... first appeared before this earlier one.
     pub overtaken_id: Uuid,
+    /// The earlier event's `seq`.
     pub overtaken_seq: i64,
+    /// Where the earlier event first appeared.
     pub overtaken_position: Position,
 }
 
@@ -141,7 +165,9 @@ pub struct AuditReport {
     pub retried_dead_letters: u64,
     /// The first [`LISTED_LOST`] lost events, in `seq` order.
     pub lost_events: Vec<LostEvent>,
+    /// The first [`LISTED_EXAMPLES`] duplicated ids, in `seq` order.
     pub duplicate_examples: Vec<DuplicateExample>,
+    /// The first [`LISTED_EXAMPLES`] order violations, in `seq` order of the later event.
     pub order_violation_examples: Vec<OrderViolation>,
 }
 

@@ -27,21 +27,44 @@ pub struct Event {
 /// The message value: JSON (stored in a `jsonb` column) or opaque bytes (`bytea`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
+    /// A JSON document. Fits either column type (a `bytea` table stores it as compact
+    /// JSON text).
     Json(serde_json::Value),
+    /// Opaque bytes (Protobuf, Avro, ...). A `jsonb` table accepts them only if they
+    /// are valid JSON.
     Bytes(Vec<u8>),
 }
 
 /// A payload that cannot be stored in the table's payload column.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
+    /// A [`Payload::Bytes`] that is not valid JSON, for a table that stores `jsonb`:
+    /// write JSON, or use a table created with the `bytea` payload type.
     #[error("the payload is not valid JSON but the outbox table stores JSON (jsonb): {0}; store it as JSON, or create the table for bytes with `outbox migrate --payload-type bytea` (outbox::migrate with PayloadType::Bytea)")]
     NotJson(serde_json::Error),
+    /// [`Event::json`] could not turn the value into JSON (its `Serialize` impl returned
+    /// an error, or a map key cannot be a JSON string).
     #[error("could not serialize the payload to JSON: {0}")]
     Serialize(serde_json::Error),
 }
 
 impl Event {
     /// A new event with a fresh UUID v7 id and no extra headers.
+    ///
+    /// `payload` is a [`serde_json::Value`] or bytes (`Vec<u8>`, `&[u8]`); see
+    /// [`Event::json`] to serialize a value of your own type.
+    ///
+    /// # Example
+    /// ```rust
+    /// use outbox_core::{Event, Payload};
+    ///
+    /// let created = Event::new("order", "42", "OrderCreated", serde_json::json!({"total": 12}));
+    /// assert_eq!(created.aggregate_id, "42");
+    ///
+    /// let encoded: Vec<u8> = vec![0x08, 0x2a]; // a Protobuf message, say
+    /// let shipped = Event::new("order", "42", "OrderShipped", encoded.clone());
+    /// assert_eq!(shipped.payload, Payload::Bytes(encoded));
+    /// ```
     pub fn new(
         aggregate_type: impl Into<String>,
         aggregate_id: impl Into<String>,
@@ -59,6 +82,25 @@ impl Event {
     }
 
     /// A new event whose payload is `value` serialized to JSON.
+    ///
+    /// # Errors
+    /// [`PayloadError::Serialize`] when `value` cannot be serialized to JSON.
+    ///
+    /// # Example
+    /// ```rust
+    /// use outbox_core::Event;
+    /// use serde::Serialize;
+    ///
+    /// #[derive(Serialize)]
+    /// struct OrderCreated {
+    ///     total: u32,
+    /// }
+    ///
+    /// let event = Event::json("order", "42", "OrderCreated", &OrderCreated { total: 12 })?
+    ///     .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    /// assert_eq!(event.payload.to_bytes(), br#"{"total":12}"#);
+    /// # Ok::<(), outbox_core::PayloadError>(())
+    /// ```
     pub fn json<T: Serialize + ?Sized>(
         aggregate_type: impl Into<String>,
         aggregate_id: impl Into<String>,
@@ -125,9 +167,13 @@ impl From<&[u8]> for Payload {
 pub struct StoredEvent {
     /// Insertion order assigned by the database; orders events within one aggregate.
     pub seq: i64,
+    /// The event id (the `id` column); sent as the `id` header.
     pub id: Uuid,
+    /// The `aggregatetype` column; picks the topic.
     pub aggregate_type: String,
+    /// The `aggregateid` column; the message key.
     pub aggregate_id: String,
+    /// The `type` column; sent as the `type` header.
     pub event_type: String,
     /// The payload bytes as the broker will receive them (`jsonb` rendered as JSON text).
     pub payload: Option<Vec<u8>>,

@@ -11,6 +11,8 @@
 //! - [`audit_report`]: `outbox verify`'s comparison of outbox rows with the messages
 //!   read back from their topics.
 
+#![deny(missing_docs)]
+
 mod audit;
 mod event;
 mod outcome;

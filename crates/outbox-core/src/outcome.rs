@@ -10,7 +10,9 @@ use crate::{DeliveryOutcome, ErrorKind, StoredEvent};
 pub struct RetryPolicy {
     /// Attempts before an event is dead-lettered (the first delivery counts as one).
     pub max_attempts: u32,
+    /// The wait after the first failure; it doubles with each further failure.
     pub initial_backoff: Duration,
+    /// The longest wait between two attempts.
     pub max_backoff: Duration,
 }
 
@@ -38,24 +40,35 @@ impl RetryPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// The broker acknowledged it: mark the row published (or delete it).
-    Published { id: Uuid },
+    Published {
+        /// The event's id.
+        id: Uuid,
+    },
     /// Try again after `backoff`; the aggregate's later events wait for it.
     Retry {
+        /// The event's id.
         id: Uuid,
+        /// The attempt count to record; not raised when the event was only held back
+        /// behind another or the broker was unreachable.
         attempts: i32,
+        /// How long to wait before the next attempt.
         backoff: Duration,
+        /// The delivery error, recorded as the row's last error.
         error: String,
     },
     /// Give up: keep the row, flagged as a dead letter with the reason.
     DeadLetter {
+        /// The event's id.
         id: Uuid,
+        /// The attempt count to record, this attempt included.
         attempts: i32,
+        /// Why it was given up on, recorded with the dead letter.
         error: String,
     },
 }
 
 /// Turns the outcomes of one batch into actions. `events[i]` was delivered with
-/// `outcomes[i]`; `route_errors` are events that could not even be routed.
+/// `outcomes[i]`.
 ///
 /// Per-aggregate order: once an event of an aggregate is to be retried, every later
 /// event of that aggregate in the batch that did not reach the broker is retried after

@@ -3,9 +3,14 @@ use crate::StoredEvent;
 /// A message ready for a broker: the result of routing one [`StoredEvent`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
+    /// The topic, rendered from the [`TopicTemplate`] with the event's aggregate type.
     pub topic: String,
+    /// The event's `aggregateid`, so one aggregate's events share a partition.
     pub key: Vec<u8>,
+    /// The payload as stored; `None` for a row with a NULL payload (a tombstone).
     pub value: Option<Vec<u8>>,
+    /// `id`, `type`, `aggregatetype` (and the retried-dead-letter marker), then the
+    /// row's `headers` column entries, in that order.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -13,10 +18,14 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopicTemplate(String);
 
+/// A topic template [`TopicTemplate::parse`] refuses.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TopicTemplateError {
+    /// The template is the empty string.
     #[error("the topic template is empty; use something like \"outbox.event.{{aggregatetype}}\"")]
     Empty,
+    /// A `{...}` other than `{aggregatetype}` (or an unclosed `{`): the template, then
+    /// the offending placeholder.
     #[error("the topic template {0:?} has an unknown placeholder {1:?}; the only placeholder is {{aggregatetype}}")]
     UnknownPlaceholder(String, String),
 }
@@ -25,6 +34,9 @@ impl TopicTemplate {
     /// Debezium's default: `outbox.event.<aggregatetype>`.
     pub const DEFAULT: &'static str = "outbox.event.{aggregatetype}";
 
+    /// Checks that `template` is not empty and uses no placeholder but
+    /// `{aggregatetype}`. Whether the rendered names are legal topics is only known per
+    /// event, when routing.
     pub fn parse(template: &str) -> Result<Self, TopicTemplateError> {
         if template.is_empty() {
             return Err(TopicTemplateError::Empty);
@@ -44,10 +56,13 @@ impl TopicTemplate {
         Ok(TopicTemplate(template.into()))
     }
 
+    /// The topic name for events of `aggregate_type`, not checked against Kafka's rules
+    /// (see [`Router::topic_for`]).
     pub fn render(&self, aggregate_type: &str) -> String {
         self.0.replace("{aggregatetype}", aggregate_type)
     }
 
+    /// The template as written.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -59,8 +74,6 @@ impl Default for TopicTemplate {
     }
 }
 
-/// Why an event cannot be routed. Such an event can never be published as it is, so
-/// the relay dead-letters it at once instead of retrying.
 /// The headers the relay sets from the row's own columns. A `headers` column entry of
 /// the same name never replaces them: it is left out of the message.
 pub const RESERVED_HEADERS: [&str; 4] = ["id", "type", "aggregatetype", RETRIED_DEAD_LETTER_HEADER];
@@ -70,14 +83,23 @@ pub const RESERVED_HEADERS: [&str; 4] = ["id", "type", "aggregatetype", RETRIED_
 /// its aggregate, which a consumer that applies events in order may want to know.
 pub const RETRIED_DEAD_LETTER_HEADER: &str = "outbox.retried-dead-letter";
 
+/// Why an event cannot be routed. Such an event can never be published as it is, so
+/// the relay dead-letters it at once instead of retrying.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RouteError {
+    /// The source could not read the row (see [`StoredEvent::unreadable`]); the value is
+    /// why. Fix the row, then retry the dead letter.
     #[error("the row cannot be published as it is: {0}; fix the row, then run `outbox dead-letters retry`")]
     Unreadable(String),
+    /// The template rendered with the event's aggregate type is not a legal Kafka topic
+    /// name: fix the event's `aggregatetype` or the topic template.
     #[error("topic name {topic:?} (from aggregatetype {aggregate_type:?}) is not a legal Kafka topic name: {why}")]
     InvalidTopic {
+        /// The rendered topic name.
         topic: String,
+        /// The event's `aggregatetype`.
         aggregate_type: String,
+        /// The rule the name breaks.
         why: &'static str,
     },
 }
@@ -91,10 +113,13 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router that names topics with `template`.
     pub fn new(template: TopicTemplate) -> Self {
         Router { template }
     }
 
+    /// The topic events of `aggregate_type` go to, or [`RouteError::InvalidTopic`] when
+    /// that name breaks Kafka's rules for topic names.
     pub fn topic_for(&self, aggregate_type: &str) -> Result<String, RouteError> {
         let topic = self.template.render(aggregate_type);
         if let Err(why) = check_topic_name(&topic) {
@@ -107,6 +132,8 @@ impl Router {
         Ok(topic)
     }
 
+    /// The message for `event`. An error means the event can never be published as it
+    /// is: dead-letter it rather than retry.
     pub fn route(&self, event: &StoredEvent) -> Result<Message, RouteError> {
         if let Some(reason) = &event.unreadable {
             return Err(RouteError::Unreadable(reason.clone()));

@@ -18,14 +18,18 @@ pub enum ErrorKind {
     Permanent,
 }
 
+/// Why a sink could not deliver one message, and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{reason}")]
 pub struct DeliveryError {
+    /// Decides what the relay does next: retry, wait for the broker, or dead-letter.
     pub kind: ErrorKind,
+    /// What went wrong, for the log and the dead letter's `last_error`.
     pub reason: String,
 }
 
 impl DeliveryError {
+    /// An [`ErrorKind::Retriable`] failure.
     pub fn retriable(reason: impl Into<String>) -> Self {
         DeliveryError {
             kind: ErrorKind::Retriable,
@@ -33,6 +37,7 @@ impl DeliveryError {
         }
     }
 
+    /// An [`ErrorKind::Unavailable`] failure.
     pub fn unavailable(reason: impl Into<String>) -> Self {
         DeliveryError {
             kind: ErrorKind::Unavailable,
@@ -40,6 +45,7 @@ impl DeliveryError {
         }
     }
 
+    /// An [`ErrorKind::Permanent`] failure.
     pub fn permanent(reason: impl Into<String>) -> Self {
         DeliveryError {
             kind: ErrorKind::Permanent,
@@ -53,6 +59,7 @@ impl DeliveryError {
 pub enum DeliveryOutcome {
     /// The broker acknowledged the message durably (for Kafka: `acks=all`).
     Delivered,
+    /// Not acknowledged; the message may still have reached the broker.
     Failed(DeliveryError),
 }
 
@@ -70,5 +77,6 @@ pub enum DeliveryOutcome {
 /// - Delivery is at-least-once: a message may reach the broker and still be reported
 ///   failed (a lost acknowledgement). Consumers deduplicate by the `id` header.
 pub trait Sink: Send + Sync {
+    /// Sends `messages` and reports one outcome per message, in their order.
     fn publish(&self, messages: Vec<Message>) -> impl Future<Output = Vec<DeliveryOutcome>> + Send;
 }

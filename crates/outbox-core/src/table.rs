@@ -4,23 +4,59 @@ use std::fmt;
 /// name can inject SQL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableRef {
+    /// The schema, unquoted (such as `public`).
     pub schema: String,
+    /// The table name within the schema, unquoted (such as `outbox`).
     pub name: String,
 }
 
+/// A schema or table name PostgreSQL would not accept as an identifier, from
+/// [`TableRef::new`].
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TableRefError {
+    /// The name is the empty string: configure a real schema or table name.
     #[error("the {what} name is empty; set it to a table or schema name such as \"outbox\"")]
-    Empty { what: &'static str },
+    Empty {
+        /// Which name it is: `"schema"` or `"table"`.
+        what: &'static str,
+    },
+    /// The name is over 63 bytes, the most PostgreSQL keeps of an identifier: choose a
+    /// shorter one.
     #[error(
         "the {what} name {name:?} is longer than PostgreSQL's 63-byte limit; choose a shorter name"
     )]
-    TooLong { what: &'static str, name: String },
+    TooLong {
+        /// Which name it is: `"schema"` or `"table"`.
+        what: &'static str,
+        /// The name as given.
+        name: String,
+    },
+    /// The name contains a NUL character, which no PostgreSQL identifier can hold.
     #[error("the {what} name {name:?} contains a NUL character; choose another name")]
-    Nul { what: &'static str, name: String },
+    Nul {
+        /// Which name it is: `"schema"` or `"table"`.
+        what: &'static str,
+        /// The name as given.
+        name: String,
+    },
 }
 
 impl TableRef {
+    /// The table `name` in `schema`, both taken as they are (unquoted, case kept).
+    ///
+    /// # Errors
+    /// [`TableRefError`] when either name is empty, longer than 63 bytes or contains a
+    /// NUL character.
+    ///
+    /// # Example
+    /// ```rust
+    /// use outbox_core::TableRef;
+    ///
+    /// let table = TableRef::new("billing", "outbox")?;
+    /// assert_eq!(table.qualified(), r#""billing"."outbox""#);
+    /// assert!(TableRef::new("billing", "").is_err());
+    /// # Ok::<(), outbox_core::TableRefError>(())
+    /// ```
     pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Result<Self, TableRefError> {
         let table = TableRef {
             schema: schema.into(),

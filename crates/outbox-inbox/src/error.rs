@@ -8,9 +8,13 @@ use rdkafka::error::KafkaError;
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum InboxError {
+    /// A builder setting was out of range or inconsistent; raised by
+    /// [`InboxBuilder::build`](crate::InboxBuilder::build).
     #[error("invalid inbox setting `{setting}`: {problem}")]
     InvalidSetting {
+        /// The builder method or property at fault.
         setting: &'static str,
+        /// What is wrong with it and what is allowed.
         problem: String,
     },
     /// The text is librdkafka's, with the values of secret properties removed.
@@ -22,46 +26,81 @@ pub enum InboxError {
     /// The brokers answered but refused the inbox (TLS, SASL): retrying cannot help.
     #[error("Kafka brokers {brokers} refused the connection: {hint} ({detail})")]
     KafkaRefused {
+        /// The broker list as given.
         brokers: String,
+        /// The setting to change.
         hint: &'static str,
+        /// librdkafka's reason, with secrets removed.
         detail: String,
     },
+    /// Kafka did not answer the inbox's first metadata request.
     #[error("cannot reach the Kafka brokers {brokers}: {source}; check the broker list and that the brokers are running")]
     BrokersUnreachable {
+        /// The broker list as given.
         brokers: String,
+        /// librdkafka's error.
         #[source]
         source: KafkaError,
     },
     #[error("the dead-letter topic {topic:?} does not exist and create_dead_letter_topics(false) forbids creating it; create it (with as many partitions as its source topic, for example `kafka-topics.sh --create --topic {topic}` from Kafka's distribution), turn creation back on, or name another with dead_letter_topic()")]
-    MissingDeadLetterTopic { topic: String },
+    /// A dead-letter topic is missing and
+    /// [`create_dead_letter_topics(false)`](crate::InboxBuilder::create_dead_letter_topics)
+    /// forbids creating it.
+    MissingDeadLetterTopic {
+        /// The missing topic.
+        topic: String,
+    },
     #[error("cannot create the dead-letter topic {topic:?}: {reason}; grant the inbox's principal Create on it, create it yourself (as many partitions as its source topic), or name another with dead_letter_topic()")]
-    CreateDeadLetterTopic { topic: String, reason: String },
+    /// Creating a missing dead-letter topic failed (most often for lack of a Kafka ACL).
+    CreateDeadLetterTopic {
+        /// The topic the inbox tried to create.
+        topic: String,
+        /// The broker's answer.
+        reason: String,
+    },
     #[error("cannot read the inbox table {table}: {source}; create it with outbox_inbox::migrate (Inbox::migrate) and grant the consumer's role SELECT, INSERT and DELETE on it")]
+    /// The inbox table cannot be read: not created yet, or not granted to the role.
     MissingTable {
+        /// The inbox table, schema-qualified.
         table: String,
+        /// PostgreSQL's error.
         #[source]
         source: sqlx::Error,
     },
+    /// PostgreSQL failed outside a handler's transaction (connecting, migrating, purging).
     #[error("database error while {doing}: {source}")]
     Database {
+        /// What the inbox was doing.
         doing: &'static str,
+        /// PostgreSQL's error.
         #[source]
         source: sqlx::Error,
     },
     #[error("the inbox retention ({retention:?}) is shorter than the topics {topics:?} may keep a message ({lifetime}); a replay after an offset reset would apply events twice. Raise retention(), leave it unset to follow the topics, or use disable_retention()")]
+    /// The inbox would forget event ids while Kafka still holds messages that carry
+    /// them, so a replay could apply them twice.
     RetentionTooShort {
+        /// The retention asked for with `retention()`.
         retention: std::time::Duration,
+        /// The topics whose configuration keeps messages longer.
         topics: Vec<String>,
+        /// How long they keep them (their `retention.ms`, or "forever").
         lifetime: String,
     },
+    /// Kafka refused the subscription.
     #[error("cannot subscribe to {topics:?}: {source}")]
     Subscribe {
+        /// The topics asked for.
         topics: Vec<String>,
+        /// librdkafka's error.
         #[source]
         source: KafkaError,
     },
+    /// The consumer hit an error it cannot recover from; [`Inbox::run`](crate::Inbox::run)
+    /// returns it after committing the offsets of finished work.
     #[error("the Kafka consumer failed: {0}; restart it (the offsets of finished work were committed, the rest is replayed and deduplicated)")]
     Consumer(#[source] KafkaError),
+    /// The thread that polls Kafka did not start, or panicked.
     #[error("the inbox's Kafka polling thread could not start or panicked; see the log above, then restart the consumer")]
     PollThreadFailed,
 }

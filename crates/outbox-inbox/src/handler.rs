@@ -29,6 +29,7 @@ use crate::message::{InboxMessage, PayloadError};
 ///
 /// Implement it on a struct, or wrap a closure with [`handler_fn`].
 pub trait Handler: Send + Sync + 'static {
+    /// Applies one message through `tx`; see the contract above.
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -131,6 +132,7 @@ impl HandlerError {
         HandlerError::retry(message.to_string())
     }
 
+    /// True when the message is dead-lettered without further attempts.
     pub fn is_permanent(&self) -> bool {
         self.permanent
     }

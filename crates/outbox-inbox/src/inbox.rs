@@ -28,6 +28,19 @@ impl Inbox {
     /// brokers (`host:port,...`), the consumer group, and the consumer name under which
     /// its inbox rows are kept (usually the service's name; every instance of the
     /// service uses the same one).
+    ///
+    /// ```no_run
+    /// use outbox_inbox::{Inbox, TableRef};
+    ///
+    /// # fn example(pool: outbox_inbox::sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let inbox = Inbox::builder(pool, "127.0.0.1:9092", "billing", "billing")
+    ///     .topics(["outbox.event.order", "outbox.event.refund"])
+    ///     .table(TableRef::new("billing", "inbox")?) // default: public.outbox_inbox
+    ///     .static_member("billing-1") // a restarted instance gets its partitions at once
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder(
         pool: PgPool,
         brokers: impl Into<String>,
@@ -42,6 +55,7 @@ impl Inbox {
         self.stats.clone()
     }
 
+    /// The inbox table this inbox records event ids in.
     pub fn table(&self) -> &TableRef {
         &self.settings.table
     }
@@ -91,6 +105,35 @@ impl Inbox {
     /// At start: the inbox table is missing, the brokers are unreachable, a dead-letter
     /// topic does not exist. Later: a fatal consumer error. Handler failures are not
     /// errors here: they are retried, then dead-lettered.
+    ///
+    /// # Example: stop on SIGTERM or Ctrl-C
+    /// ```no_run
+    /// use outbox_inbox::{handler_fn, CancellationToken, HandlerError, Inbox};
+    ///
+    /// # async fn example(inbox: Inbox) -> Result<(), Box<dyn std::error::Error>> {
+    /// let shutdown = CancellationToken::new();
+    /// let on_signal = shutdown.clone();
+    /// tokio::spawn(async move {
+    ///     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    ///         .expect("a SIGTERM handler");
+    ///     tokio::select! {
+    ///         _ = term.recv() => {}
+    ///         _ = tokio::signal::ctrl_c() => {}
+    ///     }
+    ///     on_signal.cancel();
+    /// });
+    /// let stats = inbox.stats();
+    /// let handler = handler_fn(|_tx, message| {
+    ///     Box::pin(async move {
+    ///         println!("{} {}", message.id(), message.event_type().unwrap_or("?"));
+    ///         Ok::<_, HandlerError>(())
+    ///     })
+    /// });
+    /// inbox.run(handler, shutdown).await?; // Ok after a clean stop
+    /// println!("{stats:?}");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn run<H: Handler>(
         self,
         handler: H,

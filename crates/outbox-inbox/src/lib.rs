@@ -65,6 +65,7 @@
 //!
 //! Dead letters are at-least-once: a crash between the dead-letter write and its inbox
 //! record (or replays of a message without an id) can write one twice.
+#![deny(missing_docs)]
 
 mod consumer;
 mod dead_letter;
@@ -84,7 +85,7 @@ pub use error::InboxError;
 pub use handler::{handler_fn, FnHandler, Handler, HandlerError};
 pub use inbox::Inbox;
 pub use message::{InboxMessage, PayloadError, ID_HEADER};
-pub use outbox_core::TableRef;
+pub use outbox_core::{TableRef, TableRefError};
 pub use settings::InboxBuilder;
 /// The sqlx this crate is built with (0.9), for the pool and the handler's transaction.
 pub use sqlx;

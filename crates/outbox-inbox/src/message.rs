@@ -28,8 +28,10 @@ pub struct InboxMessage {
 /// bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
+    /// The message has no value (a tombstone).
     #[error("the message has no payload (a tombstone); expected JSON")]
     Missing,
+    /// The value is not JSON of the requested shape; serde's error says where.
     #[error("the payload is not the expected JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -40,14 +42,17 @@ impl InboxMessage {
         self.id
     }
 
+    /// The topic the message came from.
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
+    /// Its partition.
     pub fn partition(&self) -> i32 {
         self.partition
     }
 
+    /// Its offset in the partition.
     pub fn offset(&self) -> i64 {
         self.offset
     }

@@ -20,7 +20,9 @@ pub enum CreatedWindow {
     Since(Duration),
     /// Rows with `from <= created_at < to`; an open end is unbounded.
     Between {
+        /// The earliest `created_at` included; `None` for no lower bound.
         from: Option<DateTime<Utc>>,
+        /// The first `created_at` left out; `None` for no upper bound.
         to: Option<DateTime<Utc>>,
     },
 }
@@ -28,11 +30,13 @@ pub enum CreatedWindow {
 /// The audited rows, in `seq` order, and the bounds they were selected with.
 #[derive(Debug, Clone)]
 pub struct AuditRows {
+    /// The rows of the window, in `seq` order.
     pub rows: Vec<AuditRow>,
     /// The database's clock when the rows were read; ages are measured from it.
     pub read_at: DateTime<Utc>,
     /// The window's bounds as applied (a `Since` window resolved against `read_at`).
     pub from: Option<DateTime<Utc>>,
+    /// The window's end as applied (exclusive); `None` when it has none.
     pub to: Option<DateTime<Utc>>,
 }
 

@@ -33,16 +33,27 @@ const KNOWN_PARAMETERS: &[&str] = &[
 /// Why a database URL cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
+    /// The text does not parse as a URL; the value is the parser's message.
     #[error("database_url is not a valid URL ({0}); write it as postgres://USER[:PASSWORD]@HOST:PORT/DATABASE[?sslmode=verify-full&sslrootcert=/path/ca.crt]")]
     Syntax(String),
     #[error("database_url has scheme {0:?}; it must start with postgres:// or postgresql://")]
+    /// The URL's scheme (the value) is neither `postgres` nor `postgresql`.
     Scheme(String),
     #[error("database_url has the unknown parameter {0:?}; remove it (known: sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, application_name, options)")]
+    /// A query parameter (the value) sqlx does not know. Refused rather than ignored,
+    /// because sqlx would log it with its value, which may be a secret.
     UnknownParameter(String),
     #[error("database_url cannot be used: {0}")]
+    /// sqlx refused the URL; the value is its message, with the password redacted.
     Invalid(String),
     #[error("database_url_file {path}: {cause}; point it at a readable file that holds the URL")]
-    File { path: String, cause: String },
+    /// The file named by `database_url_file` could not be read or is empty.
+    File {
+        /// The file's path.
+        path: String,
+        /// Why it could not be used: the I/O error, or that it is empty.
+        cause: String,
+    },
 }
 
 /// A PostgreSQL URL, such as `postgres://outbox:pw@db:5432/app?sslmode=verify-full`.
@@ -53,6 +64,7 @@ pub enum UrlError {
 pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
+    /// Wraps `url` as it is; [`DatabaseUrl::connect_options`] checks it.
     pub fn new(url: impl Into<String>) -> Self {
         DatabaseUrl(url.into())
     }

@@ -22,13 +22,21 @@ pub struct LeaderLock {
 /// The session that holds a leadership lock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LockHolder {
+    /// The holding session's backend process id (what `pg_terminate_backend` takes).
     pub pid: i32,
+    /// The `application_name` the holder connected with.
     pub application_name: String,
+    /// The holder's client address; `None` over a Unix socket, or when this role may not
+    /// see it.
     pub client_addr: Option<String>,
+    /// When the holder's session started (`backend_start`): it has held the lock for at
+    /// most that long. `None` when this role may not see it.
     pub since: Option<DateTime<Utc>>,
 }
 
 impl LeaderLock {
+    /// The lock of `table`'s relay. Creating it takes nothing; see
+    /// [`LeaderLock::try_acquire`].
     pub fn new(table: &TableRef) -> Self {
         LeaderLock {
             name: format!("outbox.relay:{table}"),
@@ -47,6 +55,8 @@ impl LeaderLock {
         )
     }
 
+    /// Releases the lock. Only works on the connection that took it; closing that
+    /// connection releases it as well.
     pub async fn release(&self, conn: &mut PgConnection) -> Result<(), Error> {
         sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
             .bind(LOCK_CLASS)

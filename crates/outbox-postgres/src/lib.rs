@@ -2,14 +2,17 @@
 //!
 //! - [`migrate`]: creates and upgrades the outbox table (the plain contract of DESIGN.md),
 //!   its indexes and the insert notification trigger.
-//! - [`OutboxWriter`] / [`write`] / [`write_all`]: insert events with the caller's own
-//!   executor (a transaction, a connection or a pool); never begins or commits.
+//! - [`OutboxWriter`] / [`write`](fn@write) / [`write_all`]: insert events with the
+//!   caller's own executor (a transaction, a connection or a pool); never begins or
+//!   commits.
 //! - [`PollingStore`]: what the polling relay does to the table: fetch pending rows in
 //!   per-aggregate order, record outcomes, report statistics, manage dead letters.
 //! - [`read_audit_rows`]: the rows `outbox verify` audits (read-only, SELECT is enough).
 //! - [`DatabaseUrl`]: the URL every command connects with (TLS settings included), never
 //!   printed with its password.
 //! - [`LeaderLock`]: the advisory lock that keeps one relay active per outbox table.
+
+#![deny(missing_docs)]
 
 mod audit;
 mod database_url;
@@ -32,4 +35,4 @@ pub use store::{
 };
 pub use writer::{write, write_all, OutboxWriter};
 
-pub use outbox_core::{Event, Payload, TableRef};
+pub use outbox_core::{Event, Payload, TableRef, TableRefError};

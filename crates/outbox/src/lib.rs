@@ -31,8 +31,9 @@
 //! Writers in other languages need no library: the table is a plain contract (see
 //! README.md), so an `INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)`
 //! in the same transaction is all it takes.
+#![deny(missing_docs)]
 
-pub use outbox_core::{Event, Payload, PayloadError, TableRef};
+pub use outbox_core::{Event, Payload, PayloadError, TableRef, TableRefError};
 pub use outbox_postgres::{
     migrate, schema_version, write, write_all, Error, OutboxWriter, PayloadType, LATEST_VERSION,
 };
