@@ -38,12 +38,14 @@ impl Service {
         }
     }
 
-    /// The relay's default routing: `outbox.event.<aggregatetype>`.
+    /// The demo's routing, `shop.event.<aggregatetype>` (scripts/demo sets the relay's
+    /// `topics.template`): the demo stays off the default `outbox.event.*` topics that
+    /// a newcomer's own relay and consumers use.
     pub fn topic(self) -> &'static str {
         match self {
-            Service::Payments => "outbox.event.order",
-            Service::Notifications => "outbox.event.user",
-            Service::SearchIndex => "outbox.event.inventory",
+            Service::Payments => "shop.event.order",
+            Service::Notifications => "shop.event.user",
+            Service::SearchIndex => "shop.event.inventory",
         }
     }
 }
