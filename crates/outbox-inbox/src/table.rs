@@ -36,6 +36,12 @@ pub async fn migrate(conn: &mut PgConnection, table: &TableRef) -> Result<(), In
     let doing = "creating the inbox table";
     let database = |source| InboxError::Database { doing, source };
     let mut tx = conn.begin().await.map_err(database)?;
+    // "already exists, skipping" notices on every start would only be noise in the
+    // application's log.
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await
+        .map_err(database)?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("outbox.inbox.migrate:{table}"))
         .execute(&mut *tx)

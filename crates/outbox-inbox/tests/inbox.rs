@@ -814,3 +814,38 @@ async fn a_recreated_topic_is_consumed_from_its_new_start() {
     assert_eq!(env.business_count().await, 35);
     env.cleanup().await;
 }
+
+/// `inbox.migrate()` at every start logs nothing when the table exists: none of
+/// PostgreSQL's "already exists, skipping" notices reach the application's log.
+#[tokio::test]
+async fn migrating_an_existing_inbox_table_logs_no_notices() {
+    let env = TestEnv::new().await;
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = SharedBuffer(logs.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let inbox = env.builder("notices").build().unwrap();
+    inbox.migrate().await.unwrap();
+    drop(guard);
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(!text.contains("already exists"), "{text}");
+    env.cleanup().await;
+}
+
+#[derive(Clone)]
+struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -20,6 +20,7 @@ pub enum PayloadType {
 }
 
 impl PayloadType {
+    /// The column's SQL type name: `jsonb` or `bytea`.
     pub fn sql_type(self) -> &'static str {
         match self {
             PayloadType::Jsonb => "jsonb",
@@ -142,12 +143,35 @@ CREATE TRIGGER {writer_deletes_trigger} AFTER DELETE ON {t}
 /// lock). `payload` only matters when the table is created.
 ///
 /// Returns the versions applied by this call (empty when already up to date).
+///
+/// # Errors
+/// [`Error::SchemaTooNew`] when a newer outbox already migrated the table;
+/// [`Error::Database`] for anything the database refuses, such as a role that may not
+/// create the schema or the table.
+///
+/// # Example
+/// ```rust,no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_postgres::{migrate, PayloadType, TableRef};
+///
+/// let mut conn = pool.acquire().await?;
+/// let table = TableRef::new("public", "outbox")?;
+/// let applied = migrate(&mut conn, &table, PayloadType::Jsonb).await?;
+/// println!("applied schema versions {applied:?}");
+/// # Ok(())
+/// # }
+/// ```
 pub async fn migrate(
     conn: &mut PgConnection,
     table: &TableRef,
     payload: PayloadType,
 ) -> Result<Vec<i32>, Error> {
     let mut tx = conn.begin().await?;
+    // "already exists, skipping" notices on every start would only be noise in the
+    // application's log.
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("outbox.migrate:{table}"))
         .execute(&mut *tx)
