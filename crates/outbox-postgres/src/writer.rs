@@ -34,6 +34,7 @@ use crate::{Error, PayloadType};
 /// ```
 #[derive(Debug, Clone)]
 pub struct OutboxWriter {
+    table: TableRef,
     payload_type: PayloadType,
     insert_many: String,
 }
@@ -64,6 +65,7 @@ impl OutboxWriter {
             t = table.qualified(),
         );
         OutboxWriter {
+            table,
             payload_type,
             insert_many,
         }
@@ -81,8 +83,10 @@ impl OutboxWriter {
     ///
     /// # Errors
     /// [`Error::Payload`] when a bytes payload is not JSON but the table stores `jsonb`;
-    /// [`Error::Database`] for anything the database refuses, such as a repeated event id
-    /// (a primary-key violation) or a missing table (run `outbox migrate`).
+    /// [`Error::TableMissing`] when the table does not exist (run `outbox migrate`);
+    /// [`Error::PayloadTypeMismatch`] when the table's payload column is not of this
+    /// writer's payload type; [`Error::Database`] for anything else the database refuses,
+    /// such as a repeated event id (a primary-key violation).
     pub async fn write_all<'e, E>(&self, executor: E, events: &[Event]) -> Result<(), Error>
     where
         E: PgExecutor<'e>,
@@ -122,8 +126,42 @@ impl OutboxWriter {
                 query.bind(payloads)
             }
         };
-        query.bind(headers).execute(executor).await?;
-        Ok(())
+        match query.bind(headers).execute(executor).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(self.explain(error)),
+        }
+    }
+
+    /// The table this writer writes into.
+    pub fn table(&self) -> &TableRef {
+        &self.table
+    }
+
+    /// The payload type this writer binds.
+    pub fn payload_type(&self) -> PayloadType {
+        self.payload_type
+    }
+
+    /// Turns the database's refusals that have a known fix into errors that name it.
+    fn explain(&self, error: sqlx::Error) -> Error {
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|code| code.into_owned());
+        match code.as_deref() {
+            // undefined_table
+            Some("42P01") => Error::TableMissing {
+                table: self.table.clone(),
+            },
+            // datatype_mismatch: the only typed column that differs between tables is
+            // the payload (jsonb or bytea).
+            Some("42804") => Error::PayloadTypeMismatch {
+                table: self.table.clone(),
+                writer: self.payload_type,
+                source: error,
+            },
+            _ => Error::Database(error),
+        }
     }
 }
 

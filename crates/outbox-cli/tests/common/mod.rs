@@ -686,7 +686,7 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
 /// A role that may connect, replicate and read, with the grants the README lists for a
 /// CDC relay; returns its name and URL.
 pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
-    relay_role(
+    role_with_grants(
         db,
         "LOGIN REPLICATION",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {role};
@@ -699,7 +699,7 @@ pub async fn cdc_relay_role(db: &TestDb) -> (String, String) {
 
 /// A role with the grants the README lists for a polling relay; returns its name and URL.
 pub async fn polling_relay_role(db: &TestDb) -> (String, String) {
-    relay_role(
+    role_with_grants(
         db,
         "LOGIN",
         "GRANT SELECT, UPDATE, DELETE ON outbox TO {role};
@@ -710,7 +710,7 @@ pub async fn polling_relay_role(db: &TestDb) -> (String, String) {
 
 /// Creates `relay_<db>` with `attributes` and password `relay-pw`, runs `grants` (with
 /// `{role}` standing for its name), and returns its name and URL.
-async fn relay_role(db: &TestDb, attributes: &str, grants: &str) -> (String, String) {
+pub async fn role_with_grants(db: &TestDb, attributes: &str, grants: &str) -> (String, String) {
     let role = format!("relay_{}", &db.name[12..]);
     let sql = format!(
         "CREATE ROLE {role} {attributes} PASSWORD 'relay-pw'; {}",
@@ -894,5 +894,39 @@ impl Drop for KillOnDrop {
         if let Ok(None) = self.0.try_wait() {
             sigkill(&mut self.0);
         }
+    }
+}
+
+/// Everything logged through `tracing` on this thread while the guard lives, at every
+/// level, as a library user's `tracing_subscriber::fmt()` would print it. Use in a
+/// current-thread test so that the tasks that log run on this thread.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn start() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
