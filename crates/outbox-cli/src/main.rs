@@ -335,19 +335,42 @@ async fn open_store(
     Ok((conn, store))
 }
 
+/// [`open_store`] for commands that only read: SELECT on the table is enough.
+async fn open_read_only_store(
+    config: &RelayConfig,
+) -> Result<(sqlx::PgConnection, PollingStore), RelayError> {
+    let mut conn = outbox_relay::engine::connect(config).await?;
+    let store = PollingStore::open_read_only(&mut conn, config.table.clone())
+        .await
+        .map_err(privilege_is_config)?;
+    Ok((conn, store))
+}
+
 async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
-    let (mut conn, store) = open_store(config).await?;
+    let (mut conn, store) = open_read_only_store(config).await?;
     let stats = store.stats(&mut conn).await?;
     let holder = LeaderLock::new(&config.table).holder(&mut conn).await?;
-    // The CDC slot of this table, if one was created (`outbox migrate --cdc`).
     let database = outbox_postgres_cdc::slot::current_database(&mut conn)
         .await
         .map_err(|e| RelayError::Store(e.into()))?;
-    let names = outbox_postgres_cdc::CdcNames::for_table(&database, &config.table);
-    let slot = outbox_postgres_cdc::slot::slot_status(&mut conn, &names)
+    // This table's slot and every other outbox slot of the database, used or not: a
+    // slot left behind by a relay that is gone keeps its WAL until it is dropped.
+    let own_slot = outbox_postgres_cdc::CdcNames::for_table(&database, &config.table).slot;
+    let slots = outbox_postgres_cdc::slot::outbox_slots(&mut conn)
         .await
         .map_err(|e| RelayError::Store(e.into()))?;
     if json {
+        let slot_json = |name: &String, slot: &outbox_postgres_cdc::slot::SlotStatus| {
+            serde_json::json!({
+                "name": name,
+                "this_table": *name == own_slot,
+                "active": slot.active,
+                "wal_status": slot.wal_status,
+                "retained_wal_bytes": slot.retained_bytes,
+                "confirmed_flush_lsn": slot.confirmed_flush_lsn,
+                "lag_bytes": slot.lag_bytes,
+            })
+        };
         let value = serde_json::json!({
             "table": config.table.to_string(),
             "pending": stats.pending,
@@ -360,32 +383,15 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
                 "client_addr": h.client_addr,
                 "since": h.since.map(|t| t.to_rfc3339()),
             })),
-            "cdc_slot": slot.as_ref().map(|slot| serde_json::json!({
-                "name": names.slot,
-                "wal_status": slot.wal_status,
-                "confirmed_flush_lsn": slot.confirmed_flush_lsn,
-                "lag_bytes": slot.lag_bytes,
-                "active": slot.active,
-            })),
+            "cdc_slot": slots.iter().find(|(name, _)| *name == own_slot).map(|(name, slot)| slot_json(name, slot)),
+            "outbox_slots": slots.iter().map(|(name, slot)| slot_json(name, slot)).collect::<Vec<_>>(),
         });
         println!("{value:#}");
         return Ok(());
     }
     println!("outbox table {}", config.table);
-    if let Some(slot) = &slot {
-        println!(
-            "  cdc slot:      {} (wal_status {}, {} bytes behind, confirmed up to {}{})",
-            names.slot,
-            slot.wal_status.as_deref().unwrap_or("?"),
-            slot.lag_bytes.unwrap_or(0),
-            slot.confirmed_flush_lsn.as_deref().unwrap_or("?"),
-            if slot.active {
-                ", streaming"
-            } else {
-                ", not streaming"
-            }
-        );
-        println!("  (in CDC mode rows are never marked: `pending` below counts rows in the table)");
+    if slots.iter().any(|(name, _)| *name == own_slot) {
+        println!("  (CDC mode never marks rows: `pending` counts the rows in the table)");
     }
     println!("  pending:       {}", stats.pending);
     if stats.pending > 0 {
@@ -413,11 +419,50 @@ async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
         ),
         None => println!("  active relay:  none"),
     }
+    if slots.is_empty() {
+        println!("replication slots of outbox tables in database {database:?}: none");
+        return Ok(());
+    }
+    println!("replication slots of outbox tables in database {database:?}:");
+    for (name, slot) in &slots {
+        println!(
+            "  {name}{}: {}, wal_status {}, retains {} of WAL, confirmed up to {} ({} bytes behind)",
+            if *name == own_slot { " (this table)" } else { "" },
+            if slot.active { "streaming" } else { "not streaming" },
+            slot.wal_status.as_deref().unwrap_or("?"),
+            human_bytes(slot.retained_bytes.unwrap_or(0)),
+            slot.confirmed_flush_lsn.as_deref().unwrap_or("?"),
+            slot.lag_bytes.unwrap_or(0),
+        );
+        if !slot.active {
+            println!(
+                "    it keeps this WAL until a CDC relay reads it; if none will, drop it: SELECT pg_drop_replication_slot('{name}');"
+            );
+        }
+    }
     Ok(())
 }
 
+/// `1536` → `1.5 KiB`.
+fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = "B";
+    for next in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.1} {unit}")
+}
+
 async fn list_dead_letters(config: &RelayConfig, limit: i64, json: bool) -> Result<(), RelayError> {
-    let (mut conn, store) = open_store(config).await?;
+    let (mut conn, store) = open_read_only_store(config).await?;
     let letters = store.dead_letters(&mut conn, limit).await?;
     if json {
         let rows: Vec<_> = letters

@@ -350,3 +350,82 @@ async fn slot_metrics_and_retention() {
     );
     db.drop_db().await;
 }
+
+/// A CDC relay started without `outbox migrate --cdc` creates the publication and the
+/// slot, says so at INFO with the statements that remove them, and once it is gone
+/// `outbox status` still lists that slot, and every other outbox slot of the database,
+/// with the WAL each keeps and how to drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_creates_its_slot_says_how_to_remove_it_and_status_lists_every_slot() {
+    let db = TestDb::new().await;
+    let names = db.cdc_names();
+    // A slot of another outbox table of this database that no relay reads.
+    let other_slot = format!("outbox_{}_billing_events", db.name);
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&other_slot)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("relay.log");
+    let mut relay = KillOnDrop(spawn_relay(&db, &log_path, &cdc_env()));
+    let event = event("order", "1", 0);
+    db.write(std::slice::from_ref(&event)).await;
+    consume_ids(vec![db.topic("order")], &[event.id], WAIT).await;
+    sigterm(&relay.0);
+    assert!(relay.0.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let created_publication = log
+        .lines()
+        .find(|line| line.contains("created the publication"))
+        .unwrap_or_else(|| panic!("no INFO about the publication:\n{log}"));
+    assert!(
+        created_publication.contains("INFO")
+            && created_publication.contains("DROP PUBLICATION \"outbox_pub\""),
+        "{created_publication}"
+    );
+    let created_slot = log
+        .lines()
+        .find(|line| line.contains("created the replication slot"))
+        .unwrap_or_else(|| panic!("no INFO about the slot:\n{log}"));
+    assert!(
+        created_slot.contains("INFO")
+            && created_slot.contains(&format!("pg_drop_replication_slot('{}')", names.slot)),
+        "{created_slot}"
+    );
+
+    // WAL written after the slots were made is kept for both.
+    sqlx::query("SELECT pg_switch_wal()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
+    let slots = status["outbox_slots"].as_array().unwrap();
+    let listed: Vec<&str> = slots.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let mut expected = vec![other_slot.as_str(), names.slot.as_str()];
+    expected.sort();
+    assert_eq!(listed, expected, "{status}");
+    for slot in slots {
+        assert_eq!(slot["active"], false, "{status}");
+        assert_eq!(slot["wal_status"], "reserved", "{status}");
+        assert!(slot["retained_wal_bytes"].as_i64().unwrap() > 0, "{status}");
+        assert_eq!(
+            slot["this_table"],
+            slot["name"] == names.slot.as_str(),
+            "{status}"
+        );
+    }
+    assert_eq!(status["cdc_slot"]["name"], names.slot, "{status}");
+    let text = cli(&db, &["status"]);
+    for slot in [&names.slot, &other_slot] {
+        assert!(
+            text.contains(&format!("SELECT pg_drop_replication_slot('{slot}');")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains(&format!("{} (this table): not streaming", names.slot)),
+        "{text}"
+    );
+    db.drop_db().await;
+}

@@ -282,3 +282,32 @@ async fn deleted_topic_is_recreated() {
     assert_eq!(dead, 0);
     db.drop_db().await;
 }
+
+/// `outbox status` and `outbox dead-letters list` only read: a monitoring role with
+/// nothing but SELECT (on the table and its migrations table) runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_dead_letter_list_need_only_select() {
+    let db = TestDb::new().await;
+    db.write(&[event("order", "1", 0)]).await;
+    let (role, url) = role_with_grants(
+        &db,
+        "LOGIN",
+        "GRANT SELECT ON outbox, outbox_migrations TO {role};",
+    )
+    .await;
+    let status = run_cli(&["status", "--json"], &[("OUTBOX_DATABASE_URL", &url)]);
+    assert_eq!(status.code, Some(0), "{}", status.output());
+    let value: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(value["pending"], 1, "{value}");
+    let list = run_cli(&["dead-letters", "list"], &[("OUTBOX_DATABASE_URL", &url)]);
+    assert_eq!(list.code, Some(0), "{}", list.output());
+    // Writing still needs the relay's privileges, and says which.
+    let retry = run_cli(
+        &["dead-letters", "retry", "--all"],
+        &[("OUTBOX_DATABASE_URL", &url)],
+    );
+    assert_eq!(retry.code, Some(2), "{}", retry.output());
+    assert!(retry.stderr.contains("GRANT UPDATE"), "{}", retry.output());
+    db.drop_db().await;
+    drop_role(&role).await;
+}

@@ -53,6 +53,9 @@ pub struct SlotStatus {
     /// WAL the slot holds back: bytes between the current WAL position and the
     /// confirmed position.
     pub lag_bytes: Option<i64>,
+    /// WAL PostgreSQL keeps on disk for the slot: bytes from the slot's restart
+    /// position to the current WAL position.
+    pub retained_bytes: Option<i64>,
     pub active: bool,
 }
 
@@ -160,27 +163,59 @@ pub async fn ensure_slot(
     })
 }
 
+/// The columns [`slot_from_row`] reads (a macro, so that queries stay `&'static str`).
+macro_rules! slot_columns {
+    () => {
+        "wal_status, confirmed_flush_lsn::text AS confirmed,
+         pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 AS lag,
+         pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 AS retained, active"
+    };
+}
+
+/// The slot of `names`, if it exists.
 pub async fn slot_status(
     conn: &mut PgConnection,
     names: &CdcNames,
 ) -> Result<Option<SlotStatus>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT wal_status, confirmed_flush_lsn::text AS confirmed,
-                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 AS lag, active
-         FROM pg_replication_slots WHERE slot_name = $1",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        slot_columns!(),
+        " FROM pg_replication_slots WHERE slot_name = $1"
+    ))
     .bind(&names.slot)
     .fetch_optional(&mut *conn)
     .await?;
-    row.map(|row| {
-        Ok(SlotStatus {
-            wal_status: row.try_get("wal_status")?,
-            confirmed_flush_lsn: row.try_get("confirmed")?,
-            lag_bytes: row.try_get("lag")?,
-            active: row.try_get("active")?,
-        })
+    row.map(|row| slot_from_row(&row)).transpose()
+}
+
+/// Every replication slot of the current database named as the relay names its slots
+/// (`outbox_...`), used or not, by name: a slot nobody reads keeps its WAL forever.
+pub async fn outbox_slots(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, SlotStatus)>, sqlx::Error> {
+    let rows = sqlx::query(concat!(
+        "SELECT slot_name::text AS name, ",
+        slot_columns!(),
+        " FROM pg_replication_slots
+         WHERE database = current_database() AND slot_type = 'logical'
+           AND starts_with(slot_name::text, 'outbox_')
+         ORDER BY slot_name"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("name")?, slot_from_row(row)?)))
+        .collect()
+}
+
+fn slot_from_row(row: &sqlx::postgres::PgRow) -> Result<SlotStatus, sqlx::Error> {
+    Ok(SlotStatus {
+        wal_status: row.try_get("wal_status")?,
+        confirmed_flush_lsn: row.try_get("confirmed")?,
+        lag_bytes: row.try_get("lag")?,
+        retained_bytes: row.try_get("retained")?,
+        active: row.try_get("active")?,
     })
-    .transpose()
 }
 
 /// The database `conn` is connected to (part of the default slot name).

@@ -26,8 +26,13 @@ pub enum OnPublish {
 /// transaction that wrote them (compared with the row's `xmin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WrittenBy {
+    /// Every pending row, whichever transaction wrote it.
     Any,
+    /// Rows written by transactions older than this transaction id (the rows a
+    /// replication slot created at that point does not hold).
     Below(u64),
+    /// Rows written by this transaction or later ones (to publish again after a
+    /// replication slot was lost and recreated).
     AtOrAfter(u64),
 }
 
@@ -40,19 +45,28 @@ pub struct OutboxStats {
     pub oldest_pending_age_secs: f64,
     /// Pending rows waiting for a retry after a failed delivery.
     pub retrying: i64,
+    /// Dead-lettered rows, waiting for an operator (`outbox dead-letters`).
     pub dead_lettered: i64,
 }
 
 /// A dead-lettered event and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The event id.
     pub id: Uuid,
+    /// The `aggregatetype` column.
     pub aggregate_type: String,
+    /// The `aggregateid` column.
     pub aggregate_id: String,
+    /// The `type` column.
     pub event_type: String,
+    /// Delivery attempts made.
     pub attempts: i32,
+    /// Why the relay gave up on it, as recorded with the dead letter.
     pub last_error: Option<String>,
+    /// When the application wrote the event.
     pub created_at: DateTime<Utc>,
+    /// When the relay dead-lettered it.
     pub dead_lettered_at: DateTime<Utc>,
 }
 
@@ -70,8 +84,22 @@ impl PollingStore {
     /// Checks the table (exists, migrated, readable and writable by this role) and
     /// prepares the store's queries for its payload type.
     pub async fn open(conn: &mut PgConnection, table: TableRef) -> Result<Self, Error> {
+        Self::open_checking(conn, table, &["SELECT", "UPDATE", "DELETE"]).await
+    }
+
+    /// Opens the table to read it only (status, listing dead letters): a monitoring
+    /// role needs nothing but SELECT on it.
+    pub async fn open_read_only(conn: &mut PgConnection, table: TableRef) -> Result<Self, Error> {
+        Self::open_checking(conn, table, &["SELECT"]).await
+    }
+
+    async fn open_checking(
+        conn: &mut PgConnection,
+        table: TableRef,
+        privileges: &[&'static str],
+    ) -> Result<Self, Error> {
         check_version(conn, &table).await?;
-        check_privileges(conn, &table).await?;
+        check_table_privileges(conn, &table, privileges).await?;
         let payload_type: String = sqlx::query_scalar(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
              WHERE attrelid = to_regclass($1) AND attname = 'payload' AND NOT attisdropped",
@@ -91,6 +119,7 @@ impl PollingStore {
         })
     }
 
+    /// The outbox table this store reads and updates.
     pub fn table(&self) -> &TableRef {
         &self.table
     }
@@ -365,6 +394,7 @@ impl PollingStore {
         )
     }
 
+    /// The table's [`OutboxStats`], counted now.
     pub async fn stats(&self, conn: &mut PgConnection) -> Result<OutboxStats, Error> {
         let t = self.table.qualified();
         let row = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
@@ -573,10 +603,6 @@ impl RowUpdates {
         self.backoff_ms.push(backoff.as_millis() as i64);
         self.errors.push(error.to_string());
     }
-}
-
-async fn check_privileges(conn: &mut PgConnection, table: &TableRef) -> Result<(), Error> {
-    check_table_privileges(conn, table, &["SELECT", "UPDATE", "DELETE"]).await
 }
 
 /// What CDC mode needs beyond polling's privileges: INSERT on the outbox table (a dead

@@ -269,7 +269,13 @@ impl Relay<'_> {
             }
         };
         match ensure_publication(conn, table, names).await {
-            Ok(_) => {}
+            Ok(true) => info!(
+                publication = %names.publication,
+                %table,
+                "created the publication (`outbox migrate --cdc` creates it ahead of time); if CDC mode is given up, drop it: DROP PUBLICATION {}",
+                outbox_core::quote_ident(&names.publication)
+            ),
+            Ok(false) => {}
             Err(err @ SetupError::PublicationWithoutTable { .. }) => {
                 return Err(LeadEnd::Fatal(RelayError::Config(err.to_string())))
             }
@@ -287,7 +293,12 @@ impl Relay<'_> {
         }
         match ensure_slot(conn, table, names).await.map_err(store_err)? {
             SlotCreation::Existed => {}
-            SlotCreation::Created => info!(slot = %names.slot, "created the replication slot"),
+            SlotCreation::Created => info!(
+                slot = %names.slot,
+                %table,
+                "created the replication slot (`outbox migrate --cdc` creates it ahead of time); it keeps WAL on the server until a relay reads it, also while no relay runs: if CDC mode is given up, drop it: SELECT pg_drop_replication_slot('{}')",
+                names.slot
+            ),
             SlotCreation::Recreated { .. } => {}
         }
         let written = match checkpoint::read(conn, table, &names.slot)
