@@ -36,7 +36,7 @@ pub enum Payload {
 }
 
 /// A payload that cannot be stored in the table's payload column.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum PayloadError {
     /// A [`Payload::Bytes`] that is not valid JSON, for a table that stores `jsonb`:
     /// write JSON, or use a table created with the `bytea` payload type.
@@ -228,5 +228,12 @@ mod tests {
             .with_header("traceparent", "00-abc-def-01");
         assert_eq!(event.id, id);
         assert_eq!(event.headers["traceparent"], "00-abc-def-01");
+    }
+}
+
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::write_error_chain(self, f)
     }
 }

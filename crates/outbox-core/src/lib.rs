@@ -16,6 +16,7 @@
 mod audit;
 mod event;
 mod outcome;
+mod report;
 mod routing;
 mod sink;
 mod table;
@@ -26,6 +27,7 @@ pub use audit::{
 };
 pub use event::{Event, Payload, PayloadError, StoredEvent};
 pub use outcome::{plan_batch, Action, RetryPolicy};
+pub use report::write_error_chain;
 pub use routing::{
     Message, RouteError, Router, TopicTemplate, TopicTemplateError, RESERVED_HEADERS,
     RETRIED_DEAD_LETTER_HEADER,

@@ -12,7 +12,7 @@ pub struct TableRef {
 
 /// A schema or table name PostgreSQL would not accept as an identifier, from
 /// [`TableRef::new`].
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(thiserror::Error, PartialEq)]
 pub enum TableRefError {
     /// The name is the empty string: configure a real schema or table name.
     #[error("the {what} name is empty; set it to a table or schema name such as \"outbox\"")]
@@ -169,5 +169,12 @@ mod tests {
         let table = TableRef::new("public", "x".repeat(63)).unwrap();
         assert_eq!(table.derived_name("pending_idx").len(), 63);
         assert!(table.notify_channel().len() <= 63);
+    }
+}
+
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for TableRefError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::write_error_chain(self, f)
     }
 }

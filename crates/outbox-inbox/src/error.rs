@@ -107,19 +107,7 @@ pub enum InboxError {
 
 impl std::fmt::Debug for InboxError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use std::error::Error;
-        write!(f, "{self}")?;
-        let mut source = self.source();
-        let mut first = true;
-        while let Some(cause) = source {
-            if first {
-                write!(f, "\n\nCaused by:")?;
-                first = false;
-            }
-            write!(f, "\n    {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        outbox_core::write_error_chain(self, f)
     }
 }
 

@@ -26,7 +26,7 @@ pub struct InboxMessage {
 /// The payload is missing or does not decode as the requested type. A handler that
 /// returns it with `?` has the message dead-lettered at once: retrying cannot fix the
 /// bytes.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum PayloadError {
     /// The message has no value (a tombstone).
     #[error("the message has no payload (a tombstone); expected JSON")]
@@ -262,5 +262,12 @@ mod tests {
         assert_eq!(message.header_str("type"), Some("OrderUpdated"));
         assert_eq!(message.key_str(), Some("42"));
         assert_eq!(message.headers().count(), 2);
+    }
+}
+
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        outbox_core::write_error_chain(self, f)
     }
 }

@@ -3,7 +3,10 @@ use outbox_core::{PayloadError, TableRef};
 use crate::PayloadType;
 
 /// Errors of the PostgreSQL side. Each says what to do about it.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` shows the message and its causes, so a program whose `main` returns
+/// `Result<(), Box<dyn Error>>` prints the fix, not a struct dump.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The outbox table does not exist: create it with `outbox migrate` (or
@@ -67,6 +70,12 @@ pub enum Error {
     Database(#[from] sqlx::Error),
 }
 
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        outbox_core::write_error_chain(self, f)
+    }
+}
+
 impl Error {
     /// True when the error comes from a lost or refused connection rather than from the
     /// data or the schema, so waiting and reconnecting may help.
@@ -90,5 +99,33 @@ fn other_payload_type(writer: PayloadType) -> PayloadType {
     match writer {
         PayloadType::Jsonb => PayloadType::Bytea,
         PayloadType::Bytea => PayloadType::Jsonb,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `main() -> Result<(), Box<dyn Error>>` prints when a write fails: the
+    /// message with its fix, not a struct dump.
+    #[test]
+    fn debug_shows_the_message_and_its_fix() {
+        let err = Error::TableMissing {
+            table: TableRef::default(),
+        };
+        let boxed: Box<dyn std::error::Error> = Box::new(err);
+        let shown = format!("Error: {boxed:?}");
+        assert!(
+            shown.starts_with("Error: the outbox table public.outbox does not exist")
+                && shown.contains("outbox migrate"),
+            "{shown}"
+        );
+        let caused = Error::PayloadTypeMismatch {
+            table: TableRef::default(),
+            writer: PayloadType::Jsonb,
+            source: sqlx::Error::Protocol("column \"payload\" is of type bytea".into()),
+        };
+        let shown = format!("{caused:?}");
+        assert!(shown.contains("Caused by:\n    "), "{shown}");
     }
 }
