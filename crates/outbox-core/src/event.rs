@@ -191,6 +191,13 @@ pub struct StoredEvent {
     pub retried_dead_letter: bool,
 }
 
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::write_error_chain(self, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,12 +235,5 @@ mod tests {
             .with_header("traceparent", "00-abc-def-01");
         assert_eq!(event.id, id);
         assert_eq!(event.headers["traceparent"], "00-abc-def-01");
-    }
-}
-
-/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
-impl std::fmt::Debug for PayloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::write_error_chain(self, f)
     }
 }

@@ -141,6 +141,13 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for TableRefError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::write_error_chain(self, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,12 +176,5 @@ mod tests {
         let table = TableRef::new("public", "x".repeat(63)).unwrap();
         assert_eq!(table.derived_name("pending_idx").len(), 63);
         assert!(table.notify_channel().len() <= 63);
-    }
-}
-
-/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
-impl std::fmt::Debug for TableRefError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::write_error_chain(self, f)
     }
 }

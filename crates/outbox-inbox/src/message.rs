@@ -197,6 +197,13 @@ fn event_id(headers: &[(String, Option<Vec<u8>>)]) -> Result<Uuid, String> {
     parse_event_id(header)
 }
 
+/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
+impl std::fmt::Debug for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        outbox_core::write_error_chain(self, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,12 +269,5 @@ mod tests {
         assert_eq!(message.header_str("type"), Some("OrderUpdated"));
         assert_eq!(message.key_str(), Some("42"));
         assert_eq!(message.headers().count(), 2);
-    }
-}
-
-/// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
-impl std::fmt::Debug for PayloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        outbox_core::write_error_chain(self, f)
     }
 }
