@@ -1,0 +1,356 @@
+//! `chaos`: fault scenarios on the real services. For each scenario and mode: a fresh
+//! database and topics, a relay behind fault proxies (Toxiproxy) to PostgreSQL and
+//! Kafka, writers, and a consumer that reads Kafka directly; the fault while they run;
+//! then what survived, from the consumer's record against the database's rows, and
+//! from `outbox verify`. Run it with `scripts/chaos`.
+
+mod scenarios;
+mod score;
+mod toxiproxy;
+mod world;
+mod writers;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use scenarios::{Intensity, Scenario};
+use score::Score;
+use world::{Env, World};
+use writers::{Load, Writers};
+
+#[derive(Parser)]
+#[command(about = "Fault scenarios on the real services; prints what survived")]
+struct Args {
+    /// The short run for CI: fewer kills, shorter faults (at most 10 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Only these scenarios (repeatable); `--list` shows their names.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Only this mode.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// The outbox binary under test.
+    #[arg(long, default_value = "target/debug/outbox")]
+    outbox_bin: PathBuf,
+    /// Write the results table (Markdown) here.
+    #[arg(long, value_name = "FILE")]
+    results: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Polling,
+    Cdc,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Polling => "polling",
+            Mode::Cdc => "cdc",
+        }
+    }
+}
+
+/// One scenario in one mode: what survived.
+struct Row {
+    scenario: Scenario,
+    mode: Mode,
+    score: Score,
+    recover_s: Option<f64>,
+    takeover_s: Option<f64>,
+    verify_passed: bool,
+    /// Something that went wrong besides the score (a relay that exited by itself).
+    problem: Option<String>,
+}
+
+impl Row {
+    fn failed(&self) -> bool {
+        self.score.failed() || !self.verify_passed || self.problem.is_some()
+    }
+
+    fn line(&self) -> String {
+        let seconds = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}"));
+        format!(
+            "chaos: scenario={} mode={} events={} lost={} reorder={} stale={} dup={} recover_s={} takeover_s={} phantom={} dead_lettered={} verify={}{}",
+            self.scenario.name(),
+            self.mode.name(),
+            self.score.events,
+            self.score.lost,
+            self.score.reorder,
+            self.score.stale,
+            self.score.dup,
+            seconds(self.recover_s),
+            seconds(self.takeover_s),
+            self.score.phantom,
+            self.score.dead_lettered,
+            if self.verify_passed { "passed" } else { "FAILED" },
+            self.problem
+                .as_ref()
+                .map(|p| format!(" problem={p:?}"))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<std::process::ExitCode> {
+    let args = Args::parse();
+    let intensity = Intensity { quick: args.quick };
+    if args.list {
+        for scenario in Scenario::ALL {
+            println!("{:22} {}", scenario.name(), scenario.describe(intensity));
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut scenarios = Vec::new();
+    for name in &args.scenarios {
+        scenarios.push(Scenario::from_name(name).with_context(|| {
+            format!("unknown scenario {name:?}; `scripts/chaos --list` shows them")
+        })?);
+    }
+    if scenarios.is_empty() {
+        scenarios = Scenario::ALL.to_vec();
+    }
+    let modes = match args.mode {
+        Some(mode) => vec![mode],
+        None => vec![Mode::Polling, Mode::Cdc],
+    };
+    let env = environment(&args, intensity).await?;
+    let started = Instant::now();
+    if args.scenarios.is_empty() {
+        self_check(&env, intensity).await?;
+    }
+    let mut rows = Vec::new();
+    for &scenario in &scenarios {
+        for &mode in &modes {
+            if !scenario.applies(mode) {
+                continue;
+            }
+            let row = match run(&env, scenario, mode, intensity).await {
+                Ok(row) => row,
+                Err(err) => Row {
+                    scenario,
+                    mode,
+                    score: Score::default(),
+                    recover_s: None,
+                    takeover_s: None,
+                    verify_passed: false,
+                    problem: Some(format!("{err:#}")),
+                },
+            };
+            println!("{}", row.line());
+            rows.push(row);
+        }
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| r.failed()).collect();
+    let events: u64 = rows.iter().map(|r| r.score.events).sum();
+    println!(
+        "chaos: {} runs, {} events, {} failed, in {:.0} s",
+        rows.len(),
+        events,
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &args.results {
+        std::fs::write(path, results_markdown(&rows, intensity, &args))?;
+        println!("chaos: results written to {}", path.display());
+    }
+    Ok(if failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// Runs the control scenario, whose rows are marked published without being sent, and
+/// fails unless the harness counts them lost: a harness that cannot see a loss proves
+/// nothing.
+async fn self_check(env: &Env, intensity: Intensity) -> Result<()> {
+    let control = Scenario::ControlMarkedUnsent;
+    let row = run(env, control, Mode::Polling, intensity).await?;
+    let seen = row.score.lost > 0 && !row.verify_passed;
+    println!(
+        "chaos: self-check scenario={} lost={} verify={} ({})",
+        control.name(),
+        row.score.lost,
+        if row.verify_passed {
+            "passed"
+        } else {
+            "FAILED"
+        },
+        if seen {
+            "as expected: the harness and `outbox verify` see a loss"
+        } else {
+            "NOT SEEN"
+        }
+    );
+    if !seen {
+        anyhow::bail!("the self-check's marked-but-unsent rows were not counted lost: the harness cannot be trusted");
+    }
+    Ok(())
+}
+
+async fn environment(args: &Args, intensity: Intensity) -> Result<Env> {
+    let admin_url = std::env::var("OUTBOX_DATABASE_URL").context(
+        "OUTBOX_DATABASE_URL is not set; run through scripts/chaos, which starts the services",
+    )?;
+    let brokers = std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let parsed = url::Url::parse(&admin_url)?;
+    let host = parsed.host_str().unwrap_or("127.0.0.1").to_string();
+    if host != "127.0.0.1" || !brokers.starts_with("127.0.0.1:") {
+        anyhow::bail!("fault scenarios only run against services on 127.0.0.1");
+    }
+    let pg_address = format!("{host}:{}", parsed.port().unwrap_or(5432));
+    let root = std::env::current_dir()?;
+    let toxiproxy = toxiproxy::Toxiproxy::new();
+    toxiproxy.check().await?;
+    Ok(Env {
+        admin_url,
+        pg_address,
+        brokers,
+        outbox_bin: args.outbox_bin.clone(),
+        services_script: root.join("scripts/services"),
+        log_dir: root.join(".services/chaos"),
+        message_timeout: intensity.message_timeout(),
+        toxiproxy,
+    })
+}
+
+/// The writers' pace and the time around the fault.
+fn load(scenario: Scenario, intensity: Intensity) -> Load {
+    let events_per_second = match (scenario, intensity.quick) {
+        // The full run of relay kills writes at least 100,000 events.
+        (Scenario::RelayKill, false) => 1_500,
+        (_, false) => 800,
+        (_, true) => 400,
+    };
+    Load {
+        writers: 4,
+        aggregates_per_writer: 6,
+        events_per_second,
+        long_transaction: Duration::from_secs(6),
+    }
+}
+
+async fn run(env: &Env, scenario: Scenario, mode: Mode, intensity: Intensity) -> Result<Row> {
+    let mut world = World::create(env, scenario.name(), mode).await?;
+    let result = exercise(&mut world, scenario, intensity).await;
+    let verify_passed = world.verify().unwrap_or(false);
+    let mut problem = None;
+    for relay in &mut world.relays {
+        if let Some(status) = relay.exited() {
+            problem = Some(format!(
+                "relay {} exited by itself ({status}); see {}",
+                relay.index,
+                relay.log().display()
+            ));
+        }
+    }
+    world.tear_down().await?;
+    let (score, recover_s, takeover_s) = result?;
+    Ok(Row {
+        scenario,
+        mode,
+        score,
+        recover_s,
+        takeover_s,
+        verify_passed,
+        problem,
+    })
+}
+
+type Measured = (Score, Option<f64>, Option<f64>);
+
+async fn exercise(world: &mut World, scenario: Scenario, intensity: Intensity) -> Result<Measured> {
+    world.start_consumer()?;
+    world.start_relay(0).await?;
+    world.wait_active(0, Duration::from_secs(30)).await?;
+    let writers = Writers::start(world.pool.clone(), load(scenario, intensity), world.started);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fault = scenario.inject(world, intensity).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = writers.stop().await;
+    let rows = world.committed_rows().await?;
+    // Until every committed row (dead letters aside) has been read.
+    let expected: HashSet<_> = rows
+        .iter()
+        .filter(|r| !r.dead_lettered)
+        .map(|r| r.id)
+        .collect();
+    // The control's lost rows never come: no need to wait long for them.
+    let drain = if scenario == Scenario::ControlMarkedUnsent {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(120)
+    };
+    let deadline = Instant::now() + drain;
+    while Instant::now() < deadline {
+        let consumed = world.consumed_ids();
+        if expected.iter().all(|id| consumed.contains(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A little longer, for late duplicates.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let observed_until = world.now();
+    let arrivals = world.stop_consumer()?;
+    // Rows dead-lettered while draining count as such, not as lost.
+    let rows = world.committed_rows().await?;
+    let score = score::score(&rows, &arrivals);
+    let commits = log.lock().unwrap().commits.clone();
+    let recover = score::recovery(fault.end, observed_until, &commits, &arrivals);
+    Ok((score, recover, fault.takeover.map(|t| t.as_secs_f64())))
+}
+
+fn results_markdown(rows: &[Row], intensity: Intensity, args: &Args) -> String {
+    let mut text = String::from(
+        "# Fault scenarios: what survived\n\n\
+         Written by `scripts/chaos` (the full run) on the real services of `scripts/services`: \
+         PostgreSQL 15, a single-node Kafka, and Toxiproxy between the relay and each of them. \
+         Every scenario runs in both modes with four writers (half through the library, half \
+         with plain SQL; one transaction in ten rolled back; a transaction held open 6 s), a \
+         relay, and a consumer reading Kafka directly. Scored against the database's rows at \
+         the end: *lost* committed events never read, *reorder* first copies that arrived \
+         after a newer event of their aggregate, *stale* repeated copies that arrived after a \
+         newer event, *dup* copies beyond the first, *phantom* messages of rolled-back \
+         transactions, *recover* seconds from the fault's end until no event committed more \
+         than 1 s earlier was unread; `outbox verify` must pass too.\n\n",
+    );
+    text.push_str(&format!(
+        "Command: `scripts/chaos{}`\n\n",
+        if args.quick { " --quick" } else { "" }
+    ));
+    text.push_str("| scenario | what happens | mode | events | lost | reorder | stale | dup | phantom | recover (s) | verify |\n");
+    text.push_str("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    for row in rows {
+        text.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.scenario.name(),
+            row.scenario.describe(intensity),
+            row.mode.name(),
+            row.score.events,
+            row.score.lost,
+            row.score.reorder,
+            row.score.stale,
+            row.score.dup,
+            row.score.phantom,
+            row.recover_s.map_or("-".into(), |s| format!("{s:.1}")),
+            match (&row.problem, row.verify_passed) {
+                (Some(problem), _) => format!("**{problem}**"),
+                (None, true) => "passed".into(),
+                (None, false) => "**FAILED**".into(),
+            },
+        ));
+    }
+    text
+}

@@ -1,0 +1,265 @@
+//! The faults. Each scenario breaks one thing while the writers write, and returns when
+//! the fault is over; `run` then lets the system recover and scores what survived.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::toxiproxy::Toxic;
+use crate::world::World;
+use crate::Mode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    RelayKill,
+    PostgresRestartFast,
+    PostgresRestartImmediate,
+    PostgresLatency,
+    PostgresReset,
+    KafkaLatency,
+    KafkaBandwidth,
+    KafkaReset,
+    KafkaBlackhole,
+    KafkaRestart,
+    KafkaPause,
+    /// A control, not a fault: rows marked published without being sent, as a relay
+    /// that marks before Kafka's acknowledgement would. The harness must count them lost.
+    ControlMarkedUnsent,
+}
+
+/// How long the faults last: `--quick` (CI) or the full run.
+#[derive(Debug, Clone, Copy)]
+pub struct Intensity {
+    pub quick: bool,
+}
+
+impl Intensity {
+    pub fn relay_kills(self) -> usize {
+        if self.quick {
+            10
+        } else {
+            100
+        }
+    }
+
+    /// How long a latency, bandwidth or pause fault lasts.
+    pub fn fault(self) -> Duration {
+        Duration::from_secs(if self.quick { 5 } else { 20 })
+    }
+
+    /// The relays' `kafka.message_timeout`: the outage scenarios outlast it.
+    pub fn message_timeout(self) -> Duration {
+        Duration::from_secs(if self.quick { 3 } else { 5 })
+    }
+}
+
+/// What a fault left to measure.
+pub struct Fault {
+    /// When it ended, from the scenario's start.
+    pub end: Duration,
+    /// How long a standby took to become active, where one took over.
+    pub takeover: Option<Duration>,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 11] = [
+        Scenario::RelayKill,
+        Scenario::PostgresRestartFast,
+        Scenario::PostgresRestartImmediate,
+        Scenario::PostgresLatency,
+        Scenario::PostgresReset,
+        Scenario::KafkaLatency,
+        Scenario::KafkaBandwidth,
+        Scenario::KafkaReset,
+        Scenario::KafkaBlackhole,
+        Scenario::KafkaRestart,
+        Scenario::KafkaPause,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::RelayKill => "relay-kill",
+            Scenario::PostgresRestartFast => "pg-restart-fast",
+            Scenario::PostgresRestartImmediate => "pg-restart-immediate",
+            Scenario::PostgresLatency => "pg-latency",
+            Scenario::PostgresReset => "pg-reset",
+            Scenario::KafkaLatency => "kafka-latency",
+            Scenario::KafkaBandwidth => "kafka-bandwidth",
+            Scenario::KafkaReset => "kafka-reset",
+            Scenario::KafkaBlackhole => "kafka-blackhole",
+            Scenario::KafkaRestart => "kafka-restart",
+            Scenario::KafkaPause => "kafka-pause",
+            Scenario::ControlMarkedUnsent => "control-marked-unsent",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Scenario> {
+        Scenario::ALL
+            .into_iter()
+            .chain([Scenario::ControlMarkedUnsent])
+            .find(|s| s.name() == name)
+    }
+
+    /// What it does, for the results table.
+    pub fn describe(self, intensity: Intensity) -> String {
+        let fault = intensity.fault().as_secs();
+        let timeout = intensity.message_timeout().as_secs();
+        match self {
+            Scenario::RelayKill => format!(
+                "the relay SIGKILLed {} times, 0.3–1.5 s apart, restarted at once",
+                intensity.relay_kills()
+            ),
+            Scenario::PostgresRestartFast => {
+                "PostgreSQL restarted (`pg_ctl restart -m fast`) mid-stream".into()
+            }
+            Scenario::PostgresRestartImmediate => {
+                "PostgreSQL crash-restarted (`-m immediate`: no shutdown checkpoint, WAL recovery) mid-stream".into()
+            }
+            Scenario::PostgresLatency => {
+                format!("200 ms ± 50 ms latency each way between the relay and PostgreSQL for {fault} s")
+            }
+            Scenario::PostgresReset => {
+                "the relay's PostgreSQL connections reset (TCP RST), new ones too, for 1 s".into()
+            }
+            Scenario::KafkaLatency => {
+                format!("200 ms ± 50 ms latency each way between the relay and Kafka for {fault} s")
+            }
+            Scenario::KafkaBandwidth => {
+                format!("the relay's Kafka connection limited to 4 KB/s for {fault} s")
+            }
+            Scenario::KafkaReset => {
+                "the relay's Kafka connections reset (TCP RST), new ones too, for 1 s".into()
+            }
+            Scenario::KafkaBlackhole => format!(
+                "Kafka a black hole for the relay (connections open, nothing passes) for {} s, longer than kafka.message_timeout = {timeout} s",
+                timeout + 5
+            ),
+            Scenario::KafkaRestart => "the Kafka broker stopped and started again".into(),
+            Scenario::KafkaPause => format!(
+                "the Kafka broker paused (SIGSTOP) for {} s, longer than kafka.message_timeout = {timeout} s",
+                timeout + 5
+            ),
+            Scenario::ControlMarkedUnsent => "control: pending rows marked published behind the relay's back, as a relay that marks before the acknowledgement would; must be counted lost".into(),
+        }
+    }
+
+    /// Breaks what the scenario breaks, and returns once it is whole again.
+    pub async fn inject(self, world: &mut World, intensity: Intensity) -> Result<Fault> {
+        let proxy_fault = |proxy: &'static str, toxic: Toxic, lasting: Duration| {
+            let toxiproxy = world.env.toxiproxy.clone();
+            async move {
+                toxiproxy.add(proxy, toxic).await?;
+                tokio::time::sleep(lasting).await;
+                toxiproxy.clear(proxy).await
+            }
+        };
+        let latency = Toxic::Latency {
+            latency_ms: 200,
+            jitter_ms: 50,
+        };
+        let outage = intensity.message_timeout() + Duration::from_secs(5);
+        match self {
+            Scenario::RelayKill => {
+                for kill in 0..intensity.relay_kills() {
+                    // 0.3 to 1.5 s apart, spread without a random generator.
+                    let pause = 300 + (kill as u64 * 617) % 1_200;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    world.relay(0).kill();
+                    world.start_relay(0).await?;
+                }
+            }
+            Scenario::PostgresRestartFast => restart_postgres(world, "fast")?,
+            Scenario::PostgresRestartImmediate => restart_postgres(world, "immediate")?,
+            Scenario::PostgresLatency => proxy_fault("pg0", latency, intensity.fault()).await?,
+            Scenario::PostgresReset => {
+                proxy_fault("pg0", Toxic::ResetPeer, Duration::from_secs(1)).await?
+            }
+            Scenario::KafkaLatency => proxy_fault("kafka", latency, intensity.fault()).await?,
+            Scenario::KafkaBandwidth => {
+                proxy_fault(
+                    "kafka",
+                    Toxic::Bandwidth { kb_per_s: 32 },
+                    intensity.fault(),
+                )
+                .await?
+            }
+            Scenario::KafkaReset => {
+                proxy_fault("kafka", Toxic::ResetPeer, Duration::from_secs(1)).await?
+            }
+            Scenario::KafkaBlackhole => proxy_fault("kafka", Toxic::Blackhole, outage).await?,
+            Scenario::KafkaRestart => {
+                services(world, &["stop", "kafka"])?;
+                services(world, &["start", "kafka"])?;
+            }
+            Scenario::KafkaPause => {
+                let pid = kafka_pid(world)?;
+                signal(pid, libc::SIGSTOP);
+                tokio::time::sleep(outage).await;
+                signal(pid, libc::SIGCONT);
+            }
+            Scenario::ControlMarkedUnsent => {
+                world.relay(0).stop(Duration::from_secs(15));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                sqlx::query(
+                    "UPDATE outbox SET published_at = now()
+                     WHERE published_at IS NULL AND dead_lettered_at IS NULL",
+                )
+                .execute(&world.pool)
+                .await?;
+                world.start_relay(0).await?;
+            }
+        }
+        Ok(Fault {
+            end: world.now(),
+            takeover: None,
+        })
+    }
+
+    /// Whether the scenario means something in `mode`.
+    pub fn applies(self, mode: Mode) -> bool {
+        match self {
+            // CDC mode never reads the marks.
+            Scenario::ControlMarkedUnsent => mode == Mode::Polling,
+            _ => true,
+        }
+    }
+}
+
+fn restart_postgres(world: &World, how: &str) -> Result<()> {
+    services(world, &["restart-postgres", how])
+}
+
+fn services(world: &World, args: &[&str]) -> Result<()> {
+    let status = Command::new(&world.env.services_script)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running scripts/services {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("scripts/services {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The broker's pid, as `scripts/services status` reports it.
+fn kafka_pid(world: &World) -> Result<i32> {
+    let output = Command::new(&world.env.services_script)
+        .arg("status")
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find(|l| l.starts_with("kafka: up"))
+        .and_then(|l| {
+            l.rsplit_once("(pid ")
+                .map(|(_, rest)| rest.trim_end_matches(')'))
+        })
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no Kafka pid in `scripts/services status`: {text}"))
+}
+
+fn signal(pid: i32, signal: i32) {
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
