@@ -231,13 +231,16 @@ fn restart_postgres(world: &World, how: &str) -> Result<()> {
 }
 
 fn services(world: &World, args: &[&str]) -> Result<()> {
-    let status = Command::new(&world.env.services_script)
+    let output = Command::new(&world.env.services_script)
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .output()
         .with_context(|| format!("running scripts/services {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("scripts/services {} failed", args.join(" "));
+    if !output.status.success() {
+        bail!(
+            "scripts/services {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
