@@ -23,6 +23,7 @@ pub enum Scenario {
     KafkaBlackhole,
     KafkaRestart,
     KafkaPause,
+    BigTransactions,
     /// A control, not a fault: rows marked published without being sent, as a relay
     /// that marks before Kafka's acknowledgement would. The harness must count them lost.
     ControlMarkedUnsent,
@@ -48,6 +49,20 @@ impl Intensity {
         Duration::from_secs(if self.quick { 5 } else { 20 })
     }
 
+    /// Events in the big transaction of `big-transactions`.
+    pub fn big_transaction(self) -> usize {
+        if self.quick {
+            10_000
+        } else {
+            50_000
+        }
+    }
+
+    /// How long the long transaction of `big-transactions` stays open.
+    pub fn long_transaction(self) -> Duration {
+        Duration::from_secs(if self.quick { 8 } else { 30 })
+    }
+
     /// The relays' `kafka.message_timeout`: the outage scenarios outlast it.
     pub fn message_timeout(self) -> Duration {
         Duration::from_secs(if self.quick { 3 } else { 5 })
@@ -63,7 +78,7 @@ pub struct Fault {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::RelayKill,
         Scenario::PostgresRestartFast,
         Scenario::PostgresRestartImmediate,
@@ -75,6 +90,7 @@ impl Scenario {
         Scenario::KafkaBlackhole,
         Scenario::KafkaRestart,
         Scenario::KafkaPause,
+        Scenario::BigTransactions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +106,7 @@ impl Scenario {
             Scenario::KafkaBlackhole => "kafka-blackhole",
             Scenario::KafkaRestart => "kafka-restart",
             Scenario::KafkaPause => "kafka-pause",
+            Scenario::BigTransactions => "big-transactions",
             Scenario::ControlMarkedUnsent => "control-marked-unsent",
         }
     }
@@ -139,6 +156,11 @@ impl Scenario {
             Scenario::KafkaPause => format!(
                 "the Kafka broker paused (SIGSTOP) for {} s, longer than kafka.message_timeout = {timeout} s",
                 timeout + 5
+            ),
+            Scenario::BigTransactions => format!(
+                "a {}-event transaction and a transaction open for {} s among the small ones; the relay SIGKILLed right after the big one commits and again 1 s later",
+                intensity.big_transaction(),
+                intensity.long_transaction().as_secs()
             ),
             Scenario::ControlMarkedUnsent => "control: pending rows marked published behind the relay's back, as a relay that marks before the acknowledgement would; must be counted lost".into(),
         }
@@ -198,6 +220,20 @@ impl Scenario {
                 tokio::time::sleep(outage).await;
                 signal(pid, libc::SIGCONT);
             }
+            Scenario::BigTransactions => {
+                let long = tokio::spawn(long_transaction(
+                    world.pool.clone(),
+                    intensity.long_transaction(),
+                ));
+                big_transaction(&world.pool, intensity.big_transaction()).await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                world.relay(0).kill();
+                world.start_relay(0).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                world.relay(0).kill();
+                world.start_relay(0).await?;
+                long.await??;
+            }
             Scenario::ControlMarkedUnsent => {
                 world.relay(0).stop(Duration::from_secs(15));
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -224,6 +260,49 @@ impl Scenario {
             _ => true,
         }
     }
+}
+
+/// One transaction of `size` events over ten aggregates of its own, written in
+/// statements of 1,000.
+async fn big_transaction(pool: &sqlx::PgPool, size: usize) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let mut written = 0;
+    while written < size {
+        let chunk: Vec<outbox::Event> = (written..(written + 1_000).min(size))
+            .map(|i| {
+                outbox::Event::new(
+                    "order",
+                    format!("big-{}", i % 10),
+                    "Changed",
+                    serde_json::json!({ "n": i / 10, "writer": "big" }),
+                )
+            })
+            .collect();
+        outbox::write_all(&mut *tx, &chunk).await?;
+        written += chunk.len();
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A transaction that writes three events of its own aggregate and commits after
+/// `open_for`.
+async fn long_transaction(pool: sqlx::PgPool, open_for: Duration) -> Result<()> {
+    let events: Vec<outbox::Event> = (0..3)
+        .map(|n| {
+            outbox::Event::new(
+                "user",
+                "long-2",
+                "Changed",
+                serde_json::json!({ "n": n, "writer": "long" }),
+            )
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    outbox::write_all(&mut *tx, &events).await?;
+    tokio::time::sleep(open_for).await;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn restart_postgres(world: &World, how: &str) -> Result<()> {
