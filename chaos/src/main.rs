@@ -74,7 +74,9 @@ struct Row {
 
 impl Row {
     fn failed(&self) -> bool {
-        self.score.failed() || !self.verify_passed || self.problem.is_some()
+        // The inbox promises each effect once: a copy applied twice is a failure there.
+        let applied_twice = self.scenario == Scenario::Inbox && self.score.dup > 0;
+        self.score.failed() || applied_twice || !self.verify_passed || self.problem.is_some()
     }
 
     fn line(&self) -> String {
@@ -306,10 +308,50 @@ async fn exercise(world: &mut World, scenario: Scenario, intensity: Intensity) -
     let arrivals = world.stop_consumer()?;
     // Rows dead-lettered while draining count as such, not as lost.
     let rows = world.committed_rows().await?;
-    let score = score::score(&rows, &arrivals);
+    let score = if scenario == Scenario::Inbox {
+        inbox_score(world, &rows).await?
+    } else {
+        score::score(&rows, &arrivals)
+    };
     let commits = log.lock().unwrap().commits.clone();
     let recover = score::recovery(fault.end, observed_until, &commits, &arrivals);
     Ok((score, recover, fault.takeover.map(|t| t.as_secs_f64())))
+}
+
+/// The `inbox` scenario's score, from what its consumers applied once they caught up
+/// (at most 120 s): lost = committed and never applied, dup = applied more than once,
+/// reorder = applied after a newer event of its aggregate, phantom = applied but never
+/// committed.
+async fn inbox_score(world: &World, rows: &[score::CommittedRow]) -> Result<Score> {
+    let expected: HashSet<_> = rows
+        .iter()
+        .filter(|r| !r.dead_lettered)
+        .map(|r| r.id)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let applied = loop {
+        let applied = world.applied().await?;
+        let ids: HashSet<_> = applied.counts.iter().map(|(id, _)| *id).collect();
+        if expected.is_subset(&ids) || Instant::now() > deadline {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let ids: HashSet<_> = applied.counts.iter().map(|(id, _)| *id).collect();
+    let committed: HashSet<_> = rows.iter().map(|r| r.id).collect();
+    Ok(Score {
+        events: rows.len() as u64,
+        lost: expected.difference(&ids).count() as u64,
+        dead_lettered: rows.iter().filter(|r| r.dead_lettered).count() as u64,
+        reorder: applied.order_violations as u64,
+        stale: 0,
+        dup: applied
+            .counts
+            .iter()
+            .map(|(_, n)| (*n - 1).max(0) as u64)
+            .sum(),
+        phantom: ids.difference(&committed).count() as u64,
+    })
 }
 
 fn results_markdown(rows: &[Row], intensity: Intensity, args: &Args) -> String {

@@ -24,6 +24,9 @@ pub enum Scenario {
     KafkaRestart,
     KafkaPause,
     BigTransactions,
+    /// Inbox consumers of one group (processes) killed, joining and leaving, with their
+    /// database and Kafka restarted: every event applied exactly once, in order.
+    Inbox,
     /// A control, not a fault: rows marked published without being sent, as a relay
     /// that marks before Kafka's acknowledgement would. The harness must count them lost.
     ControlMarkedUnsent,
@@ -78,7 +81,7 @@ pub struct Fault {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::RelayKill,
         Scenario::PostgresRestartFast,
         Scenario::PostgresRestartImmediate,
@@ -91,6 +94,7 @@ impl Scenario {
         Scenario::KafkaRestart,
         Scenario::KafkaPause,
         Scenario::BigTransactions,
+        Scenario::Inbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +111,7 @@ impl Scenario {
             Scenario::KafkaRestart => "kafka-restart",
             Scenario::KafkaPause => "kafka-pause",
             Scenario::BigTransactions => "big-transactions",
+            Scenario::Inbox => "inbox",
             Scenario::ControlMarkedUnsent => "control-marked-unsent",
         }
     }
@@ -162,6 +167,7 @@ impl Scenario {
                 intensity.big_transaction(),
                 intensity.long_transaction().as_secs()
             ),
+            Scenario::Inbox => "three inbox consumers of one group (processes): one SIGKILLed and restarted, a fourth joins and leaves, PostgreSQL restarted, Kafka restarted; scored on their database: lost = never applied, reorder = applied after a newer event of its aggregate, dup = applied twice".into(),
             Scenario::ControlMarkedUnsent => "control: pending rows marked published behind the relay's back, as a relay that marks before the acknowledgement would; must be counted lost".into(),
         }
     }
@@ -233,6 +239,25 @@ impl Scenario {
                 world.relay(0).kill();
                 world.start_relay(0).await?;
                 long.await??;
+            }
+            Scenario::Inbox => {
+                world.create_inbox_database().await?;
+                for consumer in 0..3 {
+                    world.start_inbox_consumer(consumer)?;
+                }
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                world.stop_inbox_consumer(0, true);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                world.start_inbox_consumer(0)?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                world.start_inbox_consumer(3)?;
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                world.stop_inbox_consumer(3, false);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                restart_postgres(world, "fast")?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                services(world, &["stop", "kafka"])?;
+                services(world, &["start", "kafka"])?;
             }
             Scenario::ControlMarkedUnsent => {
                 world.relay(0).stop(Duration::from_secs(15));

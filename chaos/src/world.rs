@@ -57,6 +57,23 @@ pub struct World {
     pub started: Instant,
     pub relays: Vec<Relay>,
     consumer: Option<ConsumerHandle>,
+    /// The `inbox` scenario's consumers (processes) and their database.
+    pub inbox: Option<InboxWorld>,
+}
+
+/// The consumers of the `inbox` scenario: one group, each a process of its own.
+pub struct InboxWorld {
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub group: String,
+    pub consumers: Vec<Option<Child>>,
+}
+
+/// What the inbox consumers applied: (event id, times applied), and order violations.
+pub struct Applied {
+    pub counts: Vec<(Uuid, i64)>,
+    pub order_violations: i64,
 }
 
 /// A relay process with its proxies and HTTP port.
@@ -112,6 +129,7 @@ impl World {
             started: Instant::now(),
             relays: Vec::new(),
             consumer: None,
+            inbox: None,
         })
     }
 
@@ -280,6 +298,92 @@ impl World {
         Ok(output.status.success())
     }
 
+    /// Creates the inbox consumers' database (the consumers create their tables).
+    pub async fn create_inbox_database(&mut self) -> Result<()> {
+        let db_name = format!("{}_inbox", self.name);
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        drop_database(&mut admin, &db_name).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&mut admin)
+            .await?;
+        let db_url = with_database(&self.env.admin_url, &db_name)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db_url)
+            .await?;
+        self.inbox = Some(InboxWorld {
+            db_name,
+            db_url,
+            pool,
+            group: format!("chaos-inbox-{}", Uuid::new_v4().simple()),
+            consumers: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Starts inbox consumer `index` (a process; straight to PostgreSQL and Kafka).
+    pub fn start_inbox_consumer(&mut self, index: usize) -> Result<()> {
+        let topics = self.topics().join(",");
+        let log = self
+            .env
+            .log_dir
+            .join(format!("{}-inbox{index}.log", self.name));
+        let inbox = self.inbox.as_mut().expect("create_inbox_database first");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let binary = std::env::current_exe()?.with_file_name("chaos-inbox-consumer");
+        let child = Command::new(binary)
+            .args(["--database-url", &inbox.db_url])
+            .args(["--brokers", &self.env.brokers])
+            .args(["--group", &inbox.group])
+            .args(["--topics", &topics])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting chaos-inbox-consumer")?;
+        if inbox.consumers.len() <= index {
+            inbox.consumers.resize_with(index + 1, || None);
+        }
+        inbox.consumers[index] = Some(child);
+        Ok(())
+    }
+
+    /// Stops inbox consumer `index`: SIGKILL when `kill`, else SIGTERM (it leaves the
+    /// group and commits what it finished).
+    pub fn stop_inbox_consumer(&mut self, index: usize, kill: bool) {
+        let Some(inbox) = self.inbox.as_mut() else {
+            return;
+        };
+        if let Some(mut child) = inbox.consumers.get_mut(index).and_then(Option::take) {
+            if kill {
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                stop_child(&mut child, Duration::from_secs(20));
+            }
+        }
+    }
+
+    /// What the inbox consumers applied so far.
+    pub async fn applied(&self) -> Result<Applied> {
+        let inbox = self.inbox.as_ref().expect("create_inbox_database first");
+        let counts: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT event_id, count(*) FROM effects GROUP BY event_id")
+                .fetch_all(&inbox.pool)
+                .await?;
+        let order_violations: i64 = sqlx::query_scalar("SELECT count(*) FROM order_violations")
+            .fetch_one(&inbox.pool)
+            .await?;
+        Ok(Applied {
+            counts,
+            order_violations,
+        })
+    }
+
     /// Stops the relays (SIGTERM, then SIGKILL after 15 s), the consumer, the proxies,
     /// and drops the database and its slot. Topics are left for inspection; their names
     /// are unique per run.
@@ -292,6 +396,14 @@ impl World {
         let _ = self.env.toxiproxy.delete("kafka").await;
         self.pool.close().await;
         let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        if let Some(mut inbox) = self.inbox.take() {
+            for child in inbox.consumers.iter_mut().filter_map(Option::take) {
+                let mut child = child;
+                stop_child(&mut child, Duration::from_secs(20));
+            }
+            inbox.pool.close().await;
+            drop_database(&mut admin, &inbox.db_name).await?;
+        }
         drop_database(&mut admin, &self.name).await
     }
 }
@@ -307,21 +419,9 @@ impl Relay {
 
     /// SIGTERM, then SIGKILL once `grace` has passed.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, grace);
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// The relay has exited on its own (it should not, in any scenario).
@@ -334,6 +434,22 @@ impl Relay {
     pub fn log(&self) -> &Path {
         &self.log
     }
+}
+
+/// SIGTERM, then SIGKILL once `grace` has passed.
+fn stop_child(child: &mut Child, grace: Duration) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 struct ConsumerHandle {
