@@ -6,6 +6,7 @@
 
 mod scenarios;
 mod score;
+mod standby;
 mod toxiproxy;
 mod world;
 mod writers;
@@ -244,7 +245,8 @@ fn load(scenario: Scenario, intensity: Intensity) -> Load {
 }
 
 async fn run(env: &Env, scenario: Scenario, mode: Mode, intensity: Intensity) -> Result<Row> {
-    let mut world = World::create(env, scenario.name(), mode).await?;
+    let through_vip = scenario == Scenario::PostgresFailover;
+    let mut world = World::create(env, scenario.name(), mode, through_vip).await?;
     let result = exercise(&mut world, scenario, intensity).await;
     let verify_passed = world.verify().unwrap_or(false);
     let mut problem = None;
@@ -368,9 +370,18 @@ fn results_markdown(rows: &[Row], intensity: Intensity, args: &Args) -> String {
          transactions, *recover* seconds from the fault's end until no event committed more \
          than 1 s earlier was unread; `outbox verify` must pass too.\n\n",
     );
+    let stamp = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
     text.push_str(&format!(
-        "Command: `scripts/chaos{}`\n\n",
-        if args.quick { " --quick" } else { "" }
+        "Command: `scripts/chaos{}`, at commit `{}`, finished {} on a 2-core machine.\n\n",
+        if args.quick { " --quick" } else { "" },
+        stamp("git", &["rev-parse", "--short", "HEAD"]),
+        stamp("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
     ));
     text.push_str("| scenario | what happens | mode | events | lost | reorder | stale | dup | phantom | recover (s) | verify |\n");
     text.push_str("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");

@@ -24,6 +24,7 @@ pub enum Scenario {
     KafkaRestart,
     KafkaPause,
     BigTransactions,
+    PostgresFailover,
     /// Inbox consumers of one group (processes) killed, joining and leaving, with their
     /// database and Kafka restarted: every event applied exactly once, in order.
     Inbox,
@@ -81,7 +82,7 @@ pub struct Fault {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::RelayKill,
         Scenario::PostgresRestartFast,
         Scenario::PostgresRestartImmediate,
@@ -94,6 +95,7 @@ impl Scenario {
         Scenario::KafkaRestart,
         Scenario::KafkaPause,
         Scenario::BigTransactions,
+        Scenario::PostgresFailover,
         Scenario::Inbox,
     ];
 
@@ -111,6 +113,7 @@ impl Scenario {
             Scenario::KafkaRestart => "kafka-restart",
             Scenario::KafkaPause => "kafka-pause",
             Scenario::BigTransactions => "big-transactions",
+            Scenario::PostgresFailover => "pg-failover",
             Scenario::Inbox => "inbox",
             Scenario::ControlMarkedUnsent => "control-marked-unsent",
         }
@@ -167,6 +170,7 @@ impl Scenario {
                 intensity.big_transaction(),
                 intensity.long_transaction().as_secs()
             ),
+            Scenario::PostgresFailover => "a synchronous streaming standby (pg_basebackup, 127.0.0.1:5433) promoted after the primary crashes (`-m immediate`); writers and relay reach the database through a proxy switched to it, as a DNS name or virtual IP would be; scored against the promoted server".into(),
             Scenario::Inbox => "three inbox consumers of one group (processes): one SIGKILLed and restarted, a fourth joins and leaves, PostgreSQL restarted, Kafka restarted; scored on their database: lost = never applied, reorder = applied after a newer event of its aggregate, dup = applied twice".into(),
             Scenario::ControlMarkedUnsent => "control: pending rows marked published behind the relay's back, as a relay that marks before the acknowledgement would; must be counted lost".into(),
         }
@@ -239,6 +243,19 @@ impl Scenario {
                 world.relay(0).kill();
                 world.start_relay(0).await?;
                 long.await??;
+            }
+            Scenario::PostgresFailover => {
+                world.standby = Some(crate::standby::Standby::create(&world.env.admin_url).await?);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                world
+                    .standby
+                    .as_ref()
+                    .expect("just made")
+                    .fail_over()
+                    .await?;
+                world
+                    .switch_database(&format!("127.0.0.1:{}", crate::standby::PORT))
+                    .await?;
             }
             Scenario::Inbox => {
                 world.create_inbox_database().await?;

@@ -122,6 +122,28 @@ impl Toxiproxy {
         Ok(())
     }
 
+    /// Points proxy `name` at another upstream (a promoted standby, as a DNS name or a
+    /// virtual IP would be switched); its open connections are closed.
+    pub async fn set_upstream(&self, name: &str, upstream: &str) -> Result<()> {
+        if !upstream.starts_with("127.0.0.1:") {
+            bail!("fault proxies only run between loopback addresses, not {upstream}");
+        }
+        let response = self
+            .http
+            .post(format!("{API}/proxies/{name}"))
+            .json(&json!({"upstream": upstream}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!(
+                "pointing proxy {name} at {upstream}: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     /// Puts `toxic` on both directions of proxy `proxy`.
     pub async fn add(&self, proxy: &str, toxic: Toxic) -> Result<()> {
         for stream in [Stream::Upstream, Stream::Downstream] {

@@ -59,7 +59,15 @@ pub struct World {
     consumer: Option<ConsumerHandle>,
     /// The `inbox` scenario's consumers (processes) and their database.
     pub inbox: Option<InboxWorld>,
+    /// The failover scenario's standby.
+    pub standby: Option<crate::standby::Standby>,
+    /// Whether the writers, the truth and `verify` reach PostgreSQL through the `vip`
+    /// proxy (switched to the promoted standby in the failover scenario).
+    through_vip: bool,
 }
+
+/// The proxy that stands for the database's DNS name or virtual IP.
+const VIP_LISTEN: &str = "127.0.0.1:25499";
 
 /// The consumers of the `inbox` scenario: one group, each a process of its own.
 pub struct InboxWorld {
@@ -87,14 +95,22 @@ pub struct Relay {
 
 impl World {
     /// A fresh database (migrated for `mode`), its topics, and the Kafka proxy.
-    pub async fn create(env: &Env, scenario: &str, mode: Mode) -> Result<World> {
+    pub async fn create(env: &Env, scenario: &str, mode: Mode, through_vip: bool) -> Result<World> {
         let name = format!("chaos_{}_{}", scenario.replace('-', "_"), mode.name());
         let mut admin = PgConnection::connect(&env.admin_url).await?;
         drop_database(&mut admin, &name).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await?;
-        let db_url = with_database(&env.admin_url, &name)?;
+        let mut db_url = with_database(&env.admin_url, &name)?;
+        if through_vip {
+            env.toxiproxy
+                .proxy("vip", VIP_LISTEN, &env.pg_address)
+                .await?;
+            let mut url = url::Url::parse(&db_url)?;
+            url.set_port(Some(25499)).expect("a URL with a host");
+            db_url = url.to_string();
+        }
         let mut migrate = Command::new(&env.outbox_bin);
         migrate
             .arg("migrate")
@@ -130,6 +146,8 @@ impl World {
             relays: Vec::new(),
             consumer: None,
             inbox: None,
+            standby: None,
+            through_vip,
         })
     }
 
@@ -298,6 +316,20 @@ impl World {
         Ok(output.status.success())
     }
 
+    /// Points the `vip` proxy and every relay's PostgreSQL proxy at `upstream`.
+    pub async fn switch_database(&self, upstream: &str) -> Result<()> {
+        if self.through_vip {
+            self.env.toxiproxy.set_upstream("vip", upstream).await?;
+        }
+        for relay in &self.relays {
+            self.env
+                .toxiproxy
+                .set_upstream(&relay.pg_proxy, upstream)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Creates the inbox consumers' database (the consumers create their tables).
     pub async fn create_inbox_database(&mut self) -> Result<()> {
         let db_name = format!("{}_inbox", self.name);
@@ -394,7 +426,11 @@ impl World {
         }
         let _ = self.stop_consumer();
         let _ = self.env.toxiproxy.delete("kafka").await;
+        let _ = self.env.toxiproxy.delete("vip").await;
         self.pool.close().await;
+        if let Some(standby) = self.standby.take() {
+            standby.remove(&self.env.services_script).await?;
+        }
         let mut admin = PgConnection::connect(&self.env.admin_url).await?;
         if let Some(mut inbox) = self.inbox.take() {
             for child in inbox.consumers.iter_mut().filter_map(Option::take) {

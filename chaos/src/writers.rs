@@ -59,12 +59,19 @@ impl Writers {
     }
 
     /// Stops the writers after their current transaction (the long one commits first).
-    pub async fn stop(self) -> SharedLog {
+    pub async fn stop(mut self) -> SharedLog {
         self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
-        self.log
+        self.log.clone()
+    }
+}
+
+/// A scenario that failed midway drops its writers: they stop too.
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
