@@ -285,6 +285,51 @@ impl World {
         }
     }
 
+    /// Every message of the scenario's topics, read afresh from the beginning up to each
+    /// partition's high watermark (at most 120 s). The record is scored on this read, in
+    /// partition order; the live consumer only times arrivals (for `recover_s`), so a
+    /// consumer that stalls after a broker fault cannot pass for a loss.
+    pub fn read_topics(&self) -> Result<Vec<Arrival>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.env.brokers)
+            .set("group.id", format!("chaos-read-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        let mut assignment = TopicPartitionList::new();
+        let mut remaining = std::collections::HashMap::new();
+        for topic in self.topics() {
+            for partition in 0..PARTITIONS {
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
+                if high > low {
+                    remaining.insert((topic.clone(), partition), high);
+                }
+                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        let mut messages = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !remaining.is_empty() {
+            if Instant::now() > deadline {
+                bail!("the topics could not be read to their end within 120 s");
+            }
+            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let Ok(message) = result else { continue };
+            let key = (message.topic().to_string(), message.partition());
+            if let Some(&high) = remaining.get(&key) {
+                if message.offset() + 1 >= high {
+                    remaining.remove(&key);
+                }
+            }
+            messages.push(decode(&message, Duration::ZERO)?);
+        }
+        Ok(messages)
+    }
+
     /// Every row the database holds: the truth the record is scored against.
     pub async fn committed_rows(&self) -> Result<Vec<CommittedRow>> {
         let rows = sqlx::query("SELECT id, dead_lettered_at IS NOT NULL AS dead FROM outbox")
