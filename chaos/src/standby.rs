@@ -159,15 +159,6 @@ impl Standby {
     /// takes its synchronous standby and slot away before anything commits there (a
     /// commit would wait forever for the standby that is gone).
     pub async fn remove(self, services_script: &std::path::Path) -> Result<()> {
-        let dir = self.dir.to_string_lossy().to_string();
-        let _ = as_postgres(&[
-            &format!("{BIN}/pg_ctl"),
-            "-D",
-            &dir,
-            "-m",
-            "immediate",
-            "stop",
-        ]);
         self.remove_files();
         // Started bare, then reset, then brought in line by scripts/services.
         let _ = as_root(&["pg_ctlcluster", CLUSTER[0], CLUSTER[1], "start"]);
@@ -183,6 +174,7 @@ impl Standby {
         Ok(())
     }
 
+    /// Stops the standby if it runs (`-m immediate`) and deletes its files.
     fn remove_files(&self) {
         if self.dir.join("postmaster.pid").exists() {
             let dir = self.dir.to_string_lossy().to_string();

@@ -679,12 +679,12 @@ fn with_database(admin_url: &str, name: &str) -> Result<String> {
     Ok(url.to_string())
 }
 
-/// The writers' record: what they committed for certain (with when), and what they
-/// rolled back.
+/// The writers' record: what they committed for certain, and when (rolled-back events
+/// need no record: the database's rows are the truth, so one that is published counts
+/// as a phantom).
 #[derive(Default)]
 pub struct WriterLog {
     pub commits: Vec<CommitTime>,
-    pub rolled_back: Vec<Uuid>,
     /// Commits whose outcome is unknown (the connection broke during COMMIT): the
     /// database's rows at the end decide.
     pub uncertain: u64,

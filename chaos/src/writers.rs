@@ -115,7 +115,7 @@ async fn write_loop(
                 log.commits
                     .extend(ids.iter().map(|&id| CommitTime { id, at }));
             }
-            Outcome::RolledBack => log.lock().unwrap().rolled_back.extend(ids),
+            Outcome::RolledBack => {}
             Outcome::Unknown => log.lock().unwrap().uncertain += ids.len() as u64,
             // Nothing was committed; the numbers stay used, which leaves a gap in the
             // aggregate's sequence and never a reversal.
