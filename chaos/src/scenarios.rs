@@ -25,6 +25,11 @@ pub enum Scenario {
     KafkaPause,
     BigTransactions,
     PostgresFailover,
+    /// The active relay cut off from PostgreSQL while a standby waits.
+    PostgresCutStandby,
+    /// The active relay paused and cut off from PostgreSQL; a standby takes over and
+    /// publishes; then the old relay wakes up, with Kafka in reach.
+    SplitBrain,
     /// Inbox consumers of one group (processes) killed, joining and leaving, with their
     /// database and Kafka restarted: every event applied exactly once, in order.
     Inbox,
@@ -82,7 +87,7 @@ pub struct Fault {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::RelayKill,
         Scenario::PostgresRestartFast,
         Scenario::PostgresRestartImmediate,
@@ -96,6 +101,8 @@ impl Scenario {
         Scenario::KafkaPause,
         Scenario::BigTransactions,
         Scenario::PostgresFailover,
+        Scenario::PostgresCutStandby,
+        Scenario::SplitBrain,
         Scenario::Inbox,
     ];
 
@@ -114,6 +121,8 @@ impl Scenario {
             Scenario::KafkaPause => "kafka-pause",
             Scenario::BigTransactions => "big-transactions",
             Scenario::PostgresFailover => "pg-failover",
+            Scenario::PostgresCutStandby => "pg-cut-standby",
+            Scenario::SplitBrain => "split-brain",
             Scenario::Inbox => "inbox",
             Scenario::ControlMarkedUnsent => "control-marked-unsent",
         }
@@ -171,6 +180,15 @@ impl Scenario {
                 intensity.long_transaction().as_secs()
             ),
             Scenario::PostgresFailover => "a synchronous streaming standby (pg_basebackup, 127.0.0.1:5433) promoted after the primary crashes (`-m immediate`); writers and relay reach the database through a proxy switched to it, as a DNS name or virtual IP would be; scored against the promoted server".into(),
+            Scenario::PostgresCutStandby => format!(
+                "the active relay cut off from PostgreSQL (nothing passes; the connections end {} s later, as the server's TCP keepalive ends a silent peer's session) while a standby waits; takeover = from the cut until the standby is active",
+                CUT_CLOSES_AFTER.as_secs()
+            ),
+            Scenario::SplitBrain => format!(
+                "the active relay paused (SIGSTOP, holding a batch: kafka.linger = {} ms) and cut off from PostgreSQL as in pg-cut-standby; the standby takes over and publishes for {} s; then the old relay wakes up, Kafka in reach, still cut off from PostgreSQL. zombie must be 0: the successor's Kafka transactions fenced the old relay",
+                SPLIT_BRAIN_LINGER.as_millis(),
+                SUCCESSOR_ALONE.as_secs()
+            ),
             Scenario::Inbox => "three inbox consumers of one group (processes): one SIGKILLed and restarted, a fourth joins and leaves, PostgreSQL restarted, Kafka restarted; scored on their database: lost = never applied, reorder = applied after a newer event of its aggregate, dup = applied twice".into(),
             Scenario::ControlMarkedUnsent => "control: pending rows marked published behind the relay's back, as a relay that marks before the acknowledgement would; must be counted lost".into(),
         }
@@ -257,6 +275,8 @@ impl Scenario {
                     .switch_database(&format!("127.0.0.1:{}", crate::standby::PORT))
                     .await?;
             }
+            Scenario::PostgresCutStandby => return cut_off_active_relay(world, false).await,
+            Scenario::SplitBrain => return cut_off_active_relay(world, true).await,
             Scenario::Inbox => {
                 world.create_inbox_database().await?;
                 for consumer in 0..3 {
@@ -301,6 +321,70 @@ impl Scenario {
             Scenario::ControlMarkedUnsent => mode == Mode::Polling,
             _ => true,
         }
+    }
+}
+
+/// How long after the cut Toxiproxy closes the cut-off relay's PostgreSQL connections.
+/// Toxiproxy's own TCP stack answers the server's keepalive probes, so it cannot leave a
+/// half-open connection for the server to detect; closing stands for the moment the
+/// server's keepalive (`postgres.keepalive_*`, 30 s by default) ends the session.
+const CUT_CLOSES_AFTER: Duration = Duration::from_secs(3);
+/// `split-brain`: the relays' `kafka.linger`, so that the paused relay holds a batch
+/// it has produced but not sent.
+pub const SPLIT_BRAIN_LINGER: Duration = Duration::from_millis(500);
+/// `split-brain`: how long the successor publishes before the old relay wakes up.
+const SUCCESSOR_ALONE: Duration = Duration::from_secs(5);
+
+/// Cuts relay 0 off from PostgreSQL (pausing it first if `pause`) while relay 1 waits
+/// as a standby; returns once the standby has taken over and, with `pause`, the old
+/// relay has been awake for a while.
+async fn cut_off_active_relay(world: &mut World, pause: bool) -> Result<Fault> {
+    world.start_relay(1).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = world.relay(0).pid().context("relay 0 runs")?;
+    let cut_at = world.now();
+    if pause {
+        signal(old, libc::SIGSTOP);
+    }
+    world
+        .env
+        .toxiproxy
+        .add(
+            "pg0",
+            Toxic::Cut {
+                timeout_ms: CUT_CLOSES_AFTER.as_millis() as u64,
+            },
+        )
+        .await?;
+    let waited = world.wait_active(1, Duration::from_secs(60)).await;
+    let takeover = world.now() - cut_at;
+    if let Err(err) = waited {
+        signal(old, libc::SIGCONT);
+        world.env.toxiproxy.clear("pg0").await?;
+        return Err(err);
+    }
+    if pause {
+        tokio::time::sleep(SUCCESSOR_ALONE).await;
+        signal(old, libc::SIGCONT);
+    }
+    // The old relay, awake, is still cut off a while; then the network heals and it
+    // must find itself a standby.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    world.env.toxiproxy.clear("pg0").await?;
+    Ok(Fault {
+        end: world.now(),
+        takeover: Some(takeover),
+    })
+}
+
+/// The relays' settings a scenario needs beyond the defaults (as environment).
+pub fn relay_env(scenario: Scenario) -> Vec<(String, String)> {
+    match scenario {
+        Scenario::SplitBrain => vec![(
+            "OUTBOX_KAFKA__LINGER".into(),
+            format!("{}ms", SPLIT_BRAIN_LINGER.as_millis()),
+        )],
+        _ => Vec::new(),
     }
 }
 

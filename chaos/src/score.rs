@@ -22,6 +22,8 @@ pub struct Arrival {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// When a producer handed it to its client (Kafka's CreateTime), in ms since 1970.
+    pub produced_ms: i64,
     /// When the consumer read it, from the scenario's start.
     pub at: Duration,
 }
@@ -49,11 +51,19 @@ pub struct Score {
     pub dup: u64,
     /// Messages whose id is not a committed row (a rolled-back transaction published).
     pub phantom: u64,
+    /// Messages written after a message of their partition produced more than
+    /// [`ZOMBIE_SLACK_MS`] later: a relay's write that landed after its successor's (one
+    /// producer writes a partition in the order it produced).
+    pub zombie: u64,
 }
+
+/// How far back a message's CreateTime may lie behind an earlier one of its partition
+/// before it counts as a zombie write.
+pub const ZOMBIE_SLACK_MS: i64 = 1_000;
 
 impl Score {
     pub fn failed(&self) -> bool {
-        self.lost > 0 || self.reorder > 0 || self.phantom > 0
+        self.lost > 0 || self.reorder > 0 || self.phantom > 0 || self.zombie > 0
     }
 }
 
@@ -65,11 +75,19 @@ pub fn score(rows: &[CommittedRow], arrivals: &[Arrival]) -> Score {
         .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let mut seen: HashSet<Uuid> = HashSet::new();
     let mut newest: HashMap<&str, i64> = HashMap::new();
+    let mut latest_produced: HashMap<(&str, i32), i64> = HashMap::new();
     let mut score = Score {
         events: rows.len() as u64,
         ..Score::default()
     };
     for arrival in arrivals {
+        let latest = latest_produced
+            .entry((arrival.topic.as_str(), arrival.partition))
+            .or_insert(i64::MIN);
+        if arrival.produced_ms < latest.saturating_sub(ZOMBIE_SLACK_MS) {
+            score.zombie += 1;
+        }
+        *latest = (*latest).max(arrival.produced_ms);
         if !committed.contains(&arrival.id) {
             score.phantom += 1;
             continue;
@@ -176,6 +194,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset: 0,
+            produced_ms: 0,
             at: Duration::ZERO,
         };
         (row, message)
@@ -189,6 +208,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset,
+            produced_ms: offset * 10,
             at: Duration::from_millis(offset as u64),
         }
     }
@@ -238,9 +258,37 @@ mod tests {
                 stale: 1,
                 dup: 2,
                 phantom: 1,
+                zombie: 0,
             }
         );
         assert!(score.failed());
+    }
+
+    #[test]
+    fn a_write_produced_long_before_its_predecessor_is_a_zombie() {
+        let rows: Vec<_> = (0..3).map(|n| row("a", n)).collect();
+        let mut arrivals: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| arrival(r, i as i64))
+            .collect();
+        // The old relay's copy of event 0, produced at 5 ms, lands after the successor
+        // wrote event 2 produced at 3 s.
+        arrivals[2].produced_ms = 3_000;
+        let mut late = arrival(&rows[0], 3);
+        late.produced_ms = 5;
+        arrivals.push(late);
+        // Within the slack, a step back is no zombie (clocks, batches).
+        let mut close = arrival(&rows[2], 4);
+        close.produced_ms = 2_500;
+        arrivals.push(close);
+        let committed: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
+        let score = score(&committed, &arrivals);
+        assert_eq!(score.zombie, 1);
+        assert!(score.failed());
+        // Another partition has its own order.
+        arrivals[3].partition = 1;
+        assert_eq!(super::score(&committed, &arrivals).zombie, 0);
     }
 
     #[test]
@@ -276,6 +324,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset: n as i64,
+            produced_ms: 0,
             at: ms(t),
         };
         // The fault ends at 3 s; event 2 (committed at 2 s) arrives at 5 s: the lag is

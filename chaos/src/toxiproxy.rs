@@ -40,6 +40,8 @@ pub enum Toxic {
     /// Nothing gets through and connections stay open: a black hole, as a network
     /// partition looks to both ends.
     Blackhole,
+    /// Nothing gets through, and the connections are closed after `timeout_ms`.
+    Cut { timeout_ms: u64 },
 }
 
 impl Toxic {
@@ -56,6 +58,7 @@ impl Toxic {
             Toxic::ResetPeer => ("reset_peer", json!({"timeout": 0})),
             // timeout = 0: drop the data and never close the connection.
             Toxic::Blackhole => ("timeout", json!({"timeout": 0})),
+            Toxic::Cut { timeout_ms } => ("timeout", json!({"timeout": timeout_ms})),
         };
         json!({
             "name": name,

@@ -44,6 +44,9 @@ pub struct Env {
     pub log_dir: PathBuf,
     /// The relays' `kafka.message_timeout`.
     pub message_timeout: Duration,
+    /// More environment for every relay (`--relay-env`), such as
+    /// `OUTBOX_KAFKA__TRANSACTIONS=false`.
+    pub relay_env: Vec<(String, String)>,
     pub toxiproxy: Toxiproxy,
 }
 
@@ -64,6 +67,8 @@ pub struct World {
     /// Whether the writers, the truth and `verify` reach PostgreSQL through the `vip`
     /// proxy (switched to the promoted standby in the failover scenario).
     through_vip: bool,
+    /// The scenario's own relay settings (environment), after the defaults.
+    pub relay_env: Vec<(String, String)>,
 }
 
 /// The proxy that stands for the database's DNS name or virtual IP.
@@ -148,6 +153,7 @@ impl World {
             inbox: None,
             standby: None,
             through_vip,
+            relay_env: Vec::new(),
         })
     }
 
@@ -205,6 +211,7 @@ impl World {
                 format!("{}ms", self.env.message_timeout.as_millis()),
             )
             .env("RUST_LOG", "info")
+            .envs(self.relay_env.iter().chain(&self.env.relay_env).cloned())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -297,6 +304,8 @@ impl World {
             .set("enable.partition.eof", "false")
             .create()?;
         let mut assignment = TopicPartitionList::new();
+        // (Read committed, librdkafka's default: what consumers of a transactional
+        // relay see.)
         let mut remaining = std::collections::HashMap::new();
         for topic in self.topics() {
             for partition in 0..PARTITIONS {
@@ -316,6 +325,17 @@ impl World {
                 bail!("the topics could not be read to their end within 120 s");
             }
             let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                // Nothing new: the position may have passed offsets that hold no message
+                // (transaction markers) up to the end.
+                for ((topic, partition), offset) in consumer.position()?.to_topic_map() {
+                    if let (Some(&high), Offset::Offset(at)) =
+                        (remaining.get(&(topic.clone(), partition)), offset)
+                    {
+                        if at >= high {
+                            remaining.remove(&(topic, partition));
+                        }
+                    }
+                }
                 continue;
             };
             let Ok(message) = result else { continue };
@@ -417,6 +437,7 @@ impl World {
             .args(["--group", &inbox.group])
             .args(["--topics", &topics])
             .env("RUST_LOG", "info")
+            .envs(self.relay_env.iter().chain(&self.env.relay_env).cloned())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -490,6 +511,10 @@ impl World {
 }
 
 impl Relay {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// SIGKILL, and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -548,6 +573,8 @@ impl ConsumerHandle {
             .set("enable.partition.eof", "false")
             .create()?;
         let mut assignment = TopicPartitionList::new();
+        // (Read committed, librdkafka's default: what consumers of a transactional
+        // relay see.)
         for topic in &topics {
             for partition in 0..PARTITIONS {
                 assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
@@ -614,6 +641,7 @@ fn decode(message: &rdkafka::message::BorrowedMessage<'_>, at: Duration) -> Resu
         topic: message.topic().to_string(),
         partition: message.partition(),
         offset: message.offset(),
+        produced_ms: message.timestamp().to_millis().unwrap_or(0),
         at,
     })
 }

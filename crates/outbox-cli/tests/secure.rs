@@ -668,6 +668,23 @@ fn kafka_acls(args: &[&str]) {
     );
 }
 
+/// The README's ACL for the relay's transactional ids (`kafka.transactions = true`).
+fn grant_relay_transactional_ids() {
+    kafka_acls(&[
+        "--add",
+        "--allow-principal",
+        "User:relay",
+        "--operation",
+        "Write",
+        "--operation",
+        "Describe",
+        "--transactional-id",
+        "outbox-relay/",
+        "--resource-pattern-type",
+        "prefixed",
+    ]);
+}
+
 for_each_mode!(the_documented_acls_are_enough_and_a_missing_one_loses_nothing);
 /// The relay's principal with only the ACLs the README lists (Write, Describe and Create
 /// on its topics) publishes everything. Events for a topic it may not write wait, in
@@ -699,6 +716,7 @@ async fn the_documented_acls_are_enough_and_a_missing_one_loses_nothing(mode: Mo
         "--resource-pattern-type",
         "prefixed",
     ]);
+    grant_relay_transactional_ids();
     let allowed: Vec<_> = (0..40)
         .map(|n| event("order", &(n % 4).to_string(), n))
         .collect();
@@ -924,6 +942,7 @@ async fn without_topic_creation_write_and_describe_are_enough() {
         "--topic",
         &topic,
     ]);
+    grant_relay_transactional_ids();
     let properties = format!(
         "[topics]\ncreate = false\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"relay\"\n\"sasl.password\" = {{ file = \"{}\" }}\n\"ssl.ca.location\" = \"{}\"\n",
         secured.file("kafka-relay.password"),

@@ -35,7 +35,7 @@ pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
             | RDKafkaErrorCode::SaslAuthenticationFailed
             | RDKafkaErrorCode::Authentication,
         ) => DeliveryError::unavailable(format!(
-            "{reason}; grant the relay's principal the ACLs it needs (README, \"Least privilege\"): Write and Describe on the topic, Create when topics.create = true"
+            "{reason}; grant the relay's principal the ACLs it needs (README, \"Least privilege\"): Write and Describe on the topic, Create when topics.create = true, Write and Describe on its transactional id when kafka.transactions = true"
         )),
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
@@ -60,7 +60,14 @@ pub(crate) fn delivery_error(err: &KafkaError) -> DeliveryError {
             | RDKafkaErrorCode::QueueFull
             // Withdrawn by the sink when the broker did not answer in time.
             | RDKafkaErrorCode::PurgeQueue
-            | RDKafkaErrorCode::PurgeInflight,
+            | RDKafkaErrorCode::PurgeInflight
+            // The producer, not the message: fenced by a newer relay of the table, or
+            // its transaction aborted. The batch is sent again by whoever is active.
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::InvalidTransactionalState
+            | RDKafkaErrorCode::State,
         ) => DeliveryError::unavailable(reason),
         _ => DeliveryError::retriable(reason),
     }
@@ -84,6 +91,8 @@ mod tests {
             RDKafkaErrorCode::AllBrokersDown,
             RDKafkaErrorCode::NotLeaderForPartition,
             RDKafkaErrorCode::PurgeQueue,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::Fenced,
         ] {
             let err = KafkaError::MessageProduction(code);
             assert_eq!(

@@ -45,6 +45,12 @@ pub struct KafkaSettings {
     /// Any other librdkafka property (`security.protocol`, `sasl.*`, `ssl.*`, ...).
     pub properties: BTreeMap<String, String>,
     pub topics: TopicSettings,
+    /// Publish each batch in a Kafka transaction under this `transactional.id`, which
+    /// fences a relay that lost its leadership: once its successor has published, the
+    /// broker refuses the old relay's writes and aborts its open transaction, so no
+    /// stale copy of it becomes visible to `read_committed` consumers. `None` publishes
+    /// without transactions (for brokers that lack them).
+    pub transactional_id: Option<String>,
 }
 
 impl Default for KafkaSettings {
@@ -57,6 +63,7 @@ impl Default for KafkaSettings {
             compression: "none".into(),
             properties: BTreeMap::new(),
             topics: TopicSettings::default(),
+            transactional_id: None,
         }
     }
 }
@@ -71,6 +78,7 @@ impl fmt::Debug for KafkaSettings {
             .field("compression", &self.compression)
             .field("properties", &self.properties.keys().collect::<Vec<_>>())
             .field("topics", &self.topics)
+            .field("transactional_id", &self.transactional_id)
             .finish()
     }
 }
@@ -126,6 +134,8 @@ const AS_SETTING: &[(&str, &str)] = &[
     ("delivery.timeout.ms", "message_timeout"),
     ("compression.type", "compression"),
     ("compression.codec", "compression"),
+    ("transactional.id", "transactional_id"),
+    ("transaction.timeout.ms", "message_timeout"),
 ];
 
 impl KafkaSettings {
@@ -179,7 +189,31 @@ impl KafkaSettings {
             // could be written first. The sink bounds the wait itself (message_timeout).
             .set("message.timeout.ms", "0")
             .set("compression.type", &self.compression);
+        if let Some(id) = &self.transactional_id {
+            config
+                .set("transactional.id", id)
+                .set(
+                    "transaction.timeout.ms",
+                    self.transaction_timeout().as_millis().to_string(),
+                )
+                // librdkafka requires message.timeout.ms <= transaction.timeout.ms; a
+                // transaction aborted as a whole leaves no gap, so its own timeout is safe.
+                .set(
+                    "message.timeout.ms",
+                    self.transaction_timeout().as_millis().to_string(),
+                );
+        }
         config
+    }
+
+    /// How long the broker lets a transaction stay open before aborting it: long enough
+    /// for one publish (the sink's own deadline, its grace and the commit), and a bound on
+    /// how long `read_committed` consumers wait behind the open transaction of a relay
+    /// that died without a successor. Within the broker's default
+    /// `transaction.max.timeout.ms` (15 minutes).
+    pub fn transaction_timeout(&self) -> Duration {
+        (self.message_timeout * 2 + Duration::from_secs(10))
+            .clamp(Duration::from_secs(60), Duration::from_secs(900))
     }
 }
 
@@ -214,6 +248,28 @@ mod tests {
         assert_eq!(config.get("partitioner"), Some("murmur2_random"));
         assert_eq!(config.get("linger.ms"), Some("5"));
         assert_eq!(config.get("message.timeout.ms"), Some("0"));
+    }
+
+    #[test]
+    fn a_transactional_id_makes_a_transactional_producer_librdkafka_accepts() {
+        let settings = KafkaSettings {
+            transactional_id: Some("outbox-relay/shop/public.outbox".into()),
+            ..KafkaSettings::default()
+        };
+        let config = settings.producer_config();
+        assert_eq!(
+            config.get("transactional.id"),
+            Some("outbox-relay/shop/public.outbox")
+        );
+        assert_eq!(config.get("transaction.timeout.ms"), Some("70000"));
+        let created: Result<rdkafka::producer::BaseProducer, _> = config.create();
+        assert!(created.is_ok(), "{:?}", created.err());
+        assert_eq!(
+            KafkaSettings::default()
+                .producer_config()
+                .get("transactional.id"),
+            None
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -117,9 +118,16 @@ const CHECK_STEP: Duration = Duration::from_secs(1);
 const MISMATCH_AFTER: Duration = Duration::from_secs(3);
 
 /// Publishes outbox messages to Kafka. See [`outbox_core::Sink`] for the contract.
+///
+/// With a [`KafkaSettings::transactional_id`], each publish is one Kafka transaction,
+/// committed only when every message of it was acknowledged (and aborted otherwise, so
+/// its messages are all reported failed and retried). The producer initializes its
+/// transactions at the first publish, which only the active relay makes; that fences
+/// every earlier producer of the id, so a relay that lost its leadership can no longer
+/// make anything visible to `read_committed` consumers.
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: RwLock<Arc<FutureProducer<QuietLog>>>,
+    producer: RwLock<Arc<Current>>,
     admin: Arc<AdminClient<QuietLog>>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
@@ -147,7 +155,7 @@ impl KafkaSink {
             .map_err(refused)?;
         Ok(KafkaSink {
             settings,
-            producer: RwLock::new(Arc::new(producer)),
+            producer: RwLock::new(Arc::new(Current::new(producer))),
             admin: Arc::new(admin),
             known_topics: Mutex::new(HashSet::new()),
         })
@@ -169,25 +177,131 @@ impl KafkaSink {
         .expect("the connection check does not panic")
     }
 
-    fn producer(&self) -> Arc<FutureProducer<QuietLog>> {
+    fn producer(&self) -> Arc<Current> {
         self.producer.read().expect("producer lock").clone()
     }
 
     /// Replaces a producer that hit a fatal error (for example a broken idempotence
-    /// sequence). Its undelivered messages were already reported failed, so the relay
-    /// sends them again with the new producer.
-    fn renew_producer_if_fatal(&self, producer: &FutureProducer<QuietLog>) {
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
-            match self
-                .settings
-                .producer_config()
-                .create_with_context(QuietLog::redacting(self.settings.redactor()))
-            {
-                Ok(fresh) => *self.producer.write().expect("producer lock") = Arc::new(fresh),
-                Err(err) => warn!(%err, "could not create a new Kafka producer"),
+    /// sequence, or fenced by a newer producer of its transactional id). Its undelivered
+    /// messages were already reported failed, so the relay sends them again with the
+    /// new producer.
+    fn renew_producer_if_fatal(&self, current: &Arc<Current>) {
+        if let Some((code, reason)) = current.producer.client().fatal_error() {
+            let reason = self.settings.redactor().redact(&reason);
+            if matches!(
+                code,
+                RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::Fenced
+            ) {
+                warn!(%reason, transactional_id = ?self.settings.transactional_id, "this relay's Kafka producer was fenced: a newer producer of its transactional id took over (another relay of this table, or kafka.transactional_id shared by two tables); creating a new one");
+            } else {
+                warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
+            }
+            self.renew(current);
+        }
+    }
+
+    /// Puts a fresh producer in place of `stale`, unless that happened already.
+    fn renew(&self, stale: &Arc<Current>) {
+        match self
+            .settings
+            .producer_config()
+            .create_with_context(QuietLog::redacting(self.settings.redactor()))
+        {
+            Ok(fresh) => {
+                let mut slot = self.producer.write().expect("producer lock");
+                if Arc::ptr_eq(&slot, stale) {
+                    *slot = Arc::new(Current::new(fresh));
+                }
+            }
+            Err(err) => warn!(%err, "could not create a new Kafka producer"),
+        }
+    }
+
+    /// Opens the batch's transaction, initializing the producer's transactions first if
+    /// it has not yet.
+    async fn begin_transaction(&self, current: &Arc<Current>) -> Result<(), DeliveryError> {
+        if !current.initialized.load(Ordering::Acquire) {
+            let timeout = self.settings.message_timeout;
+            let initialized =
+                run_blocking(current, move |producer| producer.init_transactions(timeout)).await;
+            if let Err(err) = initialized {
+                self.renew_producer_if_fatal(current);
+                return Err(self.transaction_error("cannot initialize Kafka transactions", &err));
+            }
+            current.initialized.store(true, Ordering::Release);
+            info!(transactional_id = ?self.settings.transactional_id, "Kafka transactions initialized; any earlier producer of this transactional id is fenced");
+        }
+        current.producer.begin_transaction().map_err(|err| {
+            self.renew_producer_if_fatal(current);
+            self.transaction_error("cannot begin a Kafka transaction", &err)
+        })
+    }
+
+    /// Commits the batch's transaction if `commit`, aborts it otherwise. An abort that
+    /// does not complete leaves the transaction to the next producer (whose
+    /// initialization aborts it) or to the broker's `transaction.timeout.ms`.
+    async fn end_transaction(
+        &self,
+        current: &Arc<Current>,
+        commit: bool,
+    ) -> Result<(), DeliveryError> {
+        let timeout = self.settings.message_timeout;
+        if commit {
+            let mut tries = 0;
+            let committed = loop {
+                tries += 1;
+                match run_blocking(current, move |producer| {
+                    producer.commit_transaction(timeout)
+                })
+                .await
+                {
+                    Err(KafkaError::Transaction(err)) if err.is_retriable() && tries < 3 => {
+                        continue
+                    }
+                    other => break other,
+                }
+            };
+            let err = match committed {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            let error = self.transaction_error("the Kafka transaction did not commit", &err);
+            self.abort_transaction(current).await;
+            return Err(error);
+        }
+        self.abort_transaction(current).await;
+        Ok(())
+    }
+
+    async fn abort_transaction(&self, current: &Arc<Current>) {
+        let timeout = self.settings.message_timeout;
+        if let Err(err) =
+            run_blocking(current, move |producer| producer.abort_transaction(timeout)).await
+        {
+            if current.producer.client().fatal_error().is_some() {
+                self.renew_producer_if_fatal(current);
+            } else {
+                let reason = self.settings.redactor().redact(&err.to_string());
+                warn!(%reason, "could not abort the Kafka transaction; replacing the producer (the next one aborts it)");
+                self.renew(current);
             }
         }
+    }
+
+    /// A transaction that failed leaves the batch to be sent again; it says nothing about
+    /// the messages, so it uses up no attempt.
+    fn transaction_error(&self, context: &str, err: &KafkaError) -> DeliveryError {
+        let reason = self.settings.redactor().redact(&err.to_string());
+        let hint = match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => {
+                "; grant the relay's principal Write and Describe on its transactional id (README, \"Least privilege\"), or set kafka.transactions = false"
+            }
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::Fenced) => {
+                "; another producer of this transactional id took over"
+            }
+            _ => "",
+        };
+        DeliveryError::unavailable(format!("{context}: {reason}{hint}"))
     }
 
     /// With `topics.create = false`: which of `topics` do not exist. Their messages are
@@ -309,10 +423,19 @@ impl Sink for KafkaSink {
         topics.dedup();
         let failed_topics = self.ensure_topics(&topics).await;
 
-        let producer = self.producer();
+        let current = self.producer();
+        let transactional = self.settings.transactional_id.is_some();
+        if transactional {
+            if let Err(error) = self.begin_transaction(&current).await {
+                return vec![DeliveryOutcome::Failed(error); messages.len()];
+            }
+        }
+        let producer = &current.producer;
         let deadline = tokio::time::Instant::now() + self.settings.message_timeout;
         let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
         let mut pending = Vec::with_capacity(messages.len());
+        // Which messages the producer took (and so the transaction holds).
+        let mut entered = vec![false; messages.len()];
         // Keys whose earlier message could not be enqueued: their later messages must
         // not overtake it (the Sink contract), so they are not sent in this batch.
         let mut held: HashSet<(&str, &[u8])> = HashSet::new();
@@ -344,6 +467,7 @@ impl Sink for KafkaSink {
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {
+                        entered[index] = true;
                         pending.push((index, delivery));
                         break;
                     }
@@ -426,8 +550,7 @@ impl Sink for KafkaSink {
                 "no acknowledgement from Kafka within kafka.message_timeout; the unacknowledged messages are retried (they may arrive twice)"
             );
         }
-        self.renew_producer_if_fatal(&producer);
-        let outcomes: Vec<DeliveryOutcome> = outcomes
+        let mut outcomes: Vec<DeliveryOutcome> = outcomes
             .into_iter()
             .map(|o| {
                 o.unwrap_or_else(|| {
@@ -440,6 +563,45 @@ impl Sink for KafkaSink {
                 })
             })
             .collect();
+        if transactional {
+            // All or nothing: commit only when every message the producer took was
+            // acknowledged. Otherwise none of them becomes visible, and all are retried.
+            let first_failure = outcomes
+                .iter()
+                .zip(&entered)
+                .find_map(|(o, entered)| match o {
+                    DeliveryOutcome::Failed(err) if *entered => Some(err.reason.clone()),
+                    _ => None,
+                });
+            let ended = self
+                .end_transaction(&current, first_failure.is_none())
+                .await;
+            let rolled_back = match (ended, first_failure) {
+                (Ok(()), None) => None,
+                (Err(error), _) => Some(error.reason),
+                (Ok(()), Some(reason)) => Some(format!(
+                    "rolled back with its batch's Kafka transaction, in which another message failed: {reason}"
+                )),
+            };
+            if let Some(reason) = rolled_back {
+                for outcome in &mut outcomes {
+                    if *outcome == DeliveryOutcome::Delivered {
+                        *outcome =
+                            DeliveryOutcome::Failed(DeliveryError::unavailable(reason.clone()));
+                    }
+                }
+            }
+            if withdrawn && !outcomes.contains(&DeliveryOutcome::Delivered) {
+                // A whole batch without one acknowledgement: start the next with a fresh
+                // client, whose view of the cluster is new (after a paused broker,
+                // librdkafka could keep a leaderless partition for minutes). Safe only
+                // with transactions: the new producer's initialization aborts whatever
+                // the old one still had in flight.
+                warn!("no acknowledgement for a whole batch; replacing the Kafka producer");
+                self.renew(&current);
+            }
+        }
+        self.renew_producer_if_fatal(&current);
         check_key_order(&messages, &outcomes);
         outcomes
     }
@@ -464,8 +626,35 @@ impl KafkaSink {
     /// Waits until every message handed to the producer has been acknowledged or has
     /// failed, at most `timeout`.
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer().flush(timeout);
+        let _ = self.producer().producer.flush(timeout);
     }
+}
+
+/// The producer in use.
+struct Current {
+    producer: FutureProducer<QuietLog>,
+    /// With a transactional id: whether `init_transactions` succeeded for this producer.
+    initialized: AtomicBool,
+}
+
+impl Current {
+    fn new(producer: FutureProducer<QuietLog>) -> Self {
+        Current {
+            producer,
+            initialized: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Runs one of librdkafka's blocking transaction calls off the async threads.
+async fn run_blocking<T: Send + 'static>(
+    current: &Arc<Current>,
+    call: impl FnOnce(&FutureProducer<QuietLog>) -> T + Send + 'static,
+) -> T {
+    let current = current.clone();
+    tokio::task::spawn_blocking(move || call(&current.producer))
+        .await
+        .expect("a transaction call does not panic")
 }
 
 /// The Sink contract: per topic and key, the delivered messages come before every

@@ -218,6 +218,13 @@ pub struct KafkaSection {
     /// `{ file = "/run/secrets/x" }` / `{ env = "VAR" }` to read a secret from a file or
     /// an environment variable instead of the configuration.
     pub properties: BTreeMap<String, PropertyValue>,
+    /// Publish each batch in a Kafka transaction, which fences a relay that lost its
+    /// leadership (ARCHITECTURE.md, "Fencing"). Off only for brokers without
+    /// transactions.
+    pub transactions: bool,
+    /// The transactional id; the same for every relay of one outbox table, different
+    /// between tables. Default: `outbox-relay/<database>/<schema>.<table>`.
+    pub transactional_id: Option<String>,
 }
 
 /// The `[kafka.properties]` of a relay configuration file, their values read from files
@@ -289,6 +296,8 @@ impl Default for KafkaSection {
             message_timeout: kafka.message_timeout,
             compression: kafka.compression,
             properties: BTreeMap::new(),
+            transactions: true,
+            transactional_id: None,
         }
     }
 }
@@ -450,11 +459,28 @@ impl Config {
                 "database_url is not set; pass --database-url, set OUTBOX_DATABASE_URL (or OUTBOX_DATABASE_URL_FILE, a file holding it), or put database_url in the config file".into(),
             )),
         };
-        database_url
+        let connect = database_url
             .connect_options()
             .map_err(|err| RelayError::Config(err.to_string()))?;
         let table = TableRef::new(&self.table.schema, &self.table.name)
             .map_err(|err| RelayError::Config(format!("table: {err}")))?;
+        let transactional_id = match (self.kafka.transactions, self.kafka.transactional_id) {
+            (false, Some(_)) => return Err(RelayError::Config(
+                "kafka.transactional_id is set but kafka.transactions = false; remove one of them".into(),
+            )),
+            (false, None) => None,
+            (true, Some(id)) if id.trim().is_empty() => return Err(RelayError::Config(
+                "kafka.transactional_id is empty; remove it to use the default (outbox-relay/<database>/<schema>.<table>) or give it a name".into(),
+            )),
+            (true, Some(id)) => Some(id),
+            (true, None) => Some(format!(
+                "outbox-relay/{}/{}",
+                connect
+                    .get_database()
+                    .unwrap_or_else(|| connect.get_username()),
+                table
+            )),
+        };
         let template = TopicTemplate::parse(&self.topics.template)
             .map_err(|err| RelayError::Config(format!("topics.template: {err}")))?;
         if self.polling.batch_size == 0 {
@@ -582,6 +608,7 @@ impl Config {
                 partitions: self.topics.partitions,
                 replication_factor: self.topics.replication_factor,
             },
+            transactional_id,
         };
         kafka
             .validate()
