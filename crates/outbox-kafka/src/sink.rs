@@ -131,6 +131,10 @@ pub struct KafkaSink {
     admin: Arc<AdminClient<QuietLog>>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
+    /// A newer producer of our transactional id fenced us: publish nothing (above all,
+    /// do not initialize transactions again, which would fence the rightful relay) until
+    /// [`KafkaSink::lead`] says this relay holds the leadership again.
+    fenced: AtomicBool,
 }
 
 impl KafkaSink {
@@ -158,6 +162,7 @@ impl KafkaSink {
             producer: RwLock::new(Arc::new(Current::new(producer))),
             admin: Arc::new(admin),
             known_topics: Mutex::new(HashSet::new()),
+            fenced: AtomicBool::new(false),
         })
     }
 
@@ -177,6 +182,19 @@ impl KafkaSink {
         .expect("the connection check does not panic")
     }
 
+    /// Whether a newer producer of the transactional id fenced this sink since the last
+    /// [`KafkaSink::lead`]. The relay then stops leading and waits as a standby.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Called when this relay becomes the active one (it holds the leadership lock): a
+    /// sink fenced before may initialize its transactions again, fencing in turn every
+    /// older producer of the id.
+    pub fn lead(&self) {
+        self.fenced.store(false, Ordering::Release);
+    }
+
     fn producer(&self) -> Arc<Current> {
         self.producer.read().expect("producer lock").clone()
     }
@@ -192,7 +210,8 @@ impl KafkaSink {
                 code,
                 RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::Fenced
             ) {
-                warn!(%reason, transactional_id = ?self.settings.transactional_id, "this relay's Kafka producer was fenced: a newer producer of its transactional id took over (another relay of this table, or kafka.transactional_id shared by two tables); creating a new one");
+                self.fenced.store(true, Ordering::Release);
+                warn!(%reason, transactional_id = ?self.settings.transactional_id, "this relay's Kafka producer was fenced: a newer producer of its transactional id took over (another relay of this table, or kafka.transactional_id shared by two tables); it publishes nothing more until it holds the leadership lock again");
             } else {
                 warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
             }
@@ -425,6 +444,12 @@ impl Sink for KafkaSink {
 
         let current = self.producer();
         let transactional = self.settings.transactional_id.is_some();
+        if transactional && self.is_fenced() {
+            let error = DeliveryError::unavailable(
+                "this relay was fenced by a newer relay of its table (same kafka.transactional_id); it publishes again only once it holds the leadership lock",
+            );
+            return vec![DeliveryOutcome::Failed(error); messages.len()];
+        }
         if transactional {
             if let Err(error) = self.begin_transaction(&current).await {
                 return vec![DeliveryOutcome::Failed(error); messages.len()];

@@ -4,6 +4,7 @@
 //! old one's batch lingers in its client while the new one publishes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox_core::{DeliveryOutcome, ErrorKind, Message, Sink};
@@ -104,10 +105,10 @@ async fn create_topic(topic: &str) {
 /// the topic.
 async fn old_batch_lingers_while_successor_publishes(
     transactional_id: Option<&str>,
-) -> (Vec<DeliveryOutcome>, String) {
+) -> (Vec<DeliveryOutcome>, String, Arc<KafkaSink>, KafkaSink) {
     let topic = unique("fencing");
     create_topic(&topic).await;
-    let old = sink(transactional_id, Duration::from_secs(3));
+    let old = Arc::new(sink(transactional_id, Duration::from_secs(3)));
     let new = sink(transactional_id, Duration::from_millis(5));
     // The old relay publishes once, so its transactions are initialized (as when it was
     // the active relay), then holds its next batch.
@@ -118,6 +119,7 @@ async fn old_batch_lingers_while_successor_publishes(
         .all(|o| *o == DeliveryOutcome::Delivered));
     let held = {
         let topic = topic.clone();
+        let old = old.clone();
         tokio::spawn(async move { old.publish(messages(&topic, "old", 5)).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -126,22 +128,38 @@ async fn old_batch_lingers_while_successor_publishes(
         successor.iter().all(|o| *o == DeliveryOutcome::Delivered),
         "{successor:?}"
     );
-    (held.await.unwrap(), topic)
+    (held.await.unwrap(), topic, old, new)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_relays_lingering_batch_never_becomes_visible() {
     let id = unique("outbox-relay/fencing-test");
-    let (old_outcomes, topic) = old_batch_lingers_while_successor_publishes(Some(&id)).await;
+    let (old_outcomes, topic, old, new) =
+        old_batch_lingers_while_successor_publishes(Some(&id)).await;
     for outcome in &old_outcomes {
         match outcome {
             DeliveryOutcome::Failed(err) => assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}"),
             DeliveryOutcome::Delivered => panic!("the fenced relay's batch was reported delivered"),
         }
     }
+    assert!(old.is_fenced(), "the old sink must know it was fenced");
+    assert!(!new.is_fenced());
+    // Fenced, the old sink publishes nothing, and above all does not initialize its
+    // transactions again (which would fence its successor in turn)...
+    let again = old.publish(messages(&topic, "old-again", 2)).await;
+    assert!(again
+        .iter()
+        .all(|o| matches!(o, DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable)));
+    let successor = new.publish(messages(&topic, "new-again", 2)).await;
+    assert!(
+        successor.iter().all(|o| *o == DeliveryOutcome::Delivered),
+        "the successor was fenced by the old relay: {successor:?}"
+    );
+    assert!(!new.is_fenced());
     let values = read_values(&topic, "read_committed");
     let expected: Vec<String> = std::iter::once("old-first-0".to_string())
         .chain((0..5).map(|n| format!("new-{n}")))
+        .chain((0..2).map(|n| format!("new-again-{n}")))
         .collect();
     assert_eq!(
         values, expected,
@@ -154,7 +172,7 @@ async fn a_fenced_relays_lingering_batch_never_becomes_visible() {
 /// test above proves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_transactions_the_old_relays_batch_lands_after_its_successors() {
-    let (old_outcomes, topic) = old_batch_lingers_while_successor_publishes(None).await;
+    let (old_outcomes, topic, _, _) = old_batch_lingers_while_successor_publishes(None).await;
     assert!(old_outcomes
         .iter()
         .all(|o| *o == DeliveryOutcome::Delivered));

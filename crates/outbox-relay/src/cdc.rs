@@ -437,6 +437,9 @@ impl Relay<'_> {
         let started = std::time::Instant::now();
         while !events.is_empty() {
             let (actions, outcomes) = self.deliver(&events).await;
+            if self.sink.is_fenced() {
+                return Err(LeadEnd::Lost(crate::engine::fenced()));
+            }
             self.record(&actions, &outcomes);
             let mut retry = Vec::new();
             let mut wait = Duration::ZERO;

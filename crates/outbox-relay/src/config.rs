@@ -864,6 +864,40 @@ mod tests {
     }
 
     #[test]
+    fn one_transactional_id_per_outbox_table_by_default() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "outbox.toml",
+                "database_url = \"postgres://u@localhost/shop\"\n[table]\nschema = \"billing\"\nname = \"events\"\n",
+            )?;
+            let config = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(
+                config.kafka.transactional_id.as_deref(),
+                Some("outbox-relay/shop/billing.events")
+            );
+            jail.set_env("OUTBOX_KAFKA__TRANSACTIONS", "false");
+            let config = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(config.kafka.transactional_id, None);
+            jail.set_env("OUTBOX_KAFKA__TRANSACTIONAL_ID", "orders");
+            let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("kafka.transactions = false"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         Jail::expect_with(|jail| {
             jail.create_file("outbox.toml", "[polling]\nbatch_sise = 10\n")?;

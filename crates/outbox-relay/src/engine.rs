@@ -311,6 +311,7 @@ impl Relay<'_> {
             }
             announced_standby = false;
             info!(table = %self.config.table, "this relay is now the active one");
+            self.sink.lead();
             self.health.set_role(Role::Active);
             self.metrics.active.set(1);
             match self.lead(&mut conn, shutdown).await {
@@ -431,6 +432,9 @@ impl Relay<'_> {
             return Ok(0);
         }
         let (actions, outcomes) = self.deliver(&events).await;
+        if self.sink.is_fenced() {
+            return Err(fenced());
+        }
         crash_point!("relay-published-not-recorded");
         if actions
             .iter()
@@ -541,6 +545,14 @@ impl Relay<'_> {
             );
         }
     }
+}
+
+/// A newer relay of the table fenced this one in Kafka: it lost its leadership (whether
+/// or not its own session has noticed yet), so it stops leading.
+pub(crate) fn fenced() -> RelayError {
+    RelayError::Other(
+        "a newer relay of this table fenced this one in Kafka (it took over while this one was paused or cut off); waiting as a standby".into(),
+    )
 }
 
 /// Probes the database and Kafka for `/healthz` and refreshes the gauges, every
