@@ -870,6 +870,8 @@ mod tests {
                 "outbox.toml",
                 "database_url = \"postgres://u@localhost/shop\"\n[table]\nschema = \"billing\"\nname = \"events\"\n",
             )?;
+            // (The services' environment names another database.)
+            jail.set_env("OUTBOX_DATABASE_URL", "postgres://u@localhost/shop");
             let config = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
                 .unwrap()
                 .resolve()
