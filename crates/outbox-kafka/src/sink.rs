@@ -221,6 +221,9 @@ impl KafkaSink {
 
     /// Puts a fresh producer in place of `stale`, unless that happened already.
     fn renew(&self, stale: &Arc<Current>) {
+        if !Arc::ptr_eq(&self.producer(), stale) {
+            return;
+        }
         match self
             .settings
             .producer_config()
@@ -232,7 +235,10 @@ impl KafkaSink {
                     *slot = Arc::new(Current::new(fresh));
                 }
             }
-            Err(err) => warn!(%err, "could not create a new Kafka producer"),
+            Err(err) => {
+                let reason = self.settings.redactor().redact(&err.to_string());
+                warn!(%reason, "could not create a new Kafka producer");
+            }
         }
     }
 
