@@ -483,9 +483,9 @@ impl World {
     }
 
     /// Stops the relays (SIGTERM, then SIGKILL after 15 s), the consumer, the proxies,
-    /// and drops the database and its slot. Topics are left for inspection; their names
-    /// are unique per run.
-    pub async fn tear_down(mut self) -> Result<()> {
+    /// and drops the database and its slot; deletes the topics unless `keep_topics`
+    /// (their names are unique per run).
+    pub async fn tear_down(mut self, keep_topics: bool) -> Result<()> {
         for relay in &mut self.relays {
             relay.stop(Duration::from_secs(15));
             let _ = self.env.toxiproxy.delete(&relay.pg_proxy).await;
@@ -505,6 +505,9 @@ impl World {
             }
             inbox.pool.close().await;
             drop_database(&mut admin, &inbox.db_name).await?;
+        }
+        if !keep_topics {
+            delete_topics(&self.env.brokers, &self.topics()).await?;
         }
         drop_database(&mut admin, &self.name).await
     }
@@ -661,6 +664,19 @@ async fn create_topics(brokers: &str, template: &str) -> Result<()> {
     for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
         if let Err((topic, code)) = result {
             bail!("creating topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
+
+async fn delete_topics(brokers: &str, topics: &[String]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    for result in admin.delete_topics(&names, &AdminOptions::new()).await? {
+        if let Err((topic, code)) = result {
+            bail!("deleting topic {topic}: {code}");
         }
     }
     Ok(())
