@@ -4,6 +4,7 @@
 //! then what survived, from the consumer's record against the database's rows, and
 //! from `outbox verify`. Run it with `scripts/chaos`.
 
+mod blackhole;
 mod scenarios;
 mod score;
 mod standby;
@@ -149,17 +150,15 @@ async fn main() -> Result<std::process::ExitCode> {
             if !scenario.applies(mode) {
                 continue;
             }
-            if intensity.quick
-                && scenario == Scenario::PostgresCutStandby
-                && args.scenarios.is_empty()
-            {
-                // Within --quick's 10 minutes: split-brain makes the same cut (with the
-                // old relay paused too) and reports the takeover.
-                println!(
-                    "chaos: scenario=pg-cut-standby mode={} left to the full run (split-brain makes the same cut in --quick)",
-                    mode.name()
-                );
-                continue;
+            if intensity.quick && args.scenarios.is_empty() {
+                if let Some(why) = scenarios::left_to_full_run(scenario) {
+                    println!(
+                        "chaos: scenario={} mode={} left to the full run ({why})",
+                        scenario.name(),
+                        mode.name()
+                    );
+                    continue;
+                }
             }
             let row = match run(&env, scenario, mode, intensity).await {
                 Ok(row) => row,
@@ -258,6 +257,8 @@ fn load(scenario: Scenario, intensity: Intensity) -> Load {
         // The full run of relay kills writes at least 100,000 events.
         (Scenario::RelayKill, false) => 1_500,
         (_, false) => 800,
+        // The inbox consumers (debug builds) apply more slowly than the relay publishes.
+        (Scenario::Inbox, true) => 200,
         (_, true) => 400,
     };
     Load {
@@ -271,7 +272,7 @@ fn load(scenario: Scenario, intensity: Intensity) -> Load {
 async fn run(env: &Env, scenario: Scenario, mode: Mode, intensity: Intensity) -> Result<Row> {
     let through_vip = scenario == Scenario::PostgresFailover;
     let mut world = World::create(env, scenario.name(), mode, through_vip).await?;
-    world.relay_env = scenarios::relay_env(scenario);
+    scenarios::prepare(scenario, &mut world);
     let result = exercise(&mut world, scenario, intensity).await;
     let verify_passed = world.verify().unwrap_or(false);
     let mut problem = None;
@@ -284,14 +285,14 @@ async fn run(env: &Env, scenario: Scenario, mode: Mode, intensity: Intensity) ->
             ));
         }
     }
-    let row = result.map(|(score, recover_s, takeover_s)| Row {
+    let row = result.map(|(score, recover_s, takeover_s, broken)| Row {
         scenario,
         mode,
         score,
         recover_s,
         takeover_s,
         verify_passed,
-        problem,
+        problem: problem.or(broken),
     });
     // A failed run's topics stay for inspection; a passed run's go, so that the broker
     // does not carry thousands of partitions into the next restart.
@@ -300,16 +301,16 @@ async fn run(env: &Env, scenario: Scenario, mode: Mode, intensity: Intensity) ->
     row
 }
 
-type Measured = (Score, Option<f64>, Option<f64>);
+type Measured = (Score, Option<f64>, Option<f64>, Option<String>);
 
 async fn exercise(world: &mut World, scenario: Scenario, intensity: Intensity) -> Result<Measured> {
     world.start_consumer()?;
     world.start_relay(0).await?;
     world.wait_active(0, Duration::from_secs(30)).await?;
     let writers = Writers::start(world.pool.clone(), load(scenario, intensity), world.started);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(intensity.settle()).await;
     let fault = scenario.inject(world, intensity).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(intensity.settle()).await;
     let log = writers.stop().await;
     let rows = world.committed_rows().await?;
     // Until every committed row (dead letters aside) has been read.
@@ -345,7 +346,12 @@ async fn exercise(world: &mut World, scenario: Scenario, intensity: Intensity) -
     };
     let commits = log.lock().unwrap().commits.clone();
     let recover = score::recovery(fault.end, observed_until, &commits, &arrivals);
-    Ok((score, recover, fault.takeover.map(|t| t.as_secs_f64())))
+    Ok((
+        score,
+        recover,
+        fault.takeover.map(|t| t.as_secs_f64()),
+        fault.problem,
+    ))
 }
 
 /// How long the inbox consumers may go without applying anything before what they have

@@ -69,6 +69,13 @@ pub struct World {
     through_vip: bool,
     /// The scenario's own relay settings (environment), after the defaults.
     pub relay_env: Vec<(String, String)>,
+    /// More settings for relay 0 only (the one active first).
+    pub first_relay_env: Vec<(String, String)>,
+    /// Relays reach PostgreSQL straight, not through their proxies (the black-hole
+    /// scenario: a proxy would answer the server's keepalive probes itself).
+    pub direct_database: bool,
+    /// The relay that runs as the black hole's user, `(index, uid, gid)`.
+    pub relay_user: Option<(usize, u32, u32)>,
 }
 
 /// The proxy that stands for the database's DNS name or virtual IP.
@@ -154,6 +161,9 @@ impl World {
             standby: None,
             through_vip,
             relay_env: Vec::new(),
+            first_relay_env: Vec::new(),
+            direct_database: false,
+            relay_user: None,
         })
     }
 
@@ -173,7 +183,7 @@ impl World {
     pub async fn start_relay(&mut self, index: usize) -> Result<()> {
         let pg_proxy = format!("pg{index}");
         let port = PG_PROXY_BASE_PORT + index as u16;
-        if self.relays.iter().all(|r| r.index != index) {
+        if self.relays.iter().all(|r| r.index != index) && !self.direct_database {
             self.env
                 .toxiproxy
                 .proxy(
@@ -183,7 +193,9 @@ impl World {
                 )
                 .await?;
         }
-        let proxied_url = {
+        let database_url = if self.direct_database {
+            self.db_url.clone()
+        } else {
             let mut url = url::Url::parse(&self.db_url)?;
             url.set_port(Some(port)).expect("a URL with a host");
             url.to_string()
@@ -197,11 +209,16 @@ impl World {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(&self.env.outbox_bin)
+        let mut command = Command::new(&self.env.outbox_bin);
+        if let Some((_, uid, gid)) = self.relay_user.filter(|(i, _, _)| *i == index) {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        let child = command
             .arg("relay")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("OUTBOX_DATABASE_URL", proxied_url)
+            .env("OUTBOX_DATABASE_URL", database_url)
             .env("OUTBOX_KAFKA_BROKERS", KAFKA_PROXY_LISTEN)
             .env("OUTBOX_MODE", self.mode.name())
             .env("OUTBOX_TOPICS__TEMPLATE", &self.template)
@@ -211,7 +228,9 @@ impl World {
                 format!("{}ms", self.env.message_timeout.as_millis()),
             )
             .env("RUST_LOG", "info")
-            .envs(self.relay_env.iter().chain(&self.env.relay_env).cloned())
+            .envs(self.relay_env.iter().cloned())
+            .envs(self.first_relay_env.iter().filter(|_| index == 0).cloned())
+            .envs(self.env.relay_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
