@@ -1,6 +1,14 @@
 use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 use crate::Message;
+
+/// A boxed future, so that [`Sink`] can be used as `dyn Sink`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a sink's broker did not answer a check; its `Display` names what to change.
+pub type CheckError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether retrying a failed delivery can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +84,27 @@ pub enum DeliveryOutcome {
 ///   reports those as failed too rather than sending them out of order.
 /// - Delivery is at-least-once: a message may reach the broker and still be reported
 ///   failed (a lost acknowledgement). Consumers deduplicate by the `id` header.
+///
+/// The relay holds its sink as `Arc<dyn Sink>`: the engine knows nothing of the broker
+/// behind it. A sink is built by its own crate from its own settings.
 pub trait Sink: Send + Sync {
+    /// The broker's name, for logs and health ("kafka").
+    fn name(&self) -> &'static str;
+
     /// Sends `messages` and reports one outcome per message, in their order.
-    fn publish(&self, messages: Vec<Message>) -> impl Future<Output = Vec<DeliveryOutcome>> + Send;
+    fn publish(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<DeliveryOutcome>>;
+
+    /// Whether the broker answers, waiting at most `timeout`: at start (a refusal that
+    /// retrying cannot fix ends the relay with the error's advice) and for `/healthz`.
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>>;
+
+    /// This relay just became the active one. A sink that fences older relays (Kafka's
+    /// transactions) may fence again from here on.
+    fn lead(&self) {}
+
+    /// Whether a newer relay fenced this one off at the broker since the last
+    /// [`Sink::lead`]: the relay then stops leading and waits as a standby.
+    fn is_fenced(&self) -> bool {
+        false
+    }
 }

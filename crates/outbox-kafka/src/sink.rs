@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::channel::oneshot::Canceled;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use outbox_core::{DeliveryError, DeliveryOutcome, Message, Sink};
+use outbox_core::{BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message, Sink};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -180,19 +180,6 @@ impl KafkaSink {
         })
         .await
         .expect("the connection check does not panic")
-    }
-
-    /// Whether a newer producer of the transactional id fenced this sink since the last
-    /// [`KafkaSink::lead`]. The relay then stops leading and waits as a standby.
-    pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Acquire)
-    }
-
-    /// Called when this relay becomes the active one (it holds the leadership lock): a
-    /// sink fenced before may initialize its transactions again, fencing in turn every
-    /// older producer of the id.
-    pub fn lead(&self) {
-        self.fenced.store(false, Ordering::Release);
     }
 
     fn producer(&self) -> Arc<Current> {
@@ -442,7 +429,33 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    async fn publish(&self, messages: Vec<Message>) -> Vec<DeliveryOutcome> {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn publish(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<DeliveryOutcome>> {
+        Box::pin(self.publish_batch(messages))
+    }
+
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>> {
+        Box::pin(async move { Ok(self.check_connection(timeout).await?) })
+    }
+
+    /// A newer producer of the transactional id fenced this sink since the last
+    /// [`Sink::lead`].
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// This relay holds the leadership lock: a sink fenced before may initialize its
+    /// transactions again, fencing in turn every older producer of the id.
+    fn lead(&self) {
+        self.fenced.store(false, Ordering::Release);
+    }
+}
+
+impl KafkaSink {
+    async fn publish_batch(&self, messages: Vec<Message>) -> Vec<DeliveryOutcome> {
         let mut topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
@@ -652,12 +665,6 @@ impl KafkaSink {
         ) {
             self.known_topics.lock().expect("topics lock").remove(topic);
         }
-    }
-
-    /// Waits until every message handed to the producer has been acknowledged or has
-    /// failed, at most `timeout`.
-    pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer().producer.flush(timeout);
     }
 }
 

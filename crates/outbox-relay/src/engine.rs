@@ -19,7 +19,6 @@ use outbox_core::{
     plan_batch, Action, DeliveryError, DeliveryOutcome, ErrorKind, Sink, StoredEvent,
     RESERVED_HEADERS,
 };
-use outbox_kafka::KafkaSink;
 use outbox_postgres::{LeaderLock, OnPublish, PollingStore};
 use outbox_postgres_cdc::CdcNames;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -85,10 +84,8 @@ pub async fn run_with_metrics(
         }
         store
     };
-    let sink = Arc::new(
-        KafkaSink::new(config.kafka.clone()).map_err(|e| RelayError::Config(e.to_string()))?,
-    );
-    sink.check_connection(Duration::from_secs(10))
+    let sink = crate::sinks::build(&config)?;
+    sink.check(Duration::from_secs(10))
         .await
         .map_err(|e| RelayError::Config(e.to_string()))?;
 
@@ -238,7 +235,7 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 pub(crate) struct Relay<'a> {
     pub(crate) config: &'a RelayConfig,
     pub(crate) store: PollingStore,
-    pub(crate) sink: Arc<KafkaSink>,
+    pub(crate) sink: Arc<dyn Sink>,
     pub(crate) metrics: Metrics,
     pub(crate) health: Arc<Health>,
     pub(crate) pool: PgPool,
@@ -562,7 +559,7 @@ pub(crate) fn fenced() -> RelayError {
 async fn monitor(
     pool: PgPool,
     store: PollingStore,
-    sink: Arc<KafkaSink>,
+    sink: Arc<dyn Sink>,
     cdc: Option<CdcNames>,
     metrics: Metrics,
     health: Arc<Health>,
@@ -614,10 +611,10 @@ async fn monitor(
                 .database
                 .failed(format!("no answer within {PROBE_TIMEOUT:?}")),
         }
-        match sink.check_connection(PROBE_TIMEOUT).await {
+        match sink.check(PROBE_TIMEOUT).await {
             Ok(()) => health.kafka.ok(health.started()),
             Err(err) => {
-                debug!(%err, "Kafka probe failed");
+                debug!(%err, sink = sink.name(), "broker probe failed");
                 health.kafka.failed(err.to_string());
             }
         }
