@@ -1,0 +1,51 @@
+//! What the NATS sink needs to know.
+
+use std::time::Duration;
+
+/// The sink's settings.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// The server, such as `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// How long connecting, and each check, may take.
+    pub connect_timeout: Duration,
+    /// How long a publish waits for the stream's acknowledgement before it counts as
+    /// unavailable (retried without using up an attempt).
+    pub ack_timeout: Duration,
+    /// A stream the sink creates at start when it is missing; `None` when streams are
+    /// an operator's business (a subject no stream captures is then retried, with the
+    /// fix in the reason).
+    pub stream: Option<StreamSettings>,
+}
+
+impl NatsSettings {
+    pub fn new(url: impl Into<String>) -> NatsSettings {
+        NatsSettings {
+            url: url.into(),
+            connect_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(5),
+            stream: None,
+        }
+    }
+}
+
+/// The stream the sink may create.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub name: String,
+    /// The subjects it captures, such as `outbox.>`.
+    pub subjects: Vec<String>,
+    /// How long the server remembers a `Nats-Msg-Id` to drop a copy sent again: longer
+    /// than a relay takes to resend after a lost acknowledgement or a restart.
+    pub duplicate_window: Duration,
+}
+
+impl StreamSettings {
+    pub fn new(name: impl Into<String>, subjects: Vec<String>) -> StreamSettings {
+        StreamSettings {
+            name: name.into(),
+            subjects,
+            duplicate_window: Duration::from_secs(2 * 60 * 60),
+        }
+    }
+}
