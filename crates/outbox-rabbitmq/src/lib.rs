@@ -1,0 +1,281 @@
+//! The RabbitMQ sink of the outbox relay (AMQP 0-9-1 through lapin).
+//!
+//! Each message is published persistent (`delivery_mode` 2), `mandatory`, with
+//! `message_id` = the event id and the event's headers as AMQP headers, to the
+//! configured exchange with the routed destination (`topics.template`) as its routing
+//! key. It counts as delivered only on the broker's publisher confirm; a message no
+//! queue takes (returned) is retried, like a missing topic.
+//!
+//! Order: one channel in confirm mode. One aggregate's messages (one routing key and
+//! key) are published one after another, each after the previous one's confirm, and
+//! a failure holds the rest back; different aggregates are published at once.
+//!
+//! A lost connection is replaced at the next publish: lapin does not reconnect.
+
+mod settings;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use outbox_core::{
+    BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Message, Sink,
+};
+use tokio::sync::Mutex;
+use tracing::warn;
+
+pub use settings::RabbitMqSettings;
+
+/// Why the sink could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to RabbitMQ at {address}: {detail}; check the address, the user and its password")]
+    Unreachable { address: String, detail: String },
+    #[error("cannot declare the exchange {exchange:?}: {detail}")]
+    Exchange { exchange: String, detail: String },
+}
+
+/// One aggregate's messages of a batch, with their places in it.
+type Lane<'a> = Vec<(usize, &'a Message)>;
+
+/// Publishes to RabbitMQ with publisher confirms.
+pub struct RabbitMqSink {
+    settings: RabbitMqSettings,
+    /// The connection and its confirm-mode channel; `None` after a failure, until the
+    /// next publish connects again.
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl RabbitMqSink {
+    /// Connects, and declares the exchange when the settings ask for it.
+    pub async fn connect(settings: RabbitMqSettings) -> Result<RabbitMqSink, ConnectError> {
+        let link = open(&settings).await?;
+        if settings.declare_exchange && !settings.exchange.is_empty() {
+            link.1
+                .exchange_declare(
+                    &settings.exchange,
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|err| ConnectError::Exchange {
+                    exchange: settings.exchange.clone(),
+                    detail: err.to_string(),
+                })?;
+        }
+        Ok(RabbitMqSink {
+            settings,
+            link: Mutex::new(Some(link)),
+        })
+    }
+
+    /// The channel in use, connecting again if the last one failed.
+    async fn channel(&self) -> Result<Channel, DeliveryError> {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        *link = None;
+        let opened = open(&self.settings)
+            .await
+            .map_err(|err| DeliveryError::unavailable(err.to_string()))?;
+        let channel = opened.1.clone();
+        *link = Some(opened);
+        Ok(channel)
+    }
+
+    async fn publish_in_order(
+        &self,
+        channel: &Channel,
+        lane: Lane<'_>,
+    ) -> Vec<(usize, DeliveryOutcome)> {
+        let mut outcomes = Vec::with_capacity(lane.len());
+        let mut held: Option<ErrorKind> = None;
+        for (index, message) in lane {
+            let outcome = match held {
+                Some(kind) => DeliveryOutcome::Failed(DeliveryError {
+                    kind,
+                    reason: "held back behind an earlier event of the same aggregate that failed"
+                        .into(),
+                }),
+                None => self.publish_one(channel, message).await,
+            };
+            if let DeliveryOutcome::Failed(err) = &outcome {
+                if err.kind != ErrorKind::Permanent {
+                    held = Some(err.kind);
+                }
+            }
+            outcomes.push((index, outcome));
+        }
+        outcomes
+    }
+
+    async fn publish_one(&self, channel: &Channel, message: &Message) -> DeliveryOutcome {
+        if message.topic.len() > 255 {
+            return DeliveryOutcome::Failed(DeliveryError::permanent(format!(
+                "the routing key {:?} is longer than AMQP's 255 bytes; shorten topics.template",
+                message.topic
+            )));
+        }
+        let payload = message.value.clone().unwrap_or_default();
+        let published = tokio::time::timeout(self.settings.confirm_timeout, async {
+            let confirm = channel
+                .basic_publish(
+                    &self.settings.exchange,
+                    &message.topic,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &payload,
+                    properties(message),
+                )
+                .await?;
+            confirm.await
+        })
+        .await;
+        match published {
+            Err(_) => {
+                warn!(routing_key = %message.topic, "no publisher confirm from RabbitMQ in time; retried");
+                DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                    "no publisher confirm from RabbitMQ within {:?}",
+                    self.settings.confirm_timeout
+                )))
+            }
+            Ok(Err(err)) => {
+                self.forget_link().await;
+                DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                    "RabbitMQ connection failed: {err}"
+                )))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => DeliveryOutcome::Delivered,
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                DeliveryOutcome::Failed(DeliveryError::retriable(format!(
+                    "no queue is bound to the exchange {:?} for the routing key {:?} (returned: {}); bind one",
+                    self.settings.exchange, message.topic, returned.reply_text
+                )))
+            }
+            Ok(Ok(Confirmation::Nack(_))) => DeliveryOutcome::Failed(DeliveryError::retriable(
+                "RabbitMQ refused the message (nack)",
+            )),
+            Ok(Ok(Confirmation::NotRequested)) => DeliveryOutcome::Failed(
+                DeliveryError::unavailable("the channel is not in confirm mode"),
+            ),
+        }
+    }
+
+    async fn forget_link(&self) {
+        *self.link.lock().await = None;
+    }
+}
+
+impl Sink for RabbitMqSink {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn publish(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<DeliveryOutcome>> {
+        Box::pin(async move {
+            let channel = match self.channel().await {
+                Ok(channel) => channel,
+                Err(err) => {
+                    return messages
+                        .iter()
+                        .map(|_| DeliveryOutcome::Failed(err.clone()))
+                        .collect()
+                }
+            };
+            let mut lanes: HashMap<(&str, &[u8]), Lane<'_>> = HashMap::new();
+            for (index, message) in messages.iter().enumerate() {
+                lanes
+                    .entry((message.topic.as_str(), message.key.as_slice()))
+                    .or_default()
+                    .push((index, message));
+            }
+            let finished = join_all(
+                lanes
+                    .into_values()
+                    .map(|lane| self.publish_in_order(&channel, lane)),
+            )
+            .await;
+            let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
+            for (index, outcome) in finished.into_iter().flatten() {
+                outcomes[index] = Some(outcome);
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.expect("every message has an outcome"))
+                .collect()
+        })
+    }
+
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>> {
+        Box::pin(async move {
+            tokio::time::timeout(timeout, self.channel())
+                .await
+                .map_err(|_| format!("no answer from RabbitMQ within {timeout:?}"))?
+                .map_err(|err| err.reason)?;
+            Ok(())
+        })
+    }
+}
+
+/// A connection and a channel in confirm mode.
+async fn open(settings: &RabbitMqSettings) -> Result<(Connection, Channel), ConnectError> {
+    let unreachable = |detail: String| ConnectError::Unreachable {
+        address: settings.address.clone(),
+        detail,
+    };
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let connect = async {
+        let connection = Connection::connect(&settings.uri(), properties).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>((connection, channel))
+    };
+    tokio::time::timeout(settings.connect_timeout, connect)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {:?}", settings.connect_timeout)))?
+        .map_err(|err| unreachable(err.to_string()))
+}
+
+/// Persistent, `message_id` = the event id, the event's headers as AMQP headers
+/// (binary-safe), and the aggregate id as the `aggregateid` header.
+fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let mut id = None;
+    for (name, value) in &message.headers {
+        if name == "id" {
+            id = std::str::from_utf8(value).ok().map(str::to_string);
+        }
+        headers.insert(
+            ShortString::from(name.clone()),
+            AMQPValue::ByteArray(ByteArray::from(value.clone())),
+        );
+    }
+    headers.insert(
+        ShortString::from("aggregateid"),
+        AMQPValue::LongString(LongString::from(message.key.clone())),
+    );
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(id) = id {
+        properties = properties.with_message_id(ShortString::from(id));
+    }
+    properties
+}
