@@ -32,5 +32,7 @@ pub use routing::{
     Message, RouteError, Router, TopicTemplate, TopicTemplateError, RESERVED_HEADERS,
     RETRIED_DEAD_LETTER_HEADER,
 };
-pub use sink::{BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Sink};
+pub use sink::{
+    publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Sink,
+};
 pub use table::{quote_ident, TableRef, TableRefError};

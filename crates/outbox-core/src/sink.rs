@@ -108,3 +108,114 @@ pub trait Sink: Send + Sync {
         false
     }
 }
+
+/// One aggregate's messages of a batch, with their places in it.
+type Lane<'a> = Vec<(usize, &'a Message)>;
+
+/// Publishes `messages` under the per-key order of the [`Sink`] contract, for brokers
+/// without partitions or keys: one aggregate's messages (same topic and key) one after
+/// another, each only after `publish_one` settled the previous one, and after a failure
+/// that is not permanent the rest of that aggregate held back with the same kind;
+/// different aggregates at once. Returns one outcome per message, in their order.
+pub async fn publish_per_aggregate<'a, F, Fut>(
+    messages: &'a [Message],
+    publish_one: F,
+) -> Vec<DeliveryOutcome>
+where
+    F: Fn(&'a Message) -> Fut,
+    Fut: Future<Output = DeliveryOutcome>,
+{
+    let mut lanes: std::collections::HashMap<(&str, &[u8]), Lane<'a>> =
+        std::collections::HashMap::new();
+    for (index, message) in messages.iter().enumerate() {
+        lanes
+            .entry((message.topic.as_str(), message.key.as_slice()))
+            .or_default()
+            .push((index, message));
+    }
+    let publish_one = &publish_one;
+    let finished = futures::future::join_all(lanes.into_values().map(|lane| async move {
+        let mut outcomes = Vec::with_capacity(lane.len());
+        let mut held: Option<ErrorKind> = None;
+        for (index, message) in lane {
+            let outcome = match held {
+                Some(kind) => DeliveryOutcome::Failed(DeliveryError {
+                    kind,
+                    reason: "held back behind an earlier event of the same aggregate that failed"
+                        .into(),
+                }),
+                None => publish_one(message).await,
+            };
+            if let DeliveryOutcome::Failed(err) = &outcome {
+                if err.kind != ErrorKind::Permanent {
+                    held = Some(err.kind);
+                }
+            }
+            outcomes.push((index, outcome));
+        }
+        outcomes
+    }))
+    .await;
+    let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
+    for (index, outcome) in finished.into_iter().flatten() {
+        outcomes[index] = Some(outcome);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.expect("every message has an outcome"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(key: &str, n: u8) -> Message {
+        Message {
+            topic: "t".into(),
+            key: key.as_bytes().to_vec(),
+            value: Some(vec![n]),
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_failure_holds_its_aggregate_back_and_a_permanent_one_does_not() {
+        let messages = vec![
+            message("a", 0), // permanent: a goes on
+            message("b", 0), // unavailable: b's later messages wait
+            message("a", 1),
+            message("b", 1),
+            message("c", 0),
+        ];
+        let sent = std::sync::Mutex::new(Vec::new());
+        let outcomes = futures::executor::block_on(publish_per_aggregate(&messages, |m| {
+            sent.lock().unwrap().push((m.key.clone(), m.value.clone()));
+            let outcome = match (m.key.as_slice(), m.value.as_deref()) {
+                (b"a", Some([0])) => DeliveryOutcome::Failed(DeliveryError::permanent("bad")),
+                (b"b", Some([0])) => DeliveryOutcome::Failed(DeliveryError::unavailable("down")),
+                _ => DeliveryOutcome::Delivered,
+            };
+            async move { outcome }
+        }));
+        assert_eq!(outcomes.len(), 5);
+        assert!(
+            matches!(&outcomes[0], DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Permanent)
+        );
+        assert!(
+            matches!(&outcomes[1], DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable)
+        );
+        assert_eq!(outcomes[2], DeliveryOutcome::Delivered);
+        let DeliveryOutcome::Failed(held) = &outcomes[3] else {
+            panic!("b's second overtook its failed first: {outcomes:?}");
+        };
+        assert_eq!(held.kind, ErrorKind::Unavailable);
+        assert!(held.reason.contains("held back"));
+        assert_eq!(outcomes[4], DeliveryOutcome::Delivered);
+        // The held-back message never reached the broker.
+        assert!(!sent
+            .lock()
+            .unwrap()
+            .contains(&(b"b".to_vec(), Some(vec![1]))));
+    }
+}

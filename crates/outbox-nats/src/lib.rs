@@ -13,14 +13,12 @@
 
 mod settings;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::HeaderMap;
-use futures::future::join_all;
 use outbox_core::{
-    BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Message, Sink,
+    publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message, Sink,
 };
 use tracing::{info, warn};
 
@@ -38,9 +36,6 @@ pub enum ConnectError {
     #[error("cannot create or update the JetStream stream {stream:?}: {detail}")]
     Stream { stream: String, detail: String },
 }
-
-/// One aggregate's messages of a batch, with their places in it.
-type Lane<'a> = Vec<(usize, &'a Message)>;
 
 /// Publishes to NATS JetStream with acknowledgements.
 pub struct NatsSink {
@@ -119,34 +114,6 @@ impl NatsSink {
             })?;
         info!(stream = %wanted.name, subjects = ?wanted.subjects, "JetStream stream ready");
         Ok(())
-    }
-
-    /// Publishes one aggregate's messages in order, each after the previous one's
-    /// acknowledgement. After a failure that is not permanent, the rest wait for the
-    /// next batch, so that none overtakes it.
-    async fn publish_in_order(
-        &self,
-        messages: Vec<(usize, &Message)>,
-    ) -> Vec<(usize, DeliveryOutcome)> {
-        let mut outcomes = Vec::with_capacity(messages.len());
-        let mut held: Option<ErrorKind> = None;
-        for (index, message) in messages {
-            let outcome = match held {
-                Some(kind) => DeliveryOutcome::Failed(DeliveryError {
-                    kind,
-                    reason: "held back behind an earlier event of the same aggregate that failed"
-                        .into(),
-                }),
-                None => self.publish_one(message).await,
-            };
-            if let DeliveryOutcome::Failed(err) = &outcome {
-                if err.kind != ErrorKind::Permanent {
-                    held = Some(err.kind);
-                }
-            }
-            outcomes.push((index, outcome));
-        }
-        outcomes
     }
 
     async fn publish_one(&self, message: &Message) -> DeliveryOutcome {
@@ -232,23 +199,7 @@ impl Sink for NatsSink {
 
     fn publish(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<DeliveryOutcome>> {
         Box::pin(async move {
-            let mut lanes: HashMap<(&str, &[u8]), Lane<'_>> = HashMap::new();
-            for (index, message) in messages.iter().enumerate() {
-                lanes
-                    .entry((message.topic.as_str(), message.key.as_slice()))
-                    .or_default()
-                    .push((index, message));
-            }
-            let finished =
-                join_all(lanes.into_values().map(|lane| self.publish_in_order(lane))).await;
-            let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
-            for (index, outcome) in finished.into_iter().flatten() {
-                outcomes[index] = Some(outcome);
-            }
-            outcomes
-                .into_iter()
-                .map(|o| o.expect("every message has an outcome"))
-                .collect()
+            publish_per_aggregate(&messages, |message| self.publish_one(message)).await
         })
     }
 

@@ -160,7 +160,7 @@ async fn an_invalid_subject_or_header_is_permanent_and_the_others_are_published(
 }
 
 #[tokio::test]
-async fn a_server_without_jetstream_or_an_address_without_a_server_is_refused_with_the_fix() {
+async fn an_address_without_a_server_is_refused_with_the_fix() {
     // Nothing listens on port 1 of loopback.
     let mut settings = NatsSettings::new("nats://127.0.0.1:1");
     settings.connect_timeout = Duration::from_secs(2);

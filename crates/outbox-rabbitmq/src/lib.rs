@@ -14,16 +14,14 @@
 
 mod settings;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use outbox_core::{
-    BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Message, Sink,
+    publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message, Sink,
 };
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -38,9 +36,6 @@ pub enum ConnectError {
     #[error("cannot declare the exchange {exchange:?}: {detail}")]
     Exchange { exchange: String, detail: String },
 }
-
-/// One aggregate's messages of a batch, with their places in it.
-type Lane<'a> = Vec<(usize, &'a Message)>;
 
 /// Publishes to RabbitMQ with publisher confirms.
 pub struct RabbitMqSink {
@@ -92,32 +87,6 @@ impl RabbitMqSink {
         let channel = opened.1.clone();
         *link = Some(opened);
         Ok(channel)
-    }
-
-    async fn publish_in_order(
-        &self,
-        channel: &Channel,
-        lane: Lane<'_>,
-    ) -> Vec<(usize, DeliveryOutcome)> {
-        let mut outcomes = Vec::with_capacity(lane.len());
-        let mut held: Option<ErrorKind> = None;
-        for (index, message) in lane {
-            let outcome = match held {
-                Some(kind) => DeliveryOutcome::Failed(DeliveryError {
-                    kind,
-                    reason: "held back behind an earlier event of the same aggregate that failed"
-                        .into(),
-                }),
-                None => self.publish_one(channel, message).await,
-            };
-            if let DeliveryOutcome::Failed(err) = &outcome {
-                if err.kind != ErrorKind::Permanent {
-                    held = Some(err.kind);
-                }
-            }
-            outcomes.push((index, outcome));
-        }
-        outcomes
     }
 
     async fn publish_one(&self, channel: &Channel, message: &Message) -> DeliveryOutcome {
@@ -195,27 +164,7 @@ impl Sink for RabbitMqSink {
                         .collect()
                 }
             };
-            let mut lanes: HashMap<(&str, &[u8]), Lane<'_>> = HashMap::new();
-            for (index, message) in messages.iter().enumerate() {
-                lanes
-                    .entry((message.topic.as_str(), message.key.as_slice()))
-                    .or_default()
-                    .push((index, message));
-            }
-            let finished = join_all(
-                lanes
-                    .into_values()
-                    .map(|lane| self.publish_in_order(&channel, lane)),
-            )
-            .await;
-            let mut outcomes: Vec<Option<DeliveryOutcome>> = vec![None; messages.len()];
-            for (index, outcome) in finished.into_iter().flatten() {
-                outcomes[index] = Some(outcome);
-            }
-            outcomes
-                .into_iter()
-                .map(|o| o.expect("every message has an outcome"))
-                .collect()
+            publish_per_aggregate(&messages, |message| self.publish_one(&channel, message)).await
         })
     }
 
