@@ -554,7 +554,11 @@ mod tests {
         user.aggregate_type = "user".into();
         let mut bad = row(3, "1");
         bad.aggregate_type = "not legal".into();
-        let topics = audit_topics(&[row(1, "1"), user, bad], &Router::default());
+        let router = Router::default().with_rule(|topic| match topic.contains(' ') {
+            true => Err("is not legal".into()),
+            false => Ok(()),
+        });
+        let topics = audit_topics(&[row(1, "1"), user, bad], &router);
         assert_eq!(
             topics.into_iter().collect::<Vec<_>>(),
             ["outbox.event.order", "outbox.event.user"]

@@ -29,8 +29,8 @@ pub use event::{Event, Payload, PayloadError, StoredEvent};
 pub use outcome::{plan_batch, Action, RetryPolicy};
 pub use report::write_error_chain;
 pub use routing::{
-    Message, RouteError, Router, TopicTemplate, TopicTemplateError, RESERVED_HEADERS,
-    RETRIED_DEAD_LETTER_HEADER,
+    DestinationRule, Message, RouteError, Router, TopicTemplate, TopicTemplateError,
+    RESERVED_HEADERS, RETRIED_DEAD_LETTER_HEADER,
 };
 pub use sink::{
     publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Sink,

@@ -91,45 +91,73 @@ pub enum RouteError {
     /// why. Fix the row, then retry the dead letter.
     #[error("the row cannot be published as it is: {0}; fix the row, then run `outbox dead-letters retry`")]
     Unreadable(String),
-    /// The template rendered with the event's aggregate type is not a legal Kafka topic
-    /// name: fix the event's `aggregatetype` or the topic template.
-    #[error("topic name {topic:?} (from aggregatetype {aggregate_type:?}) is not a legal Kafka topic name: {why}")]
-    InvalidTopic {
-        /// The rendered topic name.
-        topic: String,
+    /// The template rendered with the event's aggregate type is not a destination the
+    /// sink's broker accepts (a Kafka topic name, a NATS subject...): fix the event's
+    /// `aggregatetype` or the template.
+    #[error("{destination:?} (from aggregatetype {aggregate_type:?}) {why}")]
+    InvalidDestination {
+        /// The rendered destination (topic, subject, routing key, URL).
+        destination: String,
         /// The event's `aggregatetype`.
         aggregate_type: String,
-        /// The rule the name breaks.
-        why: &'static str,
+        /// The rule the name breaks, as the sink words it ("is not a legal Kafka topic
+        /// name: ...").
+        why: String,
     },
 }
 
-/// Applies DESIGN.md's routing: topic from the template, key = `aggregateid`, value =
-/// payload bytes as stored, headers `id`, `type`, `aggregatetype` and then every entry
-/// of the `headers` column.
-#[derive(Debug, Clone, Default)]
+/// A sink's rule for the destinations its broker accepts: `Err` says why `destination`
+/// can never be published to, starting with "is not ..." (see
+/// [`RouteError::InvalidDestination`]). Each sink crate exports its own.
+pub type DestinationRule = fn(destination: &str) -> Result<(), String>;
+
+/// The rule that accepts every destination.
+fn any_destination(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// Applies DESIGN.md's routing: destination (topic, subject...) from the template, key =
+/// `aggregateid`, value = payload bytes as stored, headers `id`, `type`,
+/// `aggregatetype` and then every entry of the `headers` column.
+#[derive(Debug, Clone)]
 pub struct Router {
     template: TopicTemplate,
+    rule: DestinationRule,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::new(TopicTemplate::default())
+    }
 }
 
 impl Router {
-    /// A router that names topics with `template`.
+    /// A router that names destinations with `template` and checks none of them.
     pub fn new(template: TopicTemplate) -> Self {
-        Router { template }
+        Router {
+            template,
+            rule: any_destination,
+        }
     }
 
-    /// The topic events of `aggregate_type` go to, or [`RouteError::InvalidTopic`] when
-    /// that name breaks Kafka's rules for topic names.
+    /// The same router, refusing the destinations `rule` refuses (the sink's own rule,
+    /// such as Kafka's for topic names).
+    pub fn with_rule(self, rule: DestinationRule) -> Self {
+        Router { rule, ..self }
+    }
+
+    /// The destination events of `aggregate_type` go to, or
+    /// [`RouteError::InvalidDestination`] when the sink's rule refuses it.
     pub fn topic_for(&self, aggregate_type: &str) -> Result<String, RouteError> {
-        let topic = self.template.render(aggregate_type);
-        if let Err(why) = check_topic_name(&topic) {
-            return Err(RouteError::InvalidTopic {
-                topic,
+        let destination = self.template.render(aggregate_type);
+        if let Err(why) = (self.rule)(&destination) {
+            return Err(RouteError::InvalidDestination {
+                destination,
                 aggregate_type: aggregate_type.into(),
                 why,
             });
         }
-        Ok(topic)
+        Ok(destination)
     }
 
     /// The message for `event`. An error means the event can never be published as it
@@ -162,26 +190,6 @@ impl Router {
             headers,
         })
     }
-}
-
-/// Kafka's rules for topic names (`org.apache.kafka.common.internals.Topic.validate`).
-fn check_topic_name(topic: &str) -> Result<(), &'static str> {
-    if topic.is_empty() {
-        return Err("it is empty");
-    }
-    if topic == "." || topic == ".." {
-        return Err("\".\" and \"..\" are reserved");
-    }
-    if topic.len() > 249 {
-        return Err("it is longer than 249 characters");
-    }
-    if !topic
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-    {
-        return Err("only ASCII letters, digits, '.', '_' and '-' are allowed");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -272,11 +280,21 @@ mod tests {
     }
 
     #[test]
-    fn illegal_topic_names_are_route_errors() {
-        let err = Router::default().route(&stored("my order")).unwrap_err();
-        assert!(matches!(err, RouteError::InvalidTopic { .. }));
-        assert!(err.to_string().contains("outbox.event.my order"));
-        let long = "a".repeat(250);
-        assert!(Router::default().route(&stored(&long)).is_err());
+    fn the_sinks_rule_refuses_destinations() {
+        fn no_spaces(destination: &str) -> Result<(), String> {
+            match destination.contains(' ') {
+                true => Err("is not a name without spaces".into()),
+                false => Ok(()),
+            }
+        }
+        let router = Router::default().with_rule(no_spaces);
+        let err = router.route(&stored("my order")).unwrap_err();
+        assert!(matches!(err, RouteError::InvalidDestination { .. }));
+        assert_eq!(
+            err.to_string(),
+            "\"outbox.event.my order\" (from aggregatetype \"my order\") is not a name without spaces"
+        );
+        assert!(router.route(&stored("order")).is_ok());
+        assert!(Router::default().route(&stored("my order")).is_ok());
     }
 }

@@ -12,10 +12,12 @@ mod context;
 mod security;
 mod settings;
 mod sink;
+mod topic_name;
 mod topic_reader;
 
 pub use context::QuietLog;
 pub use security::{is_secret_property, refused_connection_hint, Redactor};
 pub use settings::{KafkaSettings, SettingsError, TopicSettings};
 pub use sink::{check_connection, ConnectError, KafkaSink};
+pub use topic_name::check_topic_name;
 pub use topic_reader::{read_topics, ReadError, TopicRead, TopicSummary};

@@ -137,9 +137,9 @@ impl NatsSink {
 
     /// The JetStream message for `message`, or why it can never be published.
     fn build(&self, message: &Message) -> Result<jetstream::context::Publish, DeliveryError> {
-        if !is_valid_subject(&message.topic) {
+        if let Err(why) = check_subject(&message.topic) {
             return Err(DeliveryError::permanent(format!(
-                "{:?} is not a valid NATS subject (tokens separated by dots, no spaces, no wildcards * or >); change topics.template",
+                "{:?} {why}",
                 message.topic
             )));
         }
@@ -222,14 +222,18 @@ fn classify(subject: &str, err: &jetstream::context::PublishError) -> DeliveryEr
     }
 }
 
-/// A subject a message can be published to: dot-separated non-empty tokens, no
-/// whitespace, no wildcards.
-fn is_valid_subject(subject: &str) -> bool {
-    !subject.is_empty()
+/// Whether a message can be published to `subject` (dot-separated non-empty tokens, no
+/// whitespace, no wildcards): the NATS sink's [`outbox_core::DestinationRule`].
+pub fn check_subject(subject: &str) -> Result<(), String> {
+    let valid = !subject.is_empty()
         && subject.split('.').all(|token| {
             !token.is_empty()
                 && !token.contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
-        })
+        });
+    match valid {
+        true => Ok(()),
+        false => Err("is not a valid NATS subject (tokens separated by dots, no spaces, no wildcards * or >); change the event's aggregatetype or sink.subject".into()),
+    }
 }
 
 #[cfg(test)]
@@ -238,8 +242,8 @@ mod tests {
 
     #[test]
     fn subjects() {
-        assert!(is_valid_subject("outbox.order"));
-        assert!(is_valid_subject("orders"));
+        assert!(check_subject("outbox.order").is_ok());
+        assert!(check_subject("orders").is_ok());
         for bad in [
             "",
             "outbox..order",
@@ -248,7 +252,7 @@ mod tests {
             "outbox.*",
             "outbox.>",
         ] {
-            assert!(!is_valid_subject(bad), "{bad:?}");
+            assert!(check_subject(bad).is_err(), "{bad:?}");
         }
     }
 }

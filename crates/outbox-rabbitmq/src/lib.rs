@@ -2,7 +2,7 @@
 //!
 //! Each message is published persistent (`delivery_mode` 2), `mandatory`, with
 //! `message_id` = the event id and the event's headers as AMQP headers, to the
-//! configured exchange with the routed destination (`topics.template`) as its routing
+//! configured exchange with the routed destination (`sink.routing_key`) as its routing
 //! key. It counts as delivered only on the broker's publisher confirm; a message no
 //! queue takes (returned) is retried, like a missing topic.
 //!
@@ -90,9 +90,9 @@ impl RabbitMqSink {
     }
 
     async fn publish_one(&self, channel: &Channel, message: &Message) -> DeliveryOutcome {
-        if message.topic.len() > 255 {
+        if let Err(why) = check_routing_key(&message.topic) {
             return DeliveryOutcome::Failed(DeliveryError::permanent(format!(
-                "the routing key {:?} is longer than AMQP's 255 bytes; shorten topics.template",
+                "{:?} {why}",
                 message.topic
             )));
         }
@@ -227,4 +227,13 @@ fn properties(message: &Message) -> BasicProperties {
         properties = properties.with_message_id(ShortString::from(id));
     }
     properties
+}
+
+/// Whether `routing_key` fits AMQP's short string (at most 255 bytes): the RabbitMQ
+/// sink's [`outbox_core::DestinationRule`].
+pub fn check_routing_key(routing_key: &str) -> Result<(), String> {
+    match routing_key.len() {
+        0..=255 => Ok(()),
+        _ => Err("is not a valid AMQP routing key: it is longer than 255 bytes; shorten the event's aggregatetype or sink.routing_key".into()),
+    }
 }
