@@ -16,6 +16,7 @@ pub use outbox_postgres::DatabaseUrl;
 use outbox_postgres::OnPublish;
 use serde::{Deserialize, Serialize};
 
+use crate::sinks::{SinkSection, SinkSettings};
 use crate::RelayError;
 
 /// The configuration as written by the user (file, environment, flags).
@@ -37,10 +38,12 @@ pub struct Config {
     pub polling: PollingSection,
     #[serde(default)]
     pub delivery: DeliverySection,
+    /// The broker: `type` and that sink's settings (Kafka's are `kafka_brokers`,
+    /// `[kafka]` and `[topics]`).
     #[serde(default)]
-    pub topics: TopicsSection,
-    #[serde(default)]
-    pub kafka: KafkaSection,
+    pub sink: SinkSection,
+    pub topics: Option<TopicsSection>,
+    pub kafka: Option<KafkaSection>,
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
@@ -242,11 +245,16 @@ pub fn kafka_properties_from_file(path: &Path) -> Result<BTreeMap<String, String
     properties
         .unwrap_or_default()
         .into_iter()
-        .map(|(name, value)| value.resolve(&name).map(|value| (name, value)))
+        .map(|(name, value)| {
+            value
+                .resolve(&format!("kafka.properties.\"{name}\""))
+                .map(|value| (name, value))
+        })
         .collect()
 }
 
-/// A `kafka.properties` value: given as is, or read from a file or the environment.
+/// A secret-bearing value (`kafka.properties`, `sink.password`, `sink.secret`): given as
+/// is, or read from a file or the environment.
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum PropertyValue {
@@ -256,20 +264,21 @@ pub enum PropertyValue {
 }
 
 impl PropertyValue {
-    fn resolve(self, name: &str) -> Result<String, RelayError> {
+    /// The value; `key` names the setting in errors.
+    pub(crate) fn resolve(self, key: &str) -> Result<String, RelayError> {
         match self {
             PropertyValue::Text(text) => Ok(text),
             PropertyValue::File { file } => std::fs::read_to_string(&file)
                 .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
                 .map_err(|err| {
                     RelayError::Config(format!(
-                        "kafka.properties.\"{name}\" is read from {}: {err}; point `file` at a readable file",
+                        "{key} is read from {}: {err}; point `file` at a readable file",
                         file.display()
                     ))
                 }),
             PropertyValue::Env { env } => std::env::var(&env).map_err(|_| {
                 RelayError::Config(format!(
-                    "kafka.properties.\"{name}\" is read from the environment variable {env}, which is not set; set it or change `env`"
+                    "{key} is read from the environment variable {env}, which is not set; set it or change `env`"
                 ))
             }),
         }
@@ -365,6 +374,7 @@ const SETTINGS: &[&str] = &[
     "table",
     "polling",
     "delivery",
+    "sink",
     "topics",
     "kafka",
     "http",
@@ -379,6 +389,10 @@ const SERVICE_VARIABLES: &[&str] = &[
     "OUTBOX_SASL_KAFKA_BROKERS",
     "OUTBOX_SASL_KAFKA_CONFIG",
     "OUTBOX_SERVICES_TLS_DIR",
+    "OUTBOX_NATS_URL",
+    "OUTBOX_RABBITMQ_ADDRESS",
+    "OUTBOX_RABBITMQ_USER",
+    "OUTBOX_RABBITMQ_PASSWORD_FILE",
 ];
 
 /// Whether the variable `OUTBOX_<key>` names a setting.
@@ -464,25 +478,6 @@ impl Config {
             .map_err(|err| RelayError::Config(err.to_string()))?;
         let table = TableRef::new(&self.table.schema, &self.table.name)
             .map_err(|err| RelayError::Config(format!("table: {err}")))?;
-        let transactional_id = match (self.kafka.transactions, self.kafka.transactional_id) {
-            (false, Some(_)) => return Err(RelayError::Config(
-                "kafka.transactional_id is set but kafka.transactions = false; remove one of them".into(),
-            )),
-            (false, None) => None,
-            (true, Some(id)) if id.trim().is_empty() => return Err(RelayError::Config(
-                "kafka.transactional_id is empty; remove it to use the default (outbox-relay/<database>/<schema>.<table>) or give it a name".into(),
-            )),
-            (true, Some(id)) => Some(id),
-            (true, None) => Some(format!(
-                "outbox-relay/{}/{}",
-                connect
-                    .get_database()
-                    .unwrap_or_else(|| connect.get_username()),
-                table
-            )),
-        };
-        let template = TopicTemplate::parse(&self.topics.template)
-            .map_err(|err| RelayError::Config(format!("topics.template: {err}")))?;
         if self.polling.batch_size == 0 {
             return Err(RelayError::Config(
                 "polling.batch_size is 0; set it to at least 1 (1000 is a good start)".into(),
@@ -495,9 +490,7 @@ impl Config {
         }
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;
-        // (setting, value, lowest, highest, default). kafka.message_timeout must not be
-        // 0: librdkafka reads it as "wait forever", and a relay stopped during an outage
-        // would never drain.
+        // (setting, value, lowest, highest, default)
         let durations = [
             (
                 "polling.interval",
@@ -526,13 +519,6 @@ impl Config {
                 ms(1),
                 secs(24 * 3600),
                 "60s",
-            ),
-            (
-                "kafka.message_timeout",
-                self.kafka.message_timeout,
-                secs(1),
-                secs(3600),
-                "30s",
             ),
             (
                 "postgres.connect_timeout",
@@ -578,11 +564,6 @@ impl Config {
                 self.postgres.keepalive_count
             )));
         }
-        if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
-            return Err(RelayError::Config(
-                "topics.partitions and topics.replication_factor must be at least 1".into(),
-            ));
-        }
         let http_listen = match self.http.listen.as_str() {
             "off" | "" => None,
             addr => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -591,28 +572,40 @@ impl Config {
                 ))
             })?),
         };
-        let kafka = KafkaSettings {
-            brokers: self.kafka_brokers.unwrap_or_default(),
-            linger: self.kafka.linger,
-            batch_bytes: self.kafka.batch_bytes,
-            message_timeout: self.kafka.message_timeout,
-            compression: self.kafka.compression,
-            properties: self
-                .kafka
-                .properties
-                .into_iter()
-                .map(|(name, value)| value.resolve(&name).map(|value| (name, value)))
-                .collect::<Result<_, _>>()?,
-            topics: TopicSettings {
-                create: self.topics.create,
-                partitions: self.topics.partitions,
-                replication_factor: self.topics.replication_factor,
-            },
-            transactional_id,
-        };
-        kafka
-            .validate()
-            .map_err(|err| RelayError::Config(err.to_string()))?;
+        let sink_type = self.sink.type_name();
+        if sink_type != "kafka" {
+            for (given, what) in [
+                (self.kafka.is_some(), "[kafka]"),
+                (self.topics.is_some(), "[topics]"),
+            ] {
+                if given {
+                    return Err(RelayError::Config(format!(
+                        "{what} is set but sink.type = {sink_type:?}: those are the Kafka sink's settings; remove them, or set the {sink_type} sink's own keys in [sink]"
+                    )));
+                }
+            }
+            if self.kafka_brokers.is_some() {
+                tracing::warn!(sink = sink_type, "kafka_brokers (OUTBOX_KAFKA_BROKERS) is set but the sink is not Kafka; it is ignored");
+            }
+        }
+        let default_transactional_id = format!(
+            "outbox-relay/{}/{}",
+            connect
+                .get_database()
+                .unwrap_or_else(|| connect.get_username()),
+            table
+        );
+        let (kafka_brokers, kafka, topics) = (self.kafka_brokers, self.kafka, self.topics);
+        let (sink, template, rule) = crate::sinks::resolve(self.sink, || {
+            kafka_settings(
+                kafka_brokers,
+                kafka.unwrap_or_default(),
+                topics.unwrap_or_default(),
+                default_transactional_id,
+            )
+        })?;
+        let template = TopicTemplate::parse(&template)
+            .map_err(|err| RelayError::Config(format!("the routing template: {err}")))?;
         Ok(RelayConfig {
             database_url,
             mode: self.mode,
@@ -629,8 +622,8 @@ impl Config {
                 initial_backoff: self.delivery.initial_backoff,
                 max_backoff: self.delivery.max_backoff,
             },
-            router: Router::new(template),
-            kafka,
+            router: Router::new(template).with_rule(rule),
+            sink,
             http_listen,
             standby_interval: Duration::from_secs(1),
             cdc_heartbeat: self.cdc.heartbeat,
@@ -645,6 +638,69 @@ impl Config {
     }
 }
 
+/// The Kafka sink's settings (`kafka_brokers`, `[kafka]`, `[topics]`) checked, with the
+/// topic template.
+fn kafka_settings(
+    brokers: Option<String>,
+    kafka: KafkaSection,
+    topics: TopicsSection,
+    default_transactional_id: String,
+) -> Result<(KafkaSettings, String), RelayError> {
+    let transactional_id = match (kafka.transactions, kafka.transactional_id) {
+        (false, Some(_)) => return Err(RelayError::Config(
+            "kafka.transactional_id is set but kafka.transactions = false; remove one of them".into(),
+        )),
+        (false, None) => None,
+        (true, Some(id)) if id.trim().is_empty() => return Err(RelayError::Config(
+            "kafka.transactional_id is empty; remove it to use the default (outbox-relay/<database>/<schema>.<table>) or give it a name".into(),
+        )),
+        (true, Some(id)) => Some(id),
+        (true, None) => Some(default_transactional_id),
+    };
+    TopicTemplate::parse(&topics.template)
+        .map_err(|err| RelayError::Config(format!("topics.template: {err}")))?;
+    // kafka.message_timeout must not be 0: librdkafka reads it as "wait forever", and a
+    // relay stopped during an outage would never drain.
+    check_duration(
+        "kafka.message_timeout",
+        kafka.message_timeout,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "30s",
+    )?;
+    if topics.partitions < 1 || topics.replication_factor < 1 {
+        return Err(RelayError::Config(
+            "topics.partitions and topics.replication_factor must be at least 1".into(),
+        ));
+    }
+    let settings = KafkaSettings {
+        brokers: brokers.unwrap_or_default(),
+        linger: kafka.linger,
+        batch_bytes: kafka.batch_bytes,
+        message_timeout: kafka.message_timeout,
+        compression: kafka.compression,
+        properties: kafka
+            .properties
+            .into_iter()
+            .map(|(name, value)| {
+                value
+                    .resolve(&format!("kafka.properties.\"{name}\""))
+                    .map(|value| (name, value))
+            })
+            .collect::<Result<_, _>>()?,
+        topics: TopicSettings {
+            create: topics.create,
+            partitions: topics.partitions,
+            replication_factor: topics.replication_factor,
+        },
+        transactional_id,
+    };
+    settings
+        .validate()
+        .map_err(|err| RelayError::Config(err.to_string()))?;
+    Ok((settings, topics.template))
+}
+
 /// Renders a figment error as one line per problem that names the key, where it came
 /// from (the config file as given, or the variable) and how to fix it.
 fn describe(err: figment::Error, file: Option<&Path>) -> String {
@@ -655,8 +711,15 @@ fn describe(err: figment::Error, file: Option<&Path>) -> String {
             .metadata
             .as_ref()
             .is_some_and(|m| m.name.contains("environment"));
-        let key = err.path.join(".");
-        let variable = format!("OUTBOX_{}", err.path.join("__").to_uppercase());
+        // Inside `[sink]` (an enum) the path stops at the section: add the key.
+        let mut path = err.path.clone();
+        if let Kind::UnknownField(name, _) = &err.kind {
+            if path.last() != Some(name) {
+                path.push(name.clone());
+            }
+        }
+        let key = path.join(".");
+        let variable = format!("OUTBOX_{}", path.join("__").to_uppercase());
         let source = match (&err.metadata, file) {
             _ if from_env => format!("the environment variable {variable}"),
             (Some(m), Some(file)) if m.name.contains("TOML") => {
@@ -677,10 +740,16 @@ fn describe(err: figment::Error, file: Option<&Path>) -> String {
                 } else {
                     format!("remove or correct it (in the environment the same key is {variable})")
                 };
-                format!(
-                    "unknown key; the keys here are {}; {hint}",
-                    expected.join(", ")
-                )
+                match expected.is_empty() {
+                    true if path.first().is_some_and(|p| p == "sink") => format!(
+                        "unknown key; the Kafka sink takes no keys in [sink]: its settings are kafka_brokers, [kafka] and [topics]; {hint}"
+                    ),
+                    true => format!("unknown key; this section takes no keys; {hint}"),
+                    false => format!(
+                        "unknown key; the keys here are {}; {hint}",
+                        expected.join(", ")
+                    ),
+                }
             }
             other => {
                 let mut text = describe_kind(other);
@@ -785,7 +854,8 @@ pub struct RelayConfig {
     pub retention: Duration,
     pub retry: RetryPolicy,
     pub router: Router,
-    pub kafka: KafkaSettings,
+    /// The broker and its settings.
+    pub sink: SinkSettings,
     pub http_listen: Option<SocketAddr>,
     /// How often a standby tries to take the leadership lock.
     pub standby_interval: Duration,
@@ -794,6 +864,24 @@ pub struct RelayConfig {
     /// CDC: bytes of events after which a batch is published.
     pub cdc_max_batch_bytes: u64,
     pub postgres: PostgresSettings,
+}
+
+impl RelayConfig {
+    /// The Kafka sink's settings, when the sink is Kafka.
+    pub fn kafka(&self) -> Option<&KafkaSettings> {
+        match &self.sink {
+            SinkSettings::Kafka(kafka) => Some(kafka),
+            _ => None,
+        }
+    }
+
+    /// The same, to change (tests, programs that embed the relay).
+    pub fn kafka_mut(&mut self) -> Option<&mut KafkaSettings> {
+        match &mut self.sink {
+            SinkSettings::Kafka(kafka) => Some(kafka),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -857,7 +945,7 @@ mod tests {
                 .resolve()
                 .unwrap();
             assert_eq!(config.database_url.expose(), "postgres://flag@localhost/db");
-            assert_eq!(config.kafka.brokers, "env:9092");
+            assert_eq!(config.kafka().unwrap().brokers, "env:9092");
             assert_eq!(config.retry.max_attempts, 7);
             Ok(())
         });
@@ -877,7 +965,7 @@ mod tests {
                 .resolve()
                 .unwrap();
             assert_eq!(
-                config.kafka.transactional_id.as_deref(),
+                config.kafka().unwrap().transactional_id.as_deref(),
                 Some("outbox-relay/shop/billing.events")
             );
             jail.set_env("OUTBOX_KAFKA__TRANSACTIONS", "false");
@@ -885,7 +973,7 @@ mod tests {
                 .unwrap()
                 .resolve()
                 .unwrap();
-            assert_eq!(config.kafka.transactional_id, None);
+            assert_eq!(config.kafka().unwrap().transactional_id, None);
             jail.set_env("OUTBOX_KAFKA__TRANSACTIONAL_ID", "orders");
             let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
                 .unwrap()
@@ -976,5 +1064,165 @@ mod tests {
     fn missing_database_url_says_how_to_set_it() {
         let err = Config::default().resolve().unwrap_err().to_string();
         assert!(err.contains("OUTBOX_DATABASE_URL"), "{err}");
+    }
+
+    fn resolve_file(jail: &mut Jail, toml: &str) -> Result<RelayConfig, RelayError> {
+        jail.create_file(
+            "outbox.toml",
+            &format!("database_url = \"postgres://localhost/db\"\n{toml}"),
+        )
+        .unwrap();
+        let path = jail.directory().join("outbox.toml");
+        Config::load_from(Some(&path), None, &ConfigOverrides::default())?.resolve()
+    }
+
+    #[test]
+    fn the_sink_is_kafka_unless_the_sink_section_says_otherwise() {
+        Jail::expect_with(|jail| {
+            let config = resolve_file(jail, "kafka_brokers = \"k:9092\"\n").unwrap();
+            assert_eq!(config.sink.type_name(), "kafka");
+            let message = config.router.route(&event("order")).unwrap();
+            assert_eq!(message.topic, "outbox.event.order");
+            let err = config.router.route(&event("my order")).unwrap_err();
+            assert!(
+                err.to_string().contains("not a legal Kafka topic name"),
+                "{err}"
+            );
+            let config = resolve_file(jail, "[sink]\ntype = \"kafka\"\n").unwrap();
+            assert_eq!(config.sink.type_name(), "kafka");
+            Ok(())
+        });
+    }
+
+    fn event(aggregate_type: &str) -> outbox_core::StoredEvent {
+        outbox_core::StoredEvent {
+            seq: 1,
+            id: uuid::Uuid::nil(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: "1".into(),
+            event_type: "T".into(),
+            payload: None,
+            headers: Vec::new(),
+            attempts: 0,
+            unreadable: None,
+            retried_dead_letter: false,
+        }
+    }
+
+    #[test]
+    fn each_sink_reads_its_own_keys_and_routing_template() {
+        Jail::expect_with(|jail| {
+            jail.create_file("rabbit.password", "s3cret\n")?;
+            let config = resolve_file(
+                jail,
+                "[sink]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"events.{aggregatetype}\"\nstream = \"EVENTS\"\nack_timeout = \"2s\"\n",
+            )
+            .unwrap();
+            let SinkSettings::Nats(nats) = &config.sink else {
+                panic!("{:?}", config.sink)
+            };
+            assert_eq!(nats.ack_timeout, Duration::from_secs(2));
+            let stream = nats.stream.as_ref().unwrap();
+            assert_eq!(
+                (stream.name.as_str(), stream.subjects.as_slice()),
+                ("EVENTS", &["events.>".to_string()][..])
+            );
+            assert_eq!(
+                config.router.route(&event("order")).unwrap().topic,
+                "events.order"
+            );
+            let err = config.router.route(&event("my order")).unwrap_err();
+            assert!(
+                err.to_string().contains("not a valid NATS subject"),
+                "{err}"
+            );
+
+            let config = resolve_file(
+                jail,
+                "[sink]\ntype = \"rabbitmq\"\naddress = \"127.0.0.1:5672\"\nuser = \"outbox\"\npassword = { file = \"rabbit.password\" }\nexchange = \"events\"\nrouting_key = \"{aggregatetype}.changed\"\n",
+            )
+            .unwrap();
+            let SinkSettings::RabbitMq(rabbitmq) = &config.sink else {
+                panic!("{:?}", config.sink)
+            };
+            assert_eq!(
+                (rabbitmq.password.as_str(), rabbitmq.exchange.as_str()),
+                ("s3cret", "events")
+            );
+            assert!(
+                !format!("{config:?}").contains("s3cret"),
+                "the password stays hidden"
+            );
+            assert_eq!(
+                config.router.route(&event("order")).unwrap().topic,
+                "order.changed"
+            );
+
+            jail.set_env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+            let config = resolve_file(
+                jail,
+                "[sink]\ntype = \"webhook\"\nurl = \"https://hooks.example/in/{aggregatetype}\"\nsecret = { env = \"HOOK_SECRET\" }\n",
+            )
+            .unwrap();
+            assert_eq!(config.sink.type_name(), "webhook");
+            assert!(
+                !format!("{config:?}").contains("MfKQ9r8"),
+                "the secret stays hidden"
+            );
+            assert_eq!(
+                config.router.route(&event("order")).unwrap().topic,
+                "https://hooks.example/in/order"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_sink_can_be_chosen_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env("OUTBOX_DATABASE_URL", "postgres://localhost/db");
+            jail.set_env("OUTBOX_SINK__TYPE", "nats");
+            jail.set_env("OUTBOX_SINK__URL", "nats://127.0.0.1:4222");
+            jail.set_env("OUTBOX_NATS_URL", "nats://127.0.0.1:4222");
+            let config = load(jail, None, &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(config.sink.type_name(), "nats");
+            assert!(
+                ignored_environment_variables().is_empty(),
+                "{:?}",
+                ignored_environment_variables()
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn wrong_sink_settings_name_the_fix() {
+        Jail::expect_with(|jail| {
+            let cases = [
+                ("[sink]\nurl = \"nats://x\"\n", "missing field `type`"),
+                ("[sink]\ntype = \"redis\"\n", "expected one of kafka, nats, rabbitmq, webhook"),
+                ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\ntopic = \"x\"\n", "at key `sink.topic`: unknown key; the keys here are url, subject"),
+                ("[sink]\ntype = \"kafka\"\nbrokers = \"x\"\n", "its settings are kafka_brokers, [kafka] and [topics]"),
+                ("[sink]\ntype = \"nats\"\n", "sink.url is not set; the nats sink needs it"),
+                ("[sink]\ntype = \"rabbitmq\"\n", "sink.address is not set"),
+                ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\n[topics]\ntemplate = \"x\"\n", "[topics] is set but sink.type = \"nats\""),
+                ("[sink]\ntype = \"webhook\"\nurl = \"https://h/x\"\n[kafka]\nlinger = \"1ms\"\n", "[kafka] is set but sink.type = \"webhook\""),
+                ("[sink]\ntype = \"webhook\"\nurl = \"ftp://h/x\"\n", "is not an http:// or https:// URL"),
+                ("[sink]\ntype = \"webhook\"\nurl = \"https://h/{aggregateid}\"\n", "unknown placeholder"),
+                ("[sink]\ntype = \"webhook\"\nurl = \"https://h/x\"\nsecret = \"hunter2\"\n", "does not start with \"whsec_\""),
+                ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\nack_timeout = \"0s\"\n", "sink.ack_timeout is 0s"),
+                ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\nstream_subjects = [\"a.>\"]\n", "without sink.stream"),
+            ];
+            for (toml, wanted) in cases {
+                let err = resolve_file(jail, toml).unwrap_err();
+                assert!(err.is_config(), "{toml}: {err}");
+                assert!(err.to_string().contains(wanted), "{toml}: {err}");
+                assert!(!err.to_string().contains("hunter2"), "{err}");
+            }
+            Ok(())
+        });
     }
 }

@@ -84,14 +84,14 @@ pub async fn run_with_metrics(
         }
         store
     };
-    let sink = crate::sinks::build(&config)?;
+    let sink = crate::sinks::build(&config.sink).await?;
     sink.check(Duration::from_secs(10))
         .await
         .map_err(|e| RelayError::Config(e.to_string()))?;
 
-    let health = Arc::new(Health::new(config.mode == Mode::Cdc));
+    let health = Arc::new(Health::new(config.mode == Mode::Cdc, sink.name()));
     health.database.ok(health.started());
-    health.kafka.ok(health.started());
+    health.sink.ok(health.started());
     if let Some(addr) = config.http_listen {
         http::serve(addr, metrics.clone(), health.clone(), shutdown.clone()).await?;
     }
@@ -482,11 +482,11 @@ impl Relay<'_> {
         if !messages.is_empty() {
             let delivered = self.sink.publish(messages).await;
             if delivered.contains(&DeliveryOutcome::Delivered) {
-                self.health.kafka.ok(self.health.started());
+                self.health.sink.ok(self.health.started());
             } else if let Some(DeliveryOutcome::Failed(err)) = delivered.iter().find(
                 |o| matches!(o, DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable),
             ) {
-                self.health.kafka.failed(err.reason.clone());
+                self.health.sink.failed(err.reason.clone());
             }
             for (index, outcome) in sent.into_iter().zip(delivered) {
                 outcomes[index] = Some(outcome);
@@ -612,10 +612,10 @@ async fn monitor(
                 .failed(format!("no answer within {PROBE_TIMEOUT:?}")),
         }
         match sink.check(PROBE_TIMEOUT).await {
-            Ok(()) => health.kafka.ok(health.started()),
+            Ok(()) => health.sink.ok(health.started()),
             Err(err) => {
                 debug!(%err, sink = sink.name(), "broker probe failed");
-                health.kafka.failed(err.to_string());
+                health.sink.failed(err.to_string());
             }
         }
         sleep_or_shutdown(STATS_INTERVAL, &shutdown).await;

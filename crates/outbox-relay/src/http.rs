@@ -23,7 +23,9 @@ pub(crate) struct Health {
     /// Probed by the monitor task every few seconds.
     pub(crate) database: Dependency,
     /// Probed by the monitor task (cluster metadata), and by every publish.
-    pub(crate) kafka: Dependency,
+    /// The sink's broker, named as the sink names it ("kafka", "nats"...).
+    pub(crate) sink: Dependency,
+    sink_name: &'static str,
     /// CDC, active relay only: the replication stream, updated by the stream itself.
     pub(crate) replication: Dependency,
     cdc: bool,
@@ -83,12 +85,13 @@ pub(crate) enum Role {
 }
 
 impl Health {
-    pub(crate) fn new(cdc: bool) -> Self {
+    pub(crate) fn new(cdc: bool, sink_name: &'static str) -> Self {
         Health {
             role: AtomicU8::new(Role::Starting as u8),
             started: Instant::now(),
             database: Dependency::default(),
-            kafka: Dependency::default(),
+            sink: Dependency::default(),
+            sink_name,
             replication: Dependency::default(),
             cdc,
         }
@@ -111,7 +114,7 @@ impl Health {
         };
         let mut checks = vec![
             ("database", self.database.problem(self.started, Some(FRESH))),
-            ("kafka", self.kafka.problem(self.started, Some(FRESH))),
+            (self.sink_name, self.sink.problem(self.started, Some(FRESH))),
         ];
         if self.cdc && role == "active" {
             // The stream is quiet while the relay waits on Kafka: judged by its last

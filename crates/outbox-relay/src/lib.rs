@@ -48,8 +48,9 @@ pub mod engine;
 mod error;
 mod http;
 pub mod metrics;
-mod sinks;
+pub mod sinks;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};
 pub use engine::run;
 pub use error::RelayError;
+pub use sinks::SinkSettings;
