@@ -1,5 +1,7 @@
-//! The guarantees every source must keep, written once and run for each mode
-//! (polling and CDC) against the real PostgreSQL and Kafka.
+//! The guarantees every sink must keep, written once and run for each sink (Kafka, NATS
+//! JetStream, RabbitMQ, an HTTP webhook receiver) and each mode (polling and CDC)
+//! against the real services. A new sink gets the whole suite with one `conformance!`
+//! line.
 
 mod common;
 
@@ -8,37 +10,88 @@ use std::time::Duration;
 
 use common::*;
 use outbox::Event;
+use outbox_test_kit::Poison;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-for_each_mode!(
-    round_trip_publishes_topic_key_value_and_headers,
-    rolled_back_transaction_publishes_nothing,
-    plain_sql_writers_are_published_the_same_way,
-    late_committing_transaction_is_not_skipped,
-    per_aggregate_order_holds_with_concurrent_writers,
-    poison_event_is_dead_lettered_and_others_flow,
-    illegal_topic_name_is_dead_lettered_without_blocking,
-    dead_letters_are_listed_and_retried_from_the_command_line,
-);
+/// Runs every case for one sink: `mod SINK { mod CASE { polling, cdc } }`.
+macro_rules! conformance {
+    ($sink:ident, $kind:expr) => {
+        mod $sink {
+            use super::*;
+            cases!(
+                $kind;
+                round_trip_publishes_destination_key_value_and_headers,
+                rolled_back_transaction_publishes_nothing,
+                plain_sql_writers_are_published_the_same_way,
+                late_committing_transaction_is_not_skipped,
+                per_aggregate_order_holds_with_concurrent_writers,
+                poison_event_is_dead_lettered_and_others_flow,
+                illegal_destination_is_dead_lettered_without_blocking,
+                dead_letters_are_listed_and_retried_from_the_command_line,
+            );
+        }
+    };
+}
+
+macro_rules! cases {
+    ($kind:expr; $($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn polling() {
+                    super::super::$case(Mode::Polling, $kind).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cdc() {
+                    super::super::$case(Mode::Cdc, $kind).await
+                }
+            }
+        )*
+    };
+}
+
+conformance!(kafka, SinkKind::Kafka);
+conformance!(nats, SinkKind::Nats);
+conformance!(rabbitmq, SinkKind::RabbitMq);
+conformance!(webhook, SinkKind::Webhook);
+
+/// A database for `mode`, a sink of `kind` and a relay between them.
+async fn start(mode: Mode, kind: SinkKind, extra_toml: &str) -> (TestDb, TestSink, InProcessRelay) {
+    let db = TestDb::for_mode(mode).await;
+    let sink = db.sink(kind).await;
+    let relay = InProcessRelay::start(db.relay_config_for_sink(mode, &sink, extra_toml));
+    (db, sink, relay)
+}
+
+async fn finish(db: TestDb, sink: TestSink) {
+    sink.clean_up().await;
+    db.drop_db().await;
+}
 
 /// `outbox dead-letters list` shows a dead letter with its reason; `retry` queues it
-/// again and the relay tries it once more (here it fails again: the topic name is still
-/// illegal, so it is a dead letter again, with a later time and a fresh attempt count).
-async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
-    let bad = event("bad topic", "1", 0);
+/// again and the relay tries it once more (here it fails again: the sink still refuses
+/// it, so it is a dead letter again, with a later time and a fresh attempt count).
+async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
+    let poison = sink.poison();
+    let bad = poison_event(&poison, "1");
     db.write(std::slice::from_ref(&bad)).await;
     dead_letter(&db, bad.id).await;
     let list = cli(&db, &["dead-letters", "list", "--json"]);
     let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(rows[0]["id"], bad.id.to_string());
-    assert!(rows[0]["last_error"]
-        .as_str()
-        .unwrap()
-        .contains("not a legal Kafka topic name"));
+    assert!(
+        rows[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(poison.reason),
+        "{rows}"
+    );
     let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
     assert_eq!(status["dead_lettered"], 1);
     assert!(
@@ -75,25 +128,26 @@ async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     relay.stop().await;
-    db.drop_db().await;
+    finish(db, sink).await;
 }
 
-/// A payload larger than the broker accepts is dead-lettered with its reason at once;
-/// other aggregates, and the poison's own later events, keep flowing.
-async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
-    let big = "x".repeat(1_500_000);
-    let poison = Event::new(
-        "order",
-        "poison",
-        "Huge",
-        serde_json::json!({ "blob": big }),
-    );
+/// The event of `poison`, in aggregate `aggregate_id`.
+fn poison_event(poison: &Poison, aggregate_id: &str) -> Event {
+    let payload: serde_json::Value = serde_json::from_str(&poison.payload).unwrap();
+    Event::new(&poison.aggregate_type, aggregate_id, "Poison", payload)
+}
+
+/// An event the sink refuses for good (for Kafka and NATS a payload larger than the
+/// broker takes) is dead-lettered with its reason at once; other aggregates, and the
+/// poison's own later events, keep flowing.
+async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
+    let poison = sink.poison();
+    let bad = poison_event(&poison, "poison");
     let mut events = vec![
-        event("order", "poison", 0),
-        poison.clone(),
-        event("order", "poison", 2),
+        event(&poison.aggregate_type, "poison", 0),
+        bad.clone(),
+        event(&poison.aggregate_type, "poison", 2),
     ];
     for n in 0..200 {
         events.push(event("order", &format!("ok-{}", n % 20), n));
@@ -101,11 +155,11 @@ async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode) {
     db.write(&events).await;
     let wanted: Vec<Uuid> = events
         .iter()
-        .filter(|e| e.id != poison.id)
+        .filter(|e| e.id != bad.id && e.aggregate_type == "order")
         .map(|e| e.id)
         .collect();
-    let received = consume_ids(vec![db.topic("order")], &wanted, WAIT).await;
-    let (attempts, error) = dead_letter(&db, poison.id).await;
+    let received = sink.read_ids(&["order"], &wanted, WAIT).await;
+    let (attempts, error) = dead_letter(&db, bad.id).await;
     relay.stop().await;
     let seen: HashSet<Uuid> = received.iter().map(|r| r.id()).collect();
     assert!(
@@ -113,42 +167,39 @@ async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode) {
         "other events delivered"
     );
     assert!(
-        !seen.contains(&poison.id),
-        "the poison never reached the topic"
+        !seen.contains(&bad.id),
+        "the poison never reached the broker"
     );
     assert_eq!(attempts, 1, "dead-lettered at the first attempt");
-    assert!(
-        error.to_lowercase().contains("too large"),
-        "reason recorded: {error}"
-    );
-    db.drop_db().await;
+    assert!(error.contains(poison.reason), "reason recorded: {error}");
+    finish(db, sink).await;
 }
 
-/// An aggregatetype that yields an illegal topic name is dead-lettered at once, even when
-/// the writer deleted the row in the same transaction (CDC keeps it as a dead letter).
-async fn illegal_topic_name_is_dead_lettered_without_blocking(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
-    let bad = event("my order!", "1", 0);
+/// An aggregatetype that yields a destination the sink refuses is dead-lettered at once,
+/// even when the writer deleted the row in the same transaction (CDC keeps it as a dead
+/// letter).
+async fn illegal_destination_is_dead_lettered_without_blocking(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
+    let (illegal, why) = sink.illegal_aggregate_type();
+    let bad = event(&illegal, "1", 0);
     let good = event("order", "1", 1);
     db.write(&[bad.clone(), good.clone()]).await;
-    consume_ids(vec![db.topic("order")], &[good.id], WAIT).await;
+    sink.read_ids(&["order"], &[good.id], WAIT).await;
     let (_, error) = dead_letter(&db, bad.id).await;
     if mode == Mode::Cdc {
         // Insert and delete in one transaction: the dead letter is kept all the same.
-        let gone = event("my order!", "2", 2);
+        let gone = event(&illegal, "2", 2);
         db.write_and_delete(&gone).await;
         let (_, error) = dead_letter(&db, gone.id).await;
-        assert!(error.contains("not a legal Kafka topic name"), "{error}");
+        assert!(error.contains(why), "{error}");
     }
     relay.stop().await;
-    assert!(error.contains("not a legal Kafka topic name"), "{error}");
-    db.drop_db().await;
+    assert!(error.contains(why), "{error}");
+    finish(db, sink).await;
 }
 
-async fn round_trip_publishes_topic_key_value_and_headers(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+async fn round_trip_publishes_destination_key_value_and_headers(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
     let order = Event::new(
         "order",
         "42",
@@ -167,19 +218,16 @@ async fn round_trip_publishes_topic_key_value_and_headers(mode: Mode) {
     );
     db.write(&[order.clone(), user.clone()]).await;
 
-    let received = consume_ids(
-        vec![db.topic("order"), db.topic("user")],
-        &[order.id, user.id],
-        WAIT,
-    )
-    .await;
+    let received = sink
+        .read_ids(&["order", "user"], &[order.id, user.id], WAIT)
+        .await;
     relay.stop().await;
 
     let got = received
         .iter()
         .find(|r| r.id() == order.id)
         .expect("order event published");
-    assert_eq!(got.topic, db.topic("order"));
+    assert_eq!(got.topic, sink.destination("order"));
     assert_eq!(got.key, "42");
     let value: serde_json::Value = serde_json::from_slice(got.value.as_deref().unwrap()).unwrap();
     assert_eq!(value, serde_json::json!({"total": 1299}));
@@ -190,7 +238,7 @@ async fn round_trip_publishes_topic_key_value_and_headers(mode: Mode) {
         .iter()
         .find(|r| r.id() == user.id)
         .expect("user event published");
-    assert_eq!(got.topic, db.topic("user"));
+    assert_eq!(got.topic, sink.destination("user"));
     assert_eq!(got.key, "u-7");
 
     if mode == Mode::Polling {
@@ -202,12 +250,11 @@ async fn round_trip_publishes_topic_key_value_and_headers(mode: Mode) {
                 .unwrap();
         assert_eq!(published, 2);
     }
-    db.drop_db().await;
+    finish(db, sink).await;
 }
 
-async fn rolled_back_transaction_publishes_nothing(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+async fn rolled_back_transaction_publishes_nothing(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
     let doomed: Vec<Event> = (0..20).map(|n| event("order", "1", n)).collect();
     let mut tx = db.pool.begin().await.unwrap();
     outbox::write_all(&mut *tx, &doomed).await.unwrap();
@@ -217,7 +264,7 @@ async fn rolled_back_transaction_publishes_nothing(mode: Mode) {
     let marker = event("order", "1", 99);
     db.write(std::slice::from_ref(&marker)).await;
 
-    let received = consume_ids(vec![db.topic("order")], &[marker.id], WAIT).await;
+    let received = sink.read_ids(&["order"], &[marker.id], WAIT).await;
     relay.stop().await;
     let doomed_ids: HashSet<Uuid> = doomed.iter().map(|e| e.id).collect();
     assert!(
@@ -228,12 +275,11 @@ async fn rolled_back_transaction_publishes_nothing(mode: Mode) {
         received.iter().all(|r| !doomed_ids.contains(&r.id())),
         "an event of a rolled-back transaction was published"
     );
-    db.drop_db().await;
+    finish(db, sink).await;
 }
 
-async fn plain_sql_writers_are_published_the_same_way(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+async fn plain_sql_writers_are_published_the_same_way(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
     // What a service in any language does: one INSERT in its own transaction, no library.
     let id = Uuid::new_v4();
     sqlx::raw_sql(sqlx::AssertSqlSafe(String::from(&format!(
@@ -245,7 +291,7 @@ async fn plain_sql_writers_are_published_the_same_way(mode: Mode) {
     .execute(&db.pool)
     .await
     .unwrap();
-    let received = consume_ids(vec![db.topic("invoice")], &[id], WAIT).await;
+    let received = sink.read_ids(&["invoice"], &[id], WAIT).await;
     relay.stop().await;
     let got = received
         .iter()
@@ -256,26 +302,25 @@ async fn plain_sql_writers_are_published_the_same_way(mode: Mode) {
     assert_eq!(got.headers["tenant"], "acme");
     let value: serde_json::Value = serde_json::from_slice(got.value.as_deref().unwrap()).unwrap();
     assert_eq!(value, serde_json::json!({"amount": 5}));
-    db.drop_db().await;
+    finish(db, sink).await;
 }
 
 /// DESIGN.md's first pitfall: a transaction that took a lower `seq` but commits after a
 /// higher one must still be published (no `seq > last_seen` high-water mark).
-async fn late_committing_transaction_is_not_skipped(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+async fn late_committing_transaction_is_not_skipped(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
     let early = event("order", "a", 1);
     let late = event("order", "b", 2);
     let mut slow = db.pool.begin().await.unwrap();
     outbox::write(&mut *slow, &early).await.unwrap(); // takes the lower seq
     db.write(std::slice::from_ref(&late)).await; // higher seq, commits first
-    let first = consume_ids(vec![db.topic("order")], &[late.id], WAIT).await;
+    let first = sink.read_ids(&["order"], &[late.id], WAIT).await;
     assert!(
         first.iter().all(|r| r.id() != early.id),
         "uncommitted event published"
     );
     slow.commit().await.unwrap();
-    let received = consume_ids(vec![db.topic("order")], &[early.id, late.id], WAIT).await;
+    let received = sink.read_ids(&["order"], &[early.id, late.id], WAIT).await;
     relay.stop().await;
     assert!(
         received.iter().any(|r| r.id() == early.id),
@@ -286,14 +331,13 @@ async fn late_committing_transaction_is_not_skipped(mode: Mode) {
         rows[0].0 == early.id && rows[0].2 < rows[1].2,
         "early event holds the lower seq"
     );
-    db.drop_db().await;
+    finish(db, sink).await;
 }
 
 /// 4 concurrent writer tasks over 50 aggregates; writers of one aggregate serialize on
 /// it (as a row lock on the business entity would), as DESIGN.md requires.
-async fn per_aggregate_order_holds_with_concurrent_writers(mode: Mode) {
-    let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, "[polling]\nbatch_size = 137\n"));
+async fn per_aggregate_order_holds_with_concurrent_writers(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "[polling]\nbatch_size = 137\n").await;
     let mut writers = Vec::new();
     for writer in 0..4u64 {
         let pool = db.pool.clone();
@@ -323,10 +367,10 @@ async fn per_aggregate_order_holds_with_concurrent_writers(mode: Mode) {
     }
     let rows = db.rows().await;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-    let received = consume_ids(vec![db.topic("order")], &ids, WAIT).await;
+    let received = sink.read_ids(&["order"], &ids, WAIT).await;
     relay.stop().await;
     let audit = audit(&rows, &received);
     audit.assert_complete_and_ordered();
     assert!(audit.committed >= 1000);
-    db.drop_db().await;
+    finish(db, sink).await;
 }

@@ -163,7 +163,7 @@ async fn every_security_protocol_and_mechanism_publishes() {
     let db = TestDb::new().await;
     for (n, (name, brokers, properties)) in cases.iter().enumerate() {
         let mut config = db.relay_config(&format!("[kafka.properties]\n{properties}"));
-        config.kafka.brokers = brokers.to_string();
+        config.kafka_mut().unwrap().brokers = brokers.to_string();
         let events: Vec<_> = (0..20)
             .map(|i| event(&format!("case{n}"), "1", i))
             .collect();
@@ -699,7 +699,7 @@ async fn the_documented_acls_are_enough_and_a_missing_one_loses_nothing(mode: Mo
         secured.file("ca.crt"),
     );
     let mut config = db.relay_config_for(mode, &properties);
-    config.kafka.brokers = secured.sasl_brokers.clone();
+    config.kafka_mut().unwrap().brokers = secured.sasl_brokers.clone();
     config.database_url = outbox_relay::DatabaseUrl::new(secured.tls_url_for(&db.name));
     kafka_acls(&[
         "--add",
@@ -949,7 +949,7 @@ async fn without_topic_creation_write_and_describe_are_enough() {
         secured.file("ca.crt"),
     );
     let mut config = db.relay_config(&properties);
-    config.kafka.brokers = secured.sasl_brokers.clone();
+    config.kafka_mut().unwrap().brokers = secured.sasl_brokers.clone();
     let events: Vec<_> = (0..20)
         .map(|n| event("order", &(n % 2).to_string(), n))
         .collect();

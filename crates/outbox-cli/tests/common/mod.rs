@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 use outbox::{Event, TableRef};
 pub use outbox_relay::Mode;
 use outbox_relay::{Config, ConfigOverrides, RelayConfig};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::task::JoinHandle;
@@ -28,9 +25,9 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-pub fn brokers() -> String {
-    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use outbox_test_kit::kafka::{brokers, consume_ids, consume_ids_or_partial, consume_until};
+pub use outbox_test_kit::{Received, SinkKind, TestSink};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -143,9 +140,45 @@ impl TestDb {
             .resolve()
             .unwrap();
         config.router =
-            outbox_core::Router::new(outbox_core::TopicTemplate::parse(&self.template).unwrap());
+            outbox_core::Router::new(outbox_core::TopicTemplate::parse(&self.template).unwrap())
+                .with_rule(outbox_kafka::check_topic_name);
         config.http_listen = None;
         config
+    }
+
+    /// In-process relay settings for `mode` publishing to `sink` (Kafka: this database's
+    /// topic template).
+    pub fn relay_config_for_sink(
+        &self,
+        mode: Mode,
+        sink: &TestSink,
+        extra_toml: &str,
+    ) -> RelayConfig {
+        let mut config = match sink.kind {
+            SinkKind::Kafka => self.relay_config(extra_toml),
+            _ => {
+                let toml = format!(
+                    "database_url = {:?}\n{extra_toml}\n{}",
+                    self.url,
+                    sink.sink_toml(Duration::from_secs(2)),
+                );
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("outbox.toml");
+                std::fs::write(&path, toml).unwrap();
+                Config::load_file_only(&path, &ConfigOverrides::default())
+                    .unwrap()
+                    .resolve()
+                    .unwrap()
+            }
+        };
+        config.mode = mode;
+        config.http_listen = None;
+        config
+    }
+
+    /// A sink of `kind` for this test: on Kafka, this database's topics.
+    pub async fn sink(&self, kind: SinkKind) -> TestSink {
+        TestSink::start(kind, self.template.trim_end_matches(".{aggregatetype}")).await
     }
 
     pub async fn write(&self, events: &[Event]) {
@@ -288,69 +321,6 @@ impl InProcessRelay {
     }
 }
 
-/// A message as a consumer saw it.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: String,
-    pub value: Option<Vec<u8>>,
-    /// The last value of each header name.
-    pub headers: HashMap<String, String>,
-    /// Every header in the order the message carries them (names may repeat).
-    pub header_list: Vec<(String, String)>,
-}
-
-impl Received {
-    pub fn id(&self) -> Uuid {
-        self.headers["id"].parse().expect("id header is a UUID")
-    }
-}
-
-/// Reads `topics` from the beginning until `done` says so or `timeout` passes. Waits
-/// for topics that do not exist yet.
-pub async fn consume_until<F>(topics: Vec<String>, timeout: Duration, done: F) -> Vec<Received>
-where
-    F: FnMut(&[Received]) -> bool + Send + 'static,
-{
-    tokio::task::spawn_blocking(move || consume_blocking(&topics, timeout, done))
-        .await
-        .unwrap()
-}
-
-/// Reads until every id in `ids` has been seen; fails the test if some never arrive
-/// within `timeout` (use [`consume_ids_or_partial`] where a partial read is expected).
-pub async fn consume_ids(topics: Vec<String>, ids: &[Uuid], timeout: Duration) -> Vec<Received> {
-    let received = consume_ids_or_partial(topics.clone(), ids, timeout).await;
-    let seen: HashSet<Uuid> = received.iter().map(Received::id).collect();
-    let missing = ids.iter().filter(|id| !seen.contains(id)).count();
-    assert!(
-        missing == 0,
-        "{missing} of {} events never reached {topics:?} within {timeout:?}",
-        ids.len()
-    );
-    received
-}
-
-/// Reads until every id in `ids` has been seen or `timeout` passes; returns what arrived.
-pub async fn consume_ids_or_partial(
-    topics: Vec<String>,
-    ids: &[Uuid],
-    timeout: Duration,
-) -> Vec<Received> {
-    let mut wanted: HashSet<Uuid> = ids.iter().copied().collect();
-    let mut checked = 0;
-    consume_until(topics, timeout, move |received| {
-        for message in &received[checked..] {
-            wanted.remove(&message.id());
-        }
-        checked = received.len();
-        wanted.is_empty()
-    })
-    .await
-}
-
 /// Runs a case once per mode: `mod NAME { polling, cdc }`.
 #[macro_export]
 macro_rules! for_each_mode {
@@ -371,79 +341,6 @@ macro_rules! for_each_mode {
             }
         )*
     };
-}
-
-fn consume_blocking<F: FnMut(&[Received]) -> bool>(
-    topics: &[String],
-    timeout: Duration,
-    mut done: F,
-) -> Vec<Received> {
-    let deadline = Instant::now() + timeout;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("test-{}", Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for topic in topics {
-        loop {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok();
-            let partitions = metadata.as_ref().and_then(|m| {
-                m.topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map(|t| t.partitions().len())
-            });
-            match partitions {
-                Some(n) if n > 0 => {
-                    for p in 0..n as i32 {
-                        assignment
-                            .add_partition_offset(topic, p, Offset::Beginning)
-                            .unwrap();
-                    }
-                    break;
-                }
-                _ if Instant::now() > deadline => {
-                    return Vec::new();
-                }
-                _ => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
-    }
-    consumer.assign(&assignment).unwrap();
-    let mut received = Vec::new();
-    while Instant::now() < deadline && !done(&received) {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                let mut header_list = Vec::new();
-                if let Some(h) = message.headers() {
-                    for header in h.iter() {
-                        header_list.push((
-                            header.key.to_string(),
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                        ));
-                    }
-                }
-                let headers: HashMap<String, String> = header_list.iter().cloned().collect();
-                received.push(Received {
-                    topic: message.topic().to_string(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                    value: message.payload().map(|p| p.to_vec()),
-                    headers,
-                    header_list,
-                });
-            }
-            Some(Err(err)) => eprintln!("consumer: {err}"),
-            None => {}
-        }
-    }
-    received
 }
 
 /// The audit every delivery test ends with: every committed event arrived, and each
@@ -785,8 +682,10 @@ impl Secured {
             .unwrap()
             .resolve()
             .unwrap()
-            .kafka
+            .kafka()
+            .expect("a Kafka sink")
             .properties
+            .clone()
     }
 }
 

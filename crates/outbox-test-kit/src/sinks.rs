@@ -1,0 +1,481 @@
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use uuid::Uuid;
+
+use crate::{kafka, FaultProxy, Received};
+
+/// The sinks the conformance suite runs for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Kafka,
+    Nats,
+    RabbitMq,
+    Webhook,
+}
+
+/// An event the sink refuses for good: written with this aggregate type and payload, it
+/// must be dead-lettered at its first attempt with `reason` in its `last_error`.
+#[derive(Debug, Clone)]
+pub struct Poison {
+    pub aggregate_type: String,
+    pub payload: String,
+    pub reason: &'static str,
+}
+
+/// Text in a payload that makes the test's webhook receiver answer 400.
+const WEBHOOK_POISON: &str = "poison-pill";
+
+/// One test's destinations on one sink's broker, and reading back what reached them.
+///
+/// Reads are cumulative: each returns everything that reached the test's destinations
+/// since the start, in the order the broker holds it.
+pub struct TestSink {
+    pub kind: SinkKind,
+    prefix: String,
+    proxy: Option<FaultProxy>,
+    /// NATS: messages read so far (the stream is read by sequence number).
+    /// RabbitMQ: messages taken from the queue so far.
+    /// Webhook: the requests the receiver answered 2xx.
+    seen: Arc<Mutex<Vec<Received>>>,
+    webhook_base: Option<String>,
+}
+
+impl TestSink {
+    /// Destinations named after `prefix` (lower-case letters and digits, unique per
+    /// test). RabbitMQ: the exchange and a queue bound to everything exist before the
+    /// relay starts. Webhook: a receiver of the test's own listens on loopback.
+    pub async fn start(kind: SinkKind, prefix: &str) -> TestSink {
+        TestSink::create(kind, prefix, false).await
+    }
+
+    /// The same, with the relay reaching the broker (or receiver) through a
+    /// [`FaultProxy`], for outages. Not for Kafka: its clients connect to the address
+    /// the broker advertises, not the one they were given.
+    pub async fn behind_proxy(kind: SinkKind, prefix: &str) -> TestSink {
+        assert_ne!(kind, SinkKind::Kafka, "Kafka cannot be proxied this way");
+        TestSink::create(kind, prefix, true).await
+    }
+
+    async fn create(kind: SinkKind, prefix: &str, proxied: bool) -> TestSink {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut webhook_base = None;
+        let upstream = match kind {
+            SinkKind::Kafka => None,
+            SinkKind::Nats => Some(host_port(&nats_url())),
+            SinkKind::RabbitMq => {
+                declare_rabbitmq(prefix).await;
+                Some(rabbitmq_address())
+            }
+            SinkKind::Webhook => {
+                let address = start_receiver(seen.clone()).await;
+                webhook_base = Some(format!("http://{address}"));
+                Some(address)
+            }
+        };
+        let proxy = match (proxied, upstream) {
+            (true, Some(upstream)) => Some(FaultProxy::start(upstream.parse().unwrap()).await),
+            _ => None,
+        };
+        TestSink {
+            kind,
+            prefix: prefix.to_string(),
+            proxy,
+            seen,
+            webhook_base,
+        }
+    }
+
+    /// The proxy between the relay and the broker (see [`TestSink::behind_proxy`]).
+    pub fn proxy(&self) -> &FaultProxy {
+        self.proxy.as_ref().expect("started behind_proxy")
+    }
+
+    /// The routing template of the test's destinations.
+    pub fn template(&self) -> String {
+        match self.kind {
+            SinkKind::Webhook => format!(
+                "{}/{}/{{aggregatetype}}",
+                self.webhook_base.as_ref().unwrap(),
+                self.prefix
+            ),
+            _ => format!("{}.{{aggregatetype}}", self.prefix),
+        }
+    }
+
+    /// Where events of `aggregate_type` go.
+    pub fn destination(&self, aggregate_type: &str) -> String {
+        self.template().replace("{aggregatetype}", aggregate_type)
+    }
+
+    /// The address the relay connects to: the proxy's, or the broker's.
+    fn relay_address(&self, direct: String) -> String {
+        match &self.proxy {
+            Some(proxy) => proxy.address(),
+            None => direct,
+        }
+    }
+
+    /// The relay's `[sink]` section for this sink, with `timeout` as its acknowledgement
+    /// (or request) timeout. Empty for Kafka: its settings and topic template are set
+    /// apart (`kafka_brokers`, `[topics]`).
+    pub fn sink_toml(&self, timeout: Duration) -> String {
+        let timeout = format!("{}ms", timeout.as_millis());
+        match self.kind {
+            SinkKind::Kafka => String::new(),
+            SinkKind::Nats => format!(
+                "[sink]\ntype = \"nats\"\nurl = \"nats://{}\"\nsubject = {:?}\nstream = {:?}\nack_timeout = {timeout:?}\nconnect_timeout = \"2s\"\n",
+                self.relay_address(host_port(&nats_url())),
+                self.template(),
+                self.stream_name(),
+            ),
+            SinkKind::RabbitMq => format!(
+                "[sink]\ntype = \"rabbitmq\"\naddress = {:?}\nuser = {:?}\npassword = {{ file = {:?} }}\nexchange = {:?}\nrouting_key = {:?}\nconfirm_timeout = {timeout:?}\nconnect_timeout = \"2s\"\n",
+                self.relay_address(rabbitmq_address()),
+                rabbitmq_user(),
+                rabbitmq_password_file(),
+                self.prefix,
+                self.template(),
+            ),
+            SinkKind::Webhook => {
+                let mut template = self.template();
+                if let Some(proxy) = &self.proxy {
+                    let direct = self.webhook_base.as_ref().unwrap();
+                    template = template.replace(direct, &format!("http://{}", proxy.address()));
+                }
+                format!(
+                    "[sink]\ntype = \"webhook\"\nurl = {template:?}\ntimeout = {timeout:?}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+                )
+            }
+        }
+    }
+
+    fn stream_name(&self) -> String {
+        self.prefix.to_uppercase()
+    }
+
+    /// An event this sink refuses for good.
+    pub fn poison(&self) -> Poison {
+        let huge = || format!("{{\"blob\": \"{}\"}}", "x".repeat(1_500_000));
+        match self.kind {
+            SinkKind::Kafka => Poison {
+                aggregate_type: "order".into(),
+                payload: huge(),
+                reason: "too large",
+            },
+            SinkKind::Nats => Poison {
+                aggregate_type: "order".into(),
+                payload: huge(),
+                reason: "max_payload",
+            },
+            SinkKind::RabbitMq => Poison {
+                aggregate_type: "o".repeat(300),
+                payload: "{\"n\": 1}".into(),
+                reason: "longer than 255 bytes",
+            },
+            SinkKind::Webhook => Poison {
+                aggregate_type: "order".into(),
+                payload: format!("{{\"{WEBHOOK_POISON}\": true}}"),
+                reason: "400 Bad Request",
+            },
+        }
+    }
+
+    /// An aggregate type whose destination the sink's rule refuses, and the words of
+    /// the refusal.
+    pub fn illegal_aggregate_type(&self) -> (String, &'static str) {
+        match self.kind {
+            SinkKind::Kafka => ("my order!".into(), "not a legal Kafka topic name"),
+            SinkKind::Nats => ("my order".into(), "not a valid NATS subject"),
+            SinkKind::RabbitMq => ("o".repeat(300), "longer than 255 bytes"),
+            SinkKind::Webhook => ("my order".into(), "is not a valid URL"),
+        }
+    }
+
+    /// Reads until every id in `ids` has arrived; fails the test if some never do within
+    /// `timeout`.
+    pub async fn read_ids(
+        &self,
+        aggregate_types: &[&str],
+        ids: &[Uuid],
+        timeout: Duration,
+    ) -> Vec<Received> {
+        let received = self
+            .read_ids_or_partial(aggregate_types, ids, timeout)
+            .await;
+        let seen: std::collections::HashSet<Uuid> = received.iter().map(Received::id).collect();
+        let missing = ids.iter().filter(|id| !seen.contains(id)).count();
+        assert!(
+            missing == 0,
+            "{missing} of {} events never reached the {:?} sink within {timeout:?}",
+            ids.len(),
+            self.kind
+        );
+        received
+    }
+
+    /// Reads until every id in `ids` has arrived or `timeout` passes; returns everything
+    /// that arrived at the destinations of `aggregate_types` (Kafka reads only those
+    /// topics; the other sinks have all the test's destinations in one place).
+    pub async fn read_ids_or_partial(
+        &self,
+        aggregate_types: &[&str],
+        ids: &[Uuid],
+        timeout: Duration,
+    ) -> Vec<Received> {
+        if self.kind == SinkKind::Kafka {
+            let topics = aggregate_types
+                .iter()
+                .map(|t| self.destination(t))
+                .collect();
+            return kafka::consume_ids_or_partial(topics, ids, timeout).await;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.fetch().await;
+            let seen = self.seen.lock().unwrap().clone();
+            let ids_seen: std::collections::HashSet<Uuid> = seen.iter().map(Received::id).collect();
+            if ids.iter().all(|id| ids_seen.contains(id)) || Instant::now() >= deadline {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Everything that arrived within `wait` (for checks that something never arrives).
+    pub async fn read_for(&self, aggregate_types: &[&str], wait: Duration) -> Vec<Received> {
+        let never = [Uuid::nil()];
+        self.read_ids_or_partial(aggregate_types, &never, wait)
+            .await
+    }
+
+    /// Takes what the broker holds beyond what was read already.
+    async fn fetch(&self) {
+        match self.kind {
+            SinkKind::Kafka | SinkKind::Webhook => {}
+            SinkKind::Nats => {
+                let client = async_nats::connect(nats_url()).await.unwrap();
+                let jetstream = async_nats::jetstream::new(client);
+                // The relay creates the stream at start.
+                let Ok(stream) = jetstream.get_stream(self.stream_name()).await else {
+                    return;
+                };
+                let mut seen = self.seen.lock().unwrap().len() as u64;
+                while let Ok(message) = stream.get_raw_message(seen + 1).await {
+                    seen += 1;
+                    let mut headers = Vec::new();
+                    for (name, values) in message.headers.iter() {
+                        for value in values {
+                            headers.push((name.to_string(), value.to_string()));
+                        }
+                    }
+                    self.seen.lock().unwrap().push(Received::new(
+                        message.subject.to_string(),
+                        message.sequence as i64,
+                        Some(message.payload.to_vec()),
+                        headers,
+                    ));
+                }
+            }
+            SinkKind::RabbitMq => {
+                let (_connection, channel) = rabbitmq_channel().await;
+                while let Some(message) = channel
+                    .basic_get(&self.prefix, BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()
+                {
+                    let mut headers = Vec::new();
+                    if let Some(table) = message.delivery.properties.headers() {
+                        for (name, value) in table.inner() {
+                            let text = match value {
+                                AMQPValue::ByteArray(bytes) => {
+                                    String::from_utf8_lossy(bytes.as_slice()).into_owned()
+                                }
+                                AMQPValue::LongString(text) => {
+                                    String::from_utf8_lossy(text.as_bytes()).into_owned()
+                                }
+                                other => format!("{other:?}"),
+                            };
+                            headers.push((name.to_string(), text));
+                        }
+                    }
+                    let mut seen = self.seen.lock().unwrap();
+                    let offset = seen.len() as i64;
+                    seen.push(Received::new(
+                        message.delivery.routing_key.to_string(),
+                        offset,
+                        Some(message.delivery.data.clone()),
+                        headers,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Removes what the test created on the broker.
+    pub async fn clean_up(self) {
+        match self.kind {
+            SinkKind::Kafka | SinkKind::Webhook => {}
+            SinkKind::Nats => {
+                if let Ok(client) = async_nats::connect(nats_url()).await {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(self.stream_name())
+                        .await;
+                }
+            }
+            SinkKind::RabbitMq => {
+                let (_connection, channel) = rabbitmq_channel().await;
+                let _ = channel
+                    .queue_delete(&self.prefix, QueueDeleteOptions::default())
+                    .await;
+                let _ = channel
+                    .exchange_delete(&self.prefix, ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+    }
+}
+
+fn nats_url() -> String {
+    std::env::var("OUTBOX_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn host_port(url: &str) -> String {
+    url.split("://").last().unwrap_or(url).to_string()
+}
+
+fn rabbitmq_address() -> String {
+    std::env::var("OUTBOX_RABBITMQ_ADDRESS").unwrap_or_else(|_| "127.0.0.1:5672".into())
+}
+
+fn rabbitmq_user() -> String {
+    std::env::var("OUTBOX_RABBITMQ_USER").unwrap_or_else(|_| "outbox".into())
+}
+
+fn rabbitmq_password_file() -> String {
+    std::env::var("OUTBOX_RABBITMQ_PASSWORD_FILE").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../.services/tls/rabbitmq-outbox.password"
+        )
+        .into()
+    })
+}
+
+async fn rabbitmq_channel() -> (Connection, Channel) {
+    let file = rabbitmq_password_file();
+    let password = std::fs::read_to_string(&file)
+        .unwrap_or_else(|err| panic!("{file}: {err}; run scripts/services start rabbitmq"));
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(password.trim(), percent_encoding::NON_ALPHANUMERIC)
+            .collect();
+    let uri = format!(
+        "amqp://{}:{encoded}@{}/%2f",
+        rabbitmq_user(),
+        rabbitmq_address()
+    );
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let connection = Connection::connect(&uri, properties)
+        .await
+        .expect("cannot reach RabbitMQ; start it with scripts/services start rabbitmq");
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+/// The exchange the relay publishes to (declared as the relay declares it) and a durable
+/// queue bound to all of it.
+async fn declare_rabbitmq(prefix: &str) {
+    let (_connection, channel) = rabbitmq_channel().await;
+    channel
+        .exchange_declare(
+            prefix,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_declare(
+            prefix,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            prefix,
+            prefix,
+            "#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Serves the webhook receiver on a free loopback port; returns `127.0.0.1:<port>`.
+async fn start_receiver(seen: Arc<Mutex<Vec<Received>>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let app = axum::Router::new()
+        .fallback(receive)
+        .with_state((seen, address.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address
+}
+
+/// Records a POST (its `outbox-*` headers decoded back to the message's headers) and
+/// answers 204, or 400 to a poison.
+async fn receive(
+    State((seen, address)): State<(Arc<Mutex<Vec<Received>>>, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if method != Method::POST {
+        return StatusCode::OK;
+    }
+    if String::from_utf8_lossy(&body).contains(WEBHOOK_POISON) {
+        return StatusCode::BAD_REQUEST;
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut header_list = Vec::new();
+    for (name, value) in &headers {
+        if let Some(name) = name.as_str().strip_prefix("outbox-") {
+            header_list.push((decode(name), decode(value.to_str().unwrap_or_default())));
+        }
+    }
+    let mut seen = seen.lock().unwrap();
+    let offset = seen.len() as i64;
+    seen.push(Received::new(
+        format!("http://{address}{}", uri.path()),
+        offset,
+        Some(body.to_vec()),
+        header_list,
+    ));
+    StatusCode::NO_CONTENT
+}
