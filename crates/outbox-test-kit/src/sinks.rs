@@ -48,6 +48,8 @@ pub struct TestSink {
     /// Webhook: the requests the receiver answered 2xx.
     seen: Arc<Mutex<Vec<Received>>>,
     webhook_base: Option<String>,
+    /// The relay's acknowledgement (or request) timeout for this sink.
+    pub timeout: Duration,
 }
 
 impl TestSink {
@@ -58,12 +60,32 @@ impl TestSink {
         TestSink::create(kind, prefix, false).await
     }
 
-    /// The same, with the relay reaching the broker (or receiver) through a
-    /// [`FaultProxy`], for outages. Not for Kafka: its clients connect to the address
-    /// the broker advertises, not the one they were given.
-    pub async fn behind_proxy(kind: SinkKind, prefix: &str) -> TestSink {
-        assert_ne!(kind, SinkKind::Kafka, "Kafka cannot be proxied this way");
-        TestSink::create(kind, prefix, true).await
+    /// The same, ready for [`TestSink::begin_outage`], with a 2 s timeout: the relay
+    /// reaches the broker (or receiver) through a [`FaultProxy`]. Kafka's clients
+    /// connect to the address the broker advertises, not the one they were given, so
+    /// Kafka's outage stops the broker of `scripts/services` instead: a test binary with
+    /// a Kafka outage must keep its other Kafka tests apart.
+    pub async fn for_outages(kind: SinkKind, prefix: &str) -> TestSink {
+        let mut sink = TestSink::create(kind, prefix, kind != SinkKind::Kafka).await;
+        sink.timeout = Duration::from_secs(2);
+        sink
+    }
+
+    /// The broker becomes unreachable: the proxy turns into a black hole (Kafka: the
+    /// broker stops).
+    pub async fn begin_outage(&self) {
+        match &self.proxy {
+            Some(proxy) => proxy.vanish(),
+            None => services(&["stop", "kafka"]).await,
+        }
+    }
+
+    /// The broker is reachable again.
+    pub async fn end_outage(&self) {
+        match &self.proxy {
+            Some(proxy) => proxy.restore(),
+            None => services(&["start", "kafka"]).await,
+        }
     }
 
     async fn create(kind: SinkKind, prefix: &str, proxied: bool) -> TestSink {
@@ -92,6 +114,7 @@ impl TestSink {
             proxy,
             seen,
             webhook_base,
+            timeout: Duration::from_secs(5),
         }
     }
 
@@ -125,13 +148,14 @@ impl TestSink {
         }
     }
 
-    /// The relay's `[sink]` section for this sink, with `timeout` as its acknowledgement
-    /// (or request) timeout. Empty for Kafka: its settings and topic template are set
-    /// apart (`kafka_brokers`, `[topics]`).
-    pub fn sink_toml(&self, timeout: Duration) -> String {
-        let timeout = format!("{}ms", timeout.as_millis());
+    /// The relay's settings for this sink: the `[sink]` section, with [`TestSink::timeout`]
+    /// as its acknowledgement (or request) timeout. For Kafka only `[kafka]`'s message
+    /// timeout: its brokers and topic template are set apart (`kafka_brokers`,
+    /// `[topics]`).
+    pub fn sink_toml(&self) -> String {
+        let timeout = format!("{}ms", self.timeout.as_millis());
         match self.kind {
-            SinkKind::Kafka => String::new(),
+            SinkKind::Kafka => format!("[kafka]\nmessage_timeout = {timeout:?}\n"),
             SinkKind::Nats => format!(
                 "[sink]\ntype = \"nats\"\nurl = \"nats://{}\"\nsubject = {:?}\nstream = {:?}\nack_timeout = {timeout:?}\nconnect_timeout = \"2s\"\n",
                 self.relay_address(host_port(&nats_url())),
@@ -343,6 +367,18 @@ impl TestSink {
             }
         }
     }
+}
+
+/// Runs `scripts/services` (for Kafka's outages).
+async fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/services");
+    let status = tokio::process::Command::new(script)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "scripts/services {args:?}");
 }
 
 fn nats_url() -> String {

@@ -155,12 +155,12 @@ impl TestDb {
         extra_toml: &str,
     ) -> RelayConfig {
         let mut config = match sink.kind {
-            SinkKind::Kafka => self.relay_config(extra_toml),
+            SinkKind::Kafka => self.relay_config(&format!("{extra_toml}\n{}", sink.sink_toml())),
             _ => {
                 let toml = format!(
                     "database_url = {:?}\n{extra_toml}\n{}",
                     self.url,
-                    sink.sink_toml(Duration::from_secs(2)),
+                    sink.sink_toml(),
                 );
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("outbox.toml");
@@ -178,7 +178,17 @@ impl TestDb {
 
     /// A sink of `kind` for this test: on Kafka, this database's topics.
     pub async fn sink(&self, kind: SinkKind) -> TestSink {
-        TestSink::start(kind, self.template.trim_end_matches(".{aggregatetype}")).await
+        TestSink::start(kind, self.prefix()).await
+    }
+
+    /// The same, ready for outages (see [`TestSink::for_outages`]).
+    pub async fn sink_for_outages(&self, kind: SinkKind) -> TestSink {
+        TestSink::for_outages(kind, self.prefix()).await
+    }
+
+    /// What this test's destinations are named after.
+    fn prefix(&self) -> &str {
+        self.template.trim_end_matches(".{aggregatetype}")
     }
 
     pub async fn write(&self, events: &[Event]) {
@@ -455,6 +465,45 @@ pub fn spawn_relay(db: &TestDb, log: &std::path::Path, extra_env: &[(&str, &str)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the outbox binary starts")
+}
+
+/// The `outbox relay` binary on this database, publishing to `sink` (its settings in a
+/// config file in `dir`), its output appended to `dir/relay.log`.
+pub fn spawn_relay_to(
+    db: &TestDb,
+    sink: &TestSink,
+    dir: &std::path::Path,
+    extra_env: &[(&str, &str)],
+) -> Child {
+    let config = dir.join("outbox.toml");
+    std::fs::write(&config, sink.sink_toml()).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("relay.log"))
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command
+        .arg("relay")
+        .arg("--config")
+        .arg(&config)
+        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env("OUTBOX_HTTP__LISTEN", "off")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if sink.kind == SinkKind::Kafka {
+        command
+            .env("OUTBOX_KAFKA_BROKERS", brokers())
+            .env("OUTBOX_TOPICS__TEMPLATE", &db.template);
+    } else {
+        command.env_remove("OUTBOX_KAFKA_BROKERS");
+    }
     for (key, value) in extra_env {
         command.env(key, value);
     }
