@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use futures::future::BoxFuture;
-use outbox_inbox::{Handler, HandlerError, Inbox, InboxMessage, InboxStats};
+use outbox_inbox::{Handler, HandlerError, Inbox, InboxMessage};
 use serde::Deserialize;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
@@ -88,11 +88,12 @@ pub async fn run(service: Service, dbs: &Databases, kafka: &Kafka) -> Result<()>
     let run = Uuid::now_v7();
     // Saved until the inbox returned, so the last save counts its final drain.
     let stop_saving = CancellationToken::new();
+    let stats = inbox.stats();
     let saver = tokio::spawn(save_counters(
         pool.clone(),
-        service,
+        service.name(),
         run,
-        inbox.stats(),
+        move || (stats.processed(), stats.duplicates(), stats.dead_lettered()),
         stop_saving.clone(),
     ));
     info!(
@@ -116,44 +117,65 @@ impl Handler for Apply {
         message: &'a InboxMessage,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            match self.0 {
-                Service::Payments => {
-                    let order: OrderCreated = message.payload_json()?;
-                    sqlx::query("INSERT INTO payments (order_id, amount_cents) VALUES ($1, $2)")
-                        .bind(order.order_id)
-                        .bind(order.amount_cents)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Service::Notifications => {
-                    let user: UserRegistered = message.payload_json()?;
-                    sqlx::query("INSERT INTO welcome_emails (user_id, email) VALUES ($1, $2)")
-                        .bind(user.user_id)
-                        .bind(&user.email)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Service::SearchIndex => {
-                    // The event carries the new level: applied in order, the last one
-                    // wins and equals the inventory.
-                    let update: InventoryUpdated = message.payload_json()?;
-                    sqlx::query(
-                        "INSERT INTO search_index (sku, stock, event_id) VALUES ($1, $2, $3)
-                         ON CONFLICT (sku) DO UPDATE SET stock = excluded.stock, event_id = excluded.event_id",
-                    )
-                    .bind(&update.sku)
-                    .bind(update.stock)
-                    .bind(message.id())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-            Ok(())
+            apply(
+                self.0,
+                tx,
+                message.id(),
+                message.payload().unwrap_or_default(),
+            )
+            .await
         })
     }
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// What `service` does with event `id`, in the transaction `tx` that records the id.
+pub async fn apply(
+    service: Service,
+    tx: &mut PgConnection,
+    id: Uuid,
+    payload: &[u8],
+) -> Result<(), HandlerError> {
+    match service {
+        Service::Payments => {
+            let order: OrderCreated = json(payload)?;
+            sqlx::query("INSERT INTO payments (order_id, amount_cents) VALUES ($1, $2)")
+                .bind(order.order_id)
+                .bind(order.amount_cents)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Service::Notifications => {
+            let user: UserRegistered = json(payload)?;
+            sqlx::query("INSERT INTO welcome_emails (user_id, email) VALUES ($1, $2)")
+                .bind(user.user_id)
+                .bind(&user.email)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Service::SearchIndex => {
+            // The event carries the new level: applied in order, the last one wins and
+            // equals the inventory.
+            let update: InventoryUpdated = json(payload)?;
+            sqlx::query(
+                "INSERT INTO search_index (sku, stock, event_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (sku) DO UPDATE SET stock = excluded.stock, event_id = excluded.event_id",
+            )
+            .bind(&update.sku)
+            .bind(update.stock)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The payload as `T`; a payload that is not is a poison (never retried).
+fn json<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, HandlerError> {
+    serde_json::from_slice(payload).map_err(HandlerError::permanent)
+}
+
+pub async fn stop_on_signal(shutdown: CancellationToken) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {
@@ -165,11 +187,11 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 /// Saves this process's inbox counters twice a second and once at the end, so the demo
 /// can say how many duplicates the inbox dropped even for a process it killed.
-async fn save_counters(
+pub async fn save_counters(
     pool: PgPool,
-    service: Service,
+    service: &'static str,
     run: Uuid,
-    stats: InboxStats,
+    counters: impl Fn() -> (u64, u64, u64),
     stop: CancellationToken,
 ) -> Result<()> {
     loop {
@@ -183,11 +205,11 @@ async fn save_counters(
              ON CONFLICT (service, run) DO UPDATE SET processed = excluded.processed,
                  duplicates = excluded.duplicates, dead_lettered = excluded.dead_lettered",
         )
-        .bind(service.name())
+        .bind(service)
         .bind(run)
-        .bind(stats.processed() as i64)
-        .bind(stats.duplicates() as i64)
-        .bind(stats.dead_lettered() as i64)
+        .bind(counters().0 as i64)
+        .bind(counters().1 as i64)
+        .bind(counters().2 as i64)
         .execute(&pool)
         .await?;
         if stopping {

@@ -15,6 +15,7 @@
 mod consumers;
 mod report;
 mod setup;
+mod sink_consumers;
 mod writers;
 
 use std::time::Duration;
@@ -52,6 +53,54 @@ struct Cli {
     /// too, such as the one `scripts/services` writes for the SASL_SSL listener.
     #[arg(long, env = "SHOP_KAFKA_CONFIG", global = true)]
     kafka_config: Option<std::path::PathBuf>,
+    /// Where the relay publishes, so where the consumers read.
+    #[arg(
+        long,
+        env = "SHOP_SINK",
+        global = true,
+        value_enum,
+        default_value = "kafka"
+    )]
+    sink: sink_consumers::Sink,
+    #[arg(
+        long,
+        env = "OUTBOX_NATS_URL",
+        global = true,
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    #[arg(
+        long,
+        env = "OUTBOX_RABBITMQ_ADDRESS",
+        global = true,
+        default_value = "127.0.0.1:5672"
+    )]
+    rabbitmq_address: String,
+    #[arg(
+        long,
+        env = "OUTBOX_RABBITMQ_USER",
+        global = true,
+        default_value = "outbox"
+    )]
+    rabbitmq_user: String,
+    #[arg(
+        long,
+        env = "OUTBOX_RABBITMQ_PASSWORD_FILE",
+        global = true,
+        default_value = ".services/tls/rabbitmq-outbox.password"
+    )]
+    rabbitmq_password_file: String,
+    /// Where `shop webhooks` listens.
+    #[arg(
+        long,
+        env = "SHOP_WEBHOOK_LISTEN",
+        global = true,
+        default_value = "127.0.0.1:9470"
+    )]
+    webhook_listen: String,
+    /// The Standard Webhooks secret (whsec_...) the receiver checks signatures with.
+    #[arg(long, env = "SHOP_WEBHOOK_SECRET_FILE", global = true)]
+    webhook_secret_file: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +122,9 @@ enum Command {
     Notifications,
     /// Consume InventoryUpdated: keep the search index's stock equal to the inventory's.
     SearchIndex,
+    /// The three services' webhook receiver (with `--sink webhook`): `POST /order`,
+    /// `/user`, `/inventory`, signatures checked.
+    Webhooks,
     /// Wait until the consumers caught up, then print one line per story; exits 1 when
     /// anything was lost, applied twice, or the index differs from the inventory.
     Report {
@@ -86,8 +138,9 @@ enum Command {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,rdkafka=warn,sqlx=warn,async_nats=warn,lapin=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -103,16 +156,31 @@ async fn main() -> Result<()> {
             None => Default::default(),
         },
     };
+    let brokers = sink_consumers::Brokers {
+        nats_url: cli.nats_url,
+        rabbitmq_address: cli.rabbitmq_address,
+        rabbitmq_user: cli.rabbitmq_user,
+        rabbitmq_password_file: cli.rabbitmq_password_file,
+        webhook_listen: cli.webhook_listen,
+        webhook_secret_file: cli.webhook_secret_file,
+    };
+    let sink = cli.sink;
+    let (dbs, kafka, brokers) = (&dbs, &kafka, &brokers);
+    let consume = |service| async move {
+        match sink {
+            sink_consumers::Sink::Kafka => consumers::run(service, dbs, kafka).await,
+            _ => sink_consumers::run(service, sink, dbs, brokers).await,
+        }
+    };
     match cli.command {
-        Command::Setup => setup::run(&dbs, &kafka).await,
+        Command::Setup => setup::run(dbs, kafka, sink, brokers).await,
         Command::Orders(load) => writers::orders(&dbs.writers, load).await,
         Command::Registrations(load) => writers::registrations(&dbs.writers, load).await,
         Command::Inventory(load) => writers::inventory(&dbs.writers, load).await,
-        Command::Payments => consumers::run(consumers::Service::Payments, &dbs, &kafka).await,
-        Command::Notifications => {
-            consumers::run(consumers::Service::Notifications, &dbs, &kafka).await
-        }
-        Command::SearchIndex => consumers::run(consumers::Service::SearchIndex, &dbs, &kafka).await,
-        Command::Report { wait_secs } => report::run(&dbs, Duration::from_secs(wait_secs)).await,
+        Command::Payments => consume(consumers::Service::Payments).await,
+        Command::Notifications => consume(consumers::Service::Notifications).await,
+        Command::SearchIndex => consume(consumers::Service::SearchIndex).await,
+        Command::Webhooks => sink_consumers::receive_webhooks(dbs, brokers).await,
+        Command::Report { wait_secs } => report::run(dbs, Duration::from_secs(wait_secs)).await,
     }
 }

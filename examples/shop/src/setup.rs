@@ -80,7 +80,12 @@ CREATE TABLE consumer_runs (
 );
 ";
 
-pub async fn run(dbs: &Databases, kafka: &Kafka) -> Result<()> {
+pub async fn run(
+    dbs: &Databases,
+    kafka: &Kafka,
+    sink: crate::sink_consumers::Sink,
+    brokers: &crate::sink_consumers::Brokers,
+) -> Result<()> {
     recreate(&dbs.writers).await?;
     recreate(&dbs.consumers).await?;
     let mut writers = PgConnection::connect(&dbs.writers).await?;
@@ -94,7 +99,10 @@ pub async fn run(dbs: &Databases, kafka: &Kafka) -> Result<()> {
         .execute(&mut consumers)
         .await?;
     outbox_inbox::migrate(&mut consumers, &outbox_inbox::default_table()).await?;
-    create_topics(kafka).await
+    match sink {
+        crate::sink_consumers::Sink::Kafka => create_topics(kafka).await,
+        other => crate::sink_consumers::setup(other, brokers).await,
+    }
 }
 
 /// Drops and creates the database named in `url`, through the `postgres` database.
