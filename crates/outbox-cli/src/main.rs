@@ -20,7 +20,7 @@ use uuid::Uuid;
 #[command(
     name = "outbox",
     version,
-    about = "Reliable event publishing from a PostgreSQL outbox table to Kafka"
+    about = "Reliable event publishing from a PostgreSQL outbox table to Kafka, NATS JetStream, RabbitMQ or webhooks"
 )]
 struct Cli {
     /// TOML configuration file. Environment variables OUTBOX_* override it; flags override both.
@@ -182,7 +182,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, RelayError> {
         _ => {}
     }
     for variable in outbox_relay::config::ignored_environment_variables() {
-        warn!(%variable, "ignoring an OUTBOX_ variable that is not a setting (settings: OUTBOX_DATABASE_URL, OUTBOX_DATABASE_URL_FILE, OUTBOX_KAFKA_BROKERS, OUTBOX_MODE, and OUTBOX_<SECTION>__<KEY> for the sections table, polling, delivery, topics, kafka, http, cdc, postgres)");
+        warn!(%variable, "ignoring an OUTBOX_ variable that is not a setting (settings: OUTBOX_DATABASE_URL, OUTBOX_DATABASE_URL_FILE, OUTBOX_KAFKA_BROKERS, OUTBOX_MODE, and OUTBOX_<SECTION>__<KEY> for the sections table, polling, delivery, sink, topics, kafka, http, cdc, postgres)");
     }
     let config = Config::load(cli.config.as_deref(), &overrides)?.resolve()?;
     let done = match cli.command {

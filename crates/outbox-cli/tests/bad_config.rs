@@ -399,3 +399,64 @@ async fn a_missing_topic_without_creation_is_named_at_once(mode: Mode) {
     audit(&db.rows().await, &received).assert_complete_and_ordered();
     db.drop_db().await;
 }
+
+/// The sink's keys belong in `[sink]`: Kafka's sections beside another sink, a missing
+/// required key, an unknown one, or a bad secret each exit 2 naming the fix, and the
+/// secret is never printed.
+#[test]
+fn wrong_sink_settings_exit_2_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.toml");
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "[sink]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n[topics]\ntemplate = \"x.{aggregatetype}\"\n",
+            &["[topics] is set but sink.type = \"nats\"", "remove them"],
+        ),
+        (
+            "[sink]\ntype = \"rabbitmq\"\n",
+            &["sink.address is not set", "address = \"127.0.0.1:5672\""],
+        ),
+        (
+            "[sink]\ntype = \"webhook\"\nurl = \"https://hooks.example/{aggregatetype}\"\nsignature = \"x\"\n",
+            &["at key `sink.signature`: unknown key", "the keys here are url, secret"],
+        ),
+        (
+            &format!("[sink]\ntype = \"webhook\"\nurl = \"https://hooks.example/x\"\nsecret = \"{SECRET}\"\n"),
+            &["sink.secret", "does not start with \"whsec_\""],
+        ),
+        (
+            "[sink]\ntype = \"redis\"\n",
+            &["at key `sink.type`", "expected one of kafka, nats, rabbitmq, webhook"],
+        ),
+    ];
+    for (toml, needles) in cases {
+        std::fs::write(&path, toml).unwrap();
+        let output = outbox(
+            &["--config", path.to_str().unwrap(), "relay"],
+            &[("OUTBOX_DATABASE_URL", "postgres://u@127.0.0.1:1/db")],
+        );
+        expect_config_error(&output, needles);
+    }
+}
+
+/// `outbox verify` reads Kafka only: with another sink it exits 2 and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_with_a_sink_it_cannot_read_exits_2() {
+    let db = TestDb::new().await;
+    let output = outbox(
+        &["verify"],
+        &[
+            ("OUTBOX_DATABASE_URL", db.url.as_str()),
+            ("OUTBOX_SINK__TYPE", "nats"),
+            ("OUTBOX_SINK__URL", "nats://127.0.0.1:4222"),
+            ("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9092"),
+        ],
+    );
+    expect_config_error(&output, &["reads events back from Kafka only", "nats sink"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("kafka_brokers (OUTBOX_KAFKA_BROKERS) is set but the sink is not Kafka"),
+        "the ignored Kafka brokers are named: {stderr}"
+    );
+    db.drop_db().await;
+}
