@@ -143,8 +143,9 @@ fn main() -> ExitCode {
     let _failpoints = outbox_relay::failpoints::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,sqlx=warn,rdkafka=warn,async_nats=warn,lapin=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -543,22 +544,8 @@ async fn verify(
         .await
         .map_err(privilege_is_config)?;
     drop(conn);
-    let topics: Vec<String> = outbox_core::audit_topics(&snapshot.rows, &config.router)
-        .into_iter()
-        .collect();
-    let ids: std::collections::HashSet<uuid::Uuid> = snapshot.rows.iter().map(|r| r.id).collect();
-    let Some(kafka) = config.kafka() else {
-        return Err(RelayError::Config(format!(
-            "outbox verify reads events back from Kafka only for now; the {} sink's broker cannot be audited yet",
-            config.sink.type_name()
-        )));
-    };
-    let read = outbox_kafka::read_topics(kafka, topics, move |id| ids.contains(id))
-        .await
-        .map_err(|err| match err {
-            outbox_kafka::ReadError::Connect(err) => RelayError::Config(err.to_string()),
-            other => RelayError::Other(other.to_string()),
-        })?;
+    let read =
+        outbox_relay::read_back::read_back(&config.sink, &config.router, &snapshot.rows).await?;
     let policy = AuditPolicy {
         rows_are_marked: config.mode == Mode::Polling,
         grace,
@@ -576,8 +563,10 @@ async fn verify(
             "window": { "from": time(snapshot.from), "to": time(snapshot.to) },
             "read_at": snapshot.read_at.to_rfc3339(),
             "grace_seconds": grace.as_secs_f64(),
-            "topics": read.topics.iter().map(|t| serde_json::json!({
-                "topic": t.topic,
+            "sink": config.sink.type_name(),
+            "topics": read.places.iter().map(|t| serde_json::json!({
+                "kind": t.kind,
+                "topic": t.name,
                 "exists": t.exists,
                 "partitions": t.partitions,
                 "messages": t.messages,
@@ -600,7 +589,7 @@ async fn verify(
         });
         println!("{value:#}");
     } else {
-        print_report(config, mode, &snapshot, grace, &read.topics, &report);
+        print_report(config, mode, &snapshot, grace, &read.places, &report);
     }
     Ok(if report.passed() {
         ExitCode::SUCCESS
@@ -614,7 +603,7 @@ fn print_report(
     mode: &str,
     snapshot: &outbox_postgres::AuditRows,
     grace: Duration,
-    topics: &[outbox_kafka::TopicSummary],
+    places: &[outbox_relay::read_back::PlaceRead],
     report: &AuditReport,
 ) {
     let window = match (snapshot.from, snapshot.to) {
@@ -637,12 +626,16 @@ fn print_report(
             String::new()
         }
     );
-    for t in topics {
+    for t in places {
         if t.exists {
             println!(
-                "  topic {}: {} partition(s), {} message(s) read{}{}",
-                t.topic,
-                t.partitions,
+                "  {} {}: {}{} message(s) read{}{}",
+                t.kind,
+                t.name,
+                match t.kind {
+                    "topic" => format!("{} partition(s), ", t.partitions),
+                    _ => String::new(),
+                },
                 t.messages,
                 if t.without_id > 0 {
                     format!(", {} without an id header", t.without_id)
@@ -650,13 +643,13 @@ fn print_report(
                     String::new()
                 },
                 if t.trimmed {
-                    " (its oldest messages were removed by Kafka's retention)"
+                    " (its oldest messages were removed by the broker's retention)"
                 } else {
                     ""
                 }
             );
         } else {
-            println!("  topic {}: does not exist", t.topic);
+            println!("  {} {}: does not exist", t.kind, t.name);
         }
     }
     println!(
@@ -716,8 +709,8 @@ fn print_report(
     for d in &report.duplicate_examples {
         println!("  duplicated: {} ({} copies)", d.id, d.copies);
     }
-    if report.lost > 0 && topics.iter().any(|t| t.trimmed) {
-        println!("  note: a trimmed topic no longer holds its oldest messages; audit a window within the topic's retention (--since)");
+    if report.lost > 0 && places.iter().any(|t| t.trimmed) {
+        println!("  note: a trimmed topic or stream no longer holds its oldest messages; audit a window within its retention (--since)");
     }
     if report.passed() {
         println!(

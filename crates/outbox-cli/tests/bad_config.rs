@@ -439,7 +439,8 @@ fn wrong_sink_settings_exit_2_naming_the_fix() {
     }
 }
 
-/// `outbox verify` reads Kafka only: with another sink it exits 2 and says why.
+/// `outbox verify` reads Kafka topics and JetStream streams: with a webhook sink it exits
+/// 2 and says why it cannot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_with_a_sink_it_cannot_read_exits_2() {
     let db = TestDb::new().await;
@@ -447,12 +448,18 @@ async fn verify_with_a_sink_it_cannot_read_exits_2() {
         &["verify"],
         &[
             ("OUTBOX_DATABASE_URL", db.url.as_str()),
-            ("OUTBOX_SINK__TYPE", "nats"),
-            ("OUTBOX_SINK__URL", "nats://127.0.0.1:4222"),
+            ("OUTBOX_SINK__TYPE", "webhook"),
+            ("OUTBOX_SINK__URL", "https://hooks.example/{aggregatetype}"),
             ("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9092"),
         ],
     );
-    expect_config_error(&output, &["reads events back from Kafka only", "nats sink"]);
+    expect_config_error(
+        &output,
+        &[
+            "cannot read the webhook sink back",
+            "a webhook leaves nothing to read",
+        ],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("kafka_brokers (OUTBOX_KAFKA_BROKERS) is set but the sink is not Kafka"),

@@ -553,3 +553,60 @@ fn producer() -> FutureProducer {
         .create()
         .expect("producer")
 }
+
+/// With the NATS sink, `outbox verify` reads the JetStream stream back as it reads
+/// Kafka topics: a clean run passes; a message deleted from the stream is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_stream_is_audited_and_a_deleted_message_is_lost() {
+    let db = TestDb::for_mode(Mode::Polling).await;
+    let sink = db.sink(SinkKind::Nats).await;
+    let relay = InProcessRelay::start(db.relay_config_for_sink(Mode::Polling, &sink, ""));
+    let written = events(30);
+    db.write(&written).await;
+    let ids: Vec<Uuid> = written.iter().map(|e| e.id).collect();
+    sink.read_ids(&["order", "user"], &ids, WAIT).await;
+    db.wait_drained(WAIT).await;
+    relay.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outbox.toml");
+    std::fs::write(&config, sink.sink_toml()).unwrap();
+    let run = || async {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["--config", config.to_str().unwrap(), "verify", "--json"])
+            .env("OUTBOX_DATABASE_URL", &db.url)
+            .env_remove("OUTBOX_KAFKA_BROKERS")
+            .env_remove("OUTBOX_MODE")
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap();
+        Verified {
+            code: output.status.code().unwrap(),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    };
+    let clean = run().await;
+    clean.expect_code(0);
+    let report = clean.json();
+    assert_eq!(report["sink"], "nats");
+    assert_eq!(report["published"], 30, "{report:#}");
+    assert_eq!(report["lost"], 0, "{report:#}");
+    assert_eq!(report["topics"][0]["kind"], "stream", "{report:#}");
+    assert_eq!(report["topics"][0]["messages"], 30, "{report:#}");
+
+    let gone = written[7].id;
+    sink.delete_message(gone).await;
+    let lossy = run().await;
+    lossy.expect_code(AUDIT_FAILED);
+    let report = lossy.json();
+    assert_eq!(report["lost"], 1, "{report:#}");
+    assert_eq!(
+        report["lost_events"][0]["id"],
+        gone.to_string(),
+        "{report:#}"
+    );
+    sink.clean_up().await;
+    db.drop_db().await;
+}

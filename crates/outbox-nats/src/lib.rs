@@ -12,6 +12,7 @@
 //! published concurrently.
 
 mod settings;
+mod stream_reader;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use outbox_core::{
 use tracing::{info, warn};
 
 pub use settings::{NatsSettings, StreamSettings};
+pub use stream_reader::{read_stream, streams_of, ReadError, StreamRead};
 
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]

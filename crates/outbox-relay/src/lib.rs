@@ -48,6 +48,7 @@ pub mod engine;
 mod error;
 mod http;
 pub mod metrics;
+pub mod read_back;
 pub mod sinks;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};

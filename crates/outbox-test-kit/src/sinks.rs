@@ -345,6 +345,31 @@ impl TestSink {
         }
     }
 
+    /// Deletes the message of event `id` from the broker, as a loss would (NATS only:
+    /// the other brokers keep nothing to delete from).
+    pub async fn delete_message(&self, id: Uuid) {
+        assert_eq!(
+            self.kind,
+            SinkKind::Nats,
+            "only a JetStream stream keeps messages to delete"
+        );
+        self.fetch().await;
+        let sequence = self
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.id() == id)
+            .map(|r| r.offset as u64)
+            .expect("the message was delivered");
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let stream = async_nats::jetstream::new(client)
+            .get_stream(self.stream_name())
+            .await
+            .unwrap();
+        stream.delete_message(sequence).await.unwrap();
+    }
+
     /// Removes what the test created on the broker.
     pub async fn clean_up(self) {
         match self.kind {

@@ -1,0 +1,117 @@
+//! Reading back what the sink's broker holds, for `outbox verify`: Kafka topics and
+//! JetStream streams can be read; RabbitMQ queues hand each message to one consumer and
+//! webhooks leave nothing behind, so those say why they cannot be audited.
+
+use std::collections::{BTreeSet, HashSet};
+
+use outbox_core::{AuditRow, ObservedMessage, Router};
+use uuid::Uuid;
+
+use crate::sinks::SinkSettings;
+use crate::RelayError;
+
+/// One place the audit read: a Kafka topic or a JetStream stream.
+#[derive(Debug, Clone)]
+pub struct PlaceRead {
+    /// "topic" or "stream".
+    pub kind: &'static str,
+    pub name: String,
+    /// False when the broker does not know it: all its rows are unseen.
+    pub exists: bool,
+    pub partitions: usize,
+    /// Messages read, whether or not their id was wanted.
+    pub messages: u64,
+    /// Messages without a readable `id` header.
+    pub without_id: u64,
+    /// Its oldest messages are gone (retention, limits, a purge): older rows may be
+    /// missing for that reason.
+    pub trimmed: bool,
+}
+
+/// What the audit read from the broker.
+#[derive(Debug)]
+pub struct ReadBack {
+    pub places: Vec<PlaceRead>,
+    /// The messages whose id is one of the audited rows'.
+    pub messages: Vec<ObservedMessage>,
+}
+
+/// Reads the destinations of `rows` back from `sink`.
+pub async fn read_back(
+    sink: &SinkSettings,
+    router: &Router,
+    rows: &[AuditRow],
+) -> Result<ReadBack, RelayError> {
+    let destinations: Vec<String> = outbox_core::audit_topics(rows, router)
+        .into_iter()
+        .collect();
+    let ids: HashSet<Uuid> = rows.iter().map(|r| r.id).collect();
+    match sink {
+        SinkSettings::Kafka(kafka) => {
+            let read = outbox_kafka::read_topics(kafka, destinations, move |id| ids.contains(id))
+                .await
+                .map_err(|err| match err {
+                    outbox_kafka::ReadError::Connect(err) => RelayError::Config(err.to_string()),
+                    other => RelayError::Other(other.to_string()),
+                })?;
+            let places = read
+                .topics
+                .into_iter()
+                .map(|t| PlaceRead {
+                    kind: "topic",
+                    name: t.topic,
+                    exists: t.exists,
+                    partitions: t.partitions,
+                    messages: t.messages,
+                    without_id: t.without_id,
+                    trimmed: t.trimmed,
+                })
+                .collect();
+            Ok(ReadBack {
+                places,
+                messages: read.messages,
+            })
+        }
+        SinkSettings::Nats(nats) => {
+            let streams: BTreeSet<String> = match &nats.stream {
+                Some(stream) => [stream.name.clone()].into(),
+                None => outbox_nats::streams_of(nats, &destinations)
+                    .await
+                    .map_err(nats_error)?,
+            };
+            let mut read_back = ReadBack {
+                places: Vec::new(),
+                messages: Vec::new(),
+            };
+            for stream in streams {
+                let read = outbox_nats::read_stream(nats, &stream, |id| ids.contains(id))
+                    .await
+                    .map_err(nats_error)?;
+                read_back.places.push(PlaceRead {
+                    kind: "stream",
+                    name: read.stream,
+                    exists: read.exists,
+                    partitions: 1,
+                    messages: read.messages,
+                    without_id: read.without_id,
+                    trimmed: read.trimmed,
+                });
+                read_back.messages.extend(read.observed);
+            }
+            Ok(read_back)
+        }
+        SinkSettings::RabbitMq(_) => Err(RelayError::Config(
+            "outbox verify cannot read the rabbitmq sink back: a RabbitMQ queue hands each message to one consumer and keeps none; audit on the consumers' side (their inbox) instead".into(),
+        )),
+        SinkSettings::Webhook(_) => Err(RelayError::Config(
+            "outbox verify cannot read the webhook sink back: a webhook leaves nothing to read; audit on the receivers' side (their inbox) instead".into(),
+        )),
+    }
+}
+
+fn nats_error(err: outbox_nats::ReadError) -> RelayError {
+    match err {
+        outbox_nats::ReadError::Connect { .. } => RelayError::Config(err.to_string()),
+        other => RelayError::Other(other.to_string()),
+    }
+}
