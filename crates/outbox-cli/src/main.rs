@@ -155,11 +155,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");
-            match err {
-                RelayError::Config(_) => ExitCode::from(2),
-                RelayError::SlotLost(_) => ExitCode::from(3),
-                _ => ExitCode::from(1),
-            }
+            ExitCode::from(err.exit_code())
         }
     }
 }
@@ -243,45 +239,24 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result
         println!("{}: applied schema version(s) {:?}", config.table, applied);
     }
     if cdc {
-        use outbox_postgres_cdc::slot;
+        use outbox_postgres_cdc::slot::{self, SlotCreation};
         let database = slot::current_database(&mut conn)
             .await
             .map_err(|e| RelayError::Store(e.into()))?;
         let names = outbox_postgres_cdc::CdcNames::for_table(&database, &config.table);
-        let cdc_error = |err: sqlx::Error| {
-            RelayError::Config(format!(
-                "cannot create the CDC publication and slot: {err}; run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute (see README, \"CDC mode\")"
-            ))
-        };
-        let created = slot::ensure_publication(&mut conn, &config.table, &names)
-            .await
-            .map_err(|err| match err {
-                slot::SetupError::Database(err) => cdc_error(err),
-                other => RelayError::Config(other.to_string()),
-            })?;
+        let objects = outbox_relay::cdc::set_up(&mut conn, &config.table, &names).await?;
         println!(
             "publication {:?}: {}",
             names.publication,
-            if created { "created" } else { "exists" }
+            if objects.publication_created { "created" } else { "exists" }
         );
-        match slot::slot_status(&mut conn, &names).await.map_err(cdc_error)? {
-            Some(status) if status.is_lost() => {
-                return Err(RelayError::SlotLost(format!(
-                    "the replication slot {:?} was invalidated by PostgreSQL (wal_status = lost); it is not re-created silently. Republish retained rows with polling mode, drop the slot (SELECT pg_drop_replication_slot('{}')), then run `outbox migrate --cdc` again",
-                    names.slot, names.slot
-                )))
-            }
-            Some(_) => println!("replication slot {:?}: exists", names.slot),
-            None => match slot::ensure_slot(&mut conn, &config.table, &names)
-                .await
-                .map_err(cdc_error)?
-            {
-                slot::SlotCreation::Recreated { last_checkpoint } => println!(
-                    "replication slot {:?}: created again (it had vanished); the relay publishes the rows committed after its last checkpoint ({last_checkpoint}) before it streams",
-                    names.slot
-                ),
-                _ => println!("replication slot {:?}: created", names.slot),
-            },
+        match objects.slot {
+            SlotCreation::Existed => println!("replication slot {:?}: exists", names.slot),
+            SlotCreation::Created => println!("replication slot {:?}: created", names.slot),
+            SlotCreation::Recreated { last_checkpoint } => println!(
+                "replication slot {:?}: created again (it had vanished); the relay publishes the rows committed after its last checkpoint ({last_checkpoint}) before it streams",
+                names.slot
+            ),
         }
     }
     Ok(())

@@ -51,7 +51,7 @@ impl NatsSink {
     /// there is one and it is missing.
     pub async fn connect(settings: NatsSettings) -> Result<NatsSink, ConnectError> {
         let unreachable = |detail: String| ConnectError::Unreachable {
-            url: settings.url.clone(),
+            url: settings.shown_url(),
             detail,
         };
         let client = tokio::time::timeout(
@@ -79,7 +79,7 @@ impl NatsSink {
 
     async fn check_jetstream(&self, timeout: Duration) -> Result<(), ConnectError> {
         let no_jetstream = |detail: String| ConnectError::NoJetStream {
-            url: self.settings.url.clone(),
+            url: self.settings.shown_url(),
             detail,
         };
         // The account request, read loosely: the client's typed answer wants fields

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// The sink's settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NatsSettings {
     /// The server, such as `nats://127.0.0.1:4222`.
     pub url: String,
@@ -19,6 +19,16 @@ pub struct NatsSettings {
 }
 
 impl NatsSettings {
+    /// The URL fit for messages: a user and password (or token) in it replaced by `***`.
+    pub fn shown_url(&self) -> String {
+        match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &self.url[..scheme + 3], &self.url[at..])
+            }
+            _ => self.url.clone(),
+        }
+    }
+
     pub fn new(url: impl Into<String>) -> NatsSettings {
         NatsSettings {
             url: url.into(),
@@ -47,5 +57,36 @@ impl StreamSettings {
             subjects,
             duplicate_window: Duration::from_secs(2 * 60 * 60),
         }
+    }
+}
+
+/// The URL without its credentials.
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("url", &self.shown_url())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_stay_out_of_the_shown_url() {
+        assert_eq!(
+            NatsSettings::new("nats://relay:s3cret@nats-1:4222").shown_url(),
+            "nats://***@nats-1:4222"
+        );
+        let settings = NatsSettings::new("nats://relay:s3cret@nats-1:4222");
+        assert!(!format!("{settings:?}").contains("s3cret"));
+        assert_eq!(
+            NatsSettings::new("nats://127.0.0.1:4222").shown_url(),
+            "nats://127.0.0.1:4222"
+        );
     }
 }

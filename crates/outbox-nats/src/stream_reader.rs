@@ -60,11 +60,11 @@ where
     )
     .await
     .map_err(|_| ReadError::Connect {
-        url: settings.url.clone(),
+        url: settings.shown_url(),
         detail: format!("no answer within {:?}", settings.connect_timeout),
     })?
     .map_err(|err| ReadError::Connect {
-        url: settings.url.clone(),
+        url: settings.shown_url(),
         detail: err.to_string(),
     })?;
     let jetstream = jetstream::new(client);
@@ -161,7 +161,7 @@ pub async fn streams_of(
         .connect(settings.url.as_str())
         .await
         .map_err(|err| ReadError::Connect {
-            url: settings.url.clone(),
+            url: settings.shown_url(),
             detail: err.to_string(),
         })?;
     let jetstream = jetstream::new(client);

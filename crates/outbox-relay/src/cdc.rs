@@ -175,9 +175,7 @@ impl Relay<'_> {
                     self.health
                         .replication
                         .failed("the server ended the replication stream");
-                    return LeadEnd::Lost(RelayError::Other(
-                        "the server ended the replication stream".into(),
-                    ));
+                    return LeadEnd::Lost(RelayError::StreamEnded);
                 }
                 Some(Err(err)) => {
                     self.health.replication.failed(err.to_string());
@@ -255,52 +253,27 @@ impl Relay<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
         let table = &self.config.table;
-        let cannot_create = |err: &dyn std::fmt::Display| {
-            LeadEnd::Fatal(RelayError::Config(format!(
-                "the publication {:?} or the replication slot {:?} does not exist and this role cannot create it ({err}); run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute",
-                names.publication, names.slot
-            )))
-        };
-        let store_err = |err: sqlx::Error| {
-            if is_permanent(&err) {
-                cannot_create(&err)
-            } else {
-                LeadEnd::Lost(RelayError::Store(err.into()))
-            }
-        };
-        match ensure_publication(conn, table, names).await {
-            Ok(true) => info!(
+        let objects = set_up(conn, table, names).await.map_err(|err| match err.kind() {
+            crate::Failure::Transient => LeadEnd::Lost(err),
+            _ => LeadEnd::Fatal(err),
+        })?;
+        if objects.publication_created {
+            info!(
                 publication = %names.publication,
                 %table,
                 "created the publication (`outbox migrate --cdc` creates it ahead of time); if CDC mode is given up, drop it: DROP PUBLICATION {}",
                 outbox_core::quote_ident(&names.publication)
-            ),
-            Ok(false) => {}
-            Err(err @ SetupError::PublicationWithoutTable { .. }) => {
-                return Err(LeadEnd::Fatal(RelayError::Config(err.to_string())))
-            }
-            Err(SetupError::Database(err)) => return Err(store_err(err)),
+            );
         }
-        let status = slot_status(conn, names).await.map_err(store_err)?;
-        if status.as_ref().is_some_and(|s| s.is_lost()) {
-            return Err(LeadEnd::Fatal(RelayError::SlotLost(
-                CdcError::SlotLost {
-                    slot: names.slot.clone(),
-                    detail: "pg_replication_slots.wal_status = 'lost'".into(),
-                }
-                .to_string(),
-            )));
-        }
-        match ensure_slot(conn, table, names).await.map_err(store_err)? {
-            SlotCreation::Existed => {}
-            SlotCreation::Created => info!(
+        if objects.slot == SlotCreation::Created {
+            info!(
                 slot = %names.slot,
                 %table,
                 "created the replication slot (`outbox migrate --cdc` creates it ahead of time); it keeps WAL on the server until a relay reads it, also while no relay runs: if CDC mode is given up, drop it: SELECT pg_drop_replication_slot('{}')",
                 names.slot
-            ),
-            SlotCreation::Recreated { .. } => {}
+            );
         }
+        let store_err = |err: sqlx::Error| LeadEnd::Lost(RelayError::Store(err.into()));
         let written = match checkpoint::read(conn, table, &names.slot)
             .await
             .map_err(store_err)?
@@ -438,7 +411,7 @@ impl Relay<'_> {
         while !events.is_empty() {
             let (actions, outcomes) = self.deliver(&events).await;
             if self.sink.is_fenced() {
-                return Err(LeadEnd::Lost(crate::engine::fenced()));
+                return Err(LeadEnd::Lost(RelayError::Fenced));
             }
             self.record(&actions, &outcomes);
             let mut retry = Vec::new();
@@ -508,6 +481,62 @@ fn event_bytes(event: &StoredEvent) -> u64 {
     (event.payload.as_ref().map_or(0, Vec::len) + headers) as u64
 }
 
+/// The CDC objects of an outbox table after [`set_up`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CdcObjects {
+    pub names: CdcNames,
+    /// The publication was made just now.
+    pub publication_created: bool,
+    /// What became of the replication slot.
+    pub slot: SlotCreation,
+}
+
+/// Makes sure the publication covers `table` and its replication slot exists: for
+/// `outbox migrate --cdc` and for a CDC relay at start. A slot PostgreSQL invalidated
+/// is not re-created (`SlotLost`); a role that may not create them is a configuration
+/// problem that names the fix.
+pub async fn set_up(
+    conn: &mut PgConnection,
+    table: &outbox_core::TableRef,
+    names: &CdcNames,
+) -> Result<CdcObjects, RelayError> {
+    let database_error = |err: sqlx::Error| {
+        if is_permanent(&err) {
+            RelayError::Config(format!(
+                "the publication {:?} or the replication slot {:?} does not exist and this role cannot create it ({err}); run `outbox migrate --cdc` as the outbox table's owner with the REPLICATION attribute (see README, \"CDC mode\")",
+                names.publication, names.slot
+            ))
+        } else {
+            RelayError::Store(err.into())
+        }
+    };
+    let publication_created = match ensure_publication(conn, table, names).await {
+        Ok(created) => created,
+        Err(err @ SetupError::PublicationWithoutTable { .. }) => {
+            return Err(RelayError::Config(err.to_string()))
+        }
+        Err(SetupError::Database(err)) => return Err(database_error(err)),
+    };
+    let status = slot_status(conn, names).await.map_err(database_error)?;
+    if status.as_ref().is_some_and(|s| s.is_lost()) {
+        return Err(RelayError::SlotLost(
+            CdcError::SlotLost {
+                slot: names.slot.clone(),
+                detail: "pg_replication_slots.wal_status = 'lost'".into(),
+            }
+            .to_string(),
+        ));
+    }
+    let slot = ensure_slot(conn, table, names)
+        .await
+        .map_err(database_error)?;
+    Ok(CdcObjects {
+        names: names.clone(),
+        publication_created,
+        slot,
+    })
+}
+
 /// Errors that retrying cannot fix (missing privileges, objects, bad SQL): SQLSTATE
 /// classes 42 (syntax or access rule) and 28 (authorization).
 pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
@@ -519,9 +548,7 @@ pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
 fn cdc_end(err: CdcError) -> LeadEnd {
     match err {
         CdcError::SlotLost { .. } => LeadEnd::Fatal(RelayError::SlotLost(err.to_string())),
-        CdcError::Refused { .. } | CdcError::Url(_) => {
-            LeadEnd::Fatal(RelayError::Config(err.to_string()))
-        }
-        other => LeadEnd::Lost(RelayError::Other(other.to_string())),
+        CdcError::Refused { .. } | CdcError::Url(_) => LeadEnd::Fatal(RelayError::Replication(err)),
+        other => LeadEnd::Lost(RelayError::Replication(other)),
     }
 }

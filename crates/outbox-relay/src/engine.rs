@@ -430,7 +430,7 @@ impl Relay<'_> {
         }
         let (actions, outcomes) = self.deliver(&events).await;
         if self.sink.is_fenced() {
-            return Err(fenced());
+            return Err(RelayError::Fenced);
         }
         crash_point!("relay-published-not-recorded");
         if actions
@@ -544,13 +544,6 @@ impl Relay<'_> {
     }
 }
 
-/// A newer relay of the table fenced this one in Kafka: it lost its leadership (whether
-/// or not its own session has noticed yet), so it stops leading.
-pub(crate) fn fenced() -> RelayError {
-    RelayError::Other(
-        "a newer relay of this table fenced this one in Kafka (it took over while this one was paused or cut off); waiting as a standby".into(),
-    )
-}
 
 /// Probes the database and Kafka for `/healthz` and refreshes the gauges, every
 /// [`STATS_INTERVAL`], off the publishing path. The gauges are mode-aware: polling counts

@@ -146,7 +146,7 @@ pub(crate) async fn serve(
     })?;
     let bound = listener
         .local_addr()
-        .map_err(|e| RelayError::Other(e.to_string()))?;
+        .map_err(RelayError::Http)?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))

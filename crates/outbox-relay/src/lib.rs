@@ -42,7 +42,7 @@ pub mod failpoints {
     }
 }
 
-mod cdc;
+pub mod cdc;
 pub mod config;
 pub mod engine;
 mod error;
@@ -53,5 +53,5 @@ pub mod sinks;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};
 pub use engine::run;
-pub use error::RelayError;
+pub use error::{Failure, RelayError};
 pub use sinks::SinkSettings;

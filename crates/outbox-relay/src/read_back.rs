@@ -52,7 +52,7 @@ pub async fn read_back(
                 .await
                 .map_err(|err| match err {
                     outbox_kafka::ReadError::Connect(err) => RelayError::Config(err.to_string()),
-                    other => RelayError::Other(other.to_string()),
+                    other => RelayError::ReadBack(Box::new(other)),
                 })?;
             let places = read
                 .topics
@@ -112,6 +112,6 @@ pub async fn read_back(
 fn nats_error(err: outbox_nats::ReadError) -> RelayError {
     match err {
         outbox_nats::ReadError::Connect { .. } => RelayError::Config(err.to_string()),
-        other => RelayError::Other(other.to_string()),
+        other => RelayError::ReadBack(Box::new(other)),
     }
 }

@@ -183,11 +183,11 @@ impl SinkSettings {
     pub fn target(&self) -> String {
         match self {
             SinkSettings::Kafka(kafka) => kafka.brokers.clone(),
-            SinkSettings::Nats(nats) => nats.url.clone(),
+            SinkSettings::Nats(nats) => nats.shown_url(),
             SinkSettings::RabbitMq(rabbitmq) => {
                 format!("{} exchange {:?}", rabbitmq.address, rabbitmq.exchange)
             }
-            SinkSettings::Webhook(webhook) => webhook.url.clone(),
+            SinkSettings::Webhook(webhook) => outbox_webhook::redacted(&webhook.url),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
+pub mod database;
 pub mod kafka;
 mod proxy;
 mod sinks;

@@ -91,10 +91,10 @@ impl WebhookSink {
             Err(err) => return DeliveryOutcome::Failed(err),
         };
         match request.send().await {
-            Ok(response) => classify_answer(&message.topic, response).await,
+            Ok(response) => classify_answer(&redacted(&message.topic), response).await,
             Err(err) => {
                 let err = without_url(err);
-                warn!(url = %message.topic, error = %err, "no answer from the webhook receiver; retried");
+                warn!(url = %redacted(&message.topic), error = %err, "no answer from the webhook receiver; retried");
                 DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
                     "no answer from the webhook receiver: {err}"
                 )))
@@ -207,6 +207,31 @@ async fn classify_answer(url: &str, response: reqwest::Response) -> DeliveryOutc
     DeliveryOutcome::Failed(error)
 }
 
+/// `url` fit for logs and dead letters: a password in its user part and the values of
+/// its query (where webhook tokens often travel) replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(a URL that cannot be parsed)".into();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed.query_pairs().map(|(name, _)| name.into_owned()).collect();
+        let mut query = parsed.query_pairs_mut();
+        query.clear();
+        for name in names {
+            query.append_pair(&name, "***");
+        }
+    }
+    // `append_pair` encodes `*`, and a template's placeholder is encoded too: both read
+    // better as written.
+    parsed
+        .to_string()
+        .replace("%2A%2A%2A", "***")
+        .replace("%7Baggregatetype%7D", "{aggregatetype}")
+}
+
 /// A client error without the URL, which may carry credentials in its user part.
 fn without_url(err: reqwest::Error) -> reqwest::Error {
     err.without_url()
@@ -291,6 +316,19 @@ mod tests {
         assert_eq!(
             header_name("outbox.retried-dead-letter"),
             "outbox-outbox.retried-dead-letter"
+        );
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(
+            redacted("https://hook:s3cret@hooks.example/in/order?token=abc&x=1"),
+            "https://hook:***@hooks.example/in/order?token=***&x=***"
+        );
+        assert_eq!(redacted("http://127.0.0.1:9/order"), "http://127.0.0.1:9/order");
+        assert_eq!(
+            redacted("https://hooks.example/{aggregatetype}"),
+            "https://hooks.example/{aggregatetype}"
         );
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 /// How the webhook sink sends.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WebhookSettings {
     /// The URL template, `{aggregatetype}` replaced per event (routing renders it; kept
     /// here to know which host to check).
@@ -49,7 +49,22 @@ impl WebhookSettings {
         url.set_path("/");
         url.set_query(None);
         url.set_fragment(None);
+        let _ = url.set_password(None);
+        let _ = url.set_username("");
         Some(url)
+    }
+}
+
+/// The URL without its secrets (see [`crate::redacted`]).
+impl fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &crate::redacted(&self.url))
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 

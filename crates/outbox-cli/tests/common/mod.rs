@@ -20,10 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub fn admin_url() -> String {
-    std::env::var("OUTBOX_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+pub use outbox_test_kit::database::admin_url;
 
 #[allow(unused_imports)] // each test binary uses some of them
 pub use outbox_test_kit::kafka::{brokers, consume_ids, consume_ids_or_partial, consume_until};
@@ -88,34 +85,11 @@ impl TestDb {
     /// A fresh database without the outbox table.
     pub async fn unmigrated() -> TestDb {
         let suffix = Uuid::new_v4().simple().to_string();
-        let name = format!("outbox_test_{}", &suffix[..16]);
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("cannot reach PostgreSQL; start it with scripts/services start");
-        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
-            "CREATE DATABASE {name}"
-        ))))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-        let options = PgConnectOptions::from_str(&admin_url())
-            .unwrap()
-            .database(&name)
-            .log_statements(tracing::log::LevelFilter::Trace);
-        let url = {
-            let mut url = url::Url::parse(&admin_url()).unwrap();
-            url.set_path(&name);
-            url.to_string()
-        };
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect_with(options)
-            .await
-            .unwrap();
+        let fresh = outbox_test_kit::database::create(&format!("outbox_test_{}", &suffix[..16])).await;
         TestDb {
-            name,
-            url,
-            pool,
+            name: fresh.name,
+            url: fresh.url,
+            pool: fresh.pool,
             template: format!("t{}.{{aggregatetype}}", &suffix[..12]),
         }
     }
@@ -245,36 +219,7 @@ impl TestDb {
 
     pub async fn drop_db(self) {
         self.pool.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-            // Slots belong to the server and keep their database alive: drop them first
-            // (a stopping relay's walsender may need a moment to let go of its slot).
-            for _ in 0..50 {
-                let _ = sqlx::query(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                     WHERE database = $1 AND NOT active",
-                )
-                .bind(&self.name)
-                .execute(&mut admin)
-                .await;
-                let remaining: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                )
-                .bind(&self.name)
-                .fetch_one(&mut admin)
-                .await
-                .unwrap_or(0);
-                if remaining == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let _ = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))))
-            .execute(&mut admin)
-            .await;
-        }
+        outbox_test_kit::database::drop(&self.name).await;
     }
 }
 

@@ -29,14 +29,9 @@ use uuid::Uuid;
 
 pub const PARTITIONS: i32 = 4;
 
-pub fn admin_url() -> String {
-    std::env::var("OUTBOX_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn brokers() -> String {
-    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use outbox_test_kit::database::admin_url;
+pub use outbox_test_kit::kafka::brokers;
 
 /// RUST_LOG=outbox_inbox=debug shows the inbox's log in a failing test's output.
 pub fn init_logging() {
@@ -62,29 +57,9 @@ impl TestEnv {
     pub async fn new() -> TestEnv {
         init_logging();
         let suffix = Uuid::new_v4().simple().to_string();
-        let db_name = format!("inbox_test_{}", &suffix[..16]);
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("cannot reach PostgreSQL; start it with scripts/services start");
-        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
-            "CREATE DATABASE {db_name}"
-        ))))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-        let options = PgConnectOptions::from_str(&admin_url())
-            .unwrap()
-            .database(&db_name);
-        let url = {
-            let mut url = url::Url::parse(&admin_url()).unwrap();
-            url.set_path(&db_name);
-            url.to_string()
-        };
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect_with(options)
-            .await
-            .unwrap();
+        let fresh =
+            outbox_test_kit::database::create(&format!("inbox_test_{}", &suffix[..16])).await;
+        let (db_name, url, pool) = (fresh.name, fresh.url, fresh.pool);
         let mut conn = pool.acquire().await.unwrap();
         outbox_inbox::migrate(&mut conn, &outbox_inbox::default_table())
             .await
@@ -170,14 +145,7 @@ impl TestEnv {
     /// Drops the database and the topics.
     pub async fn cleanup(self) {
         self.pool.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))))
-            .execute(&mut admin)
-            .await;
-        }
+        outbox_test_kit::database::drop(&self.db_name).await;
         delete_topics(&[&self.topic, &self.dead_letter_topic]).await;
     }
 }
