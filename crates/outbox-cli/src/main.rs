@@ -248,7 +248,11 @@ async fn migrate(config: &RelayConfig, payload: PayloadArg, cdc: bool) -> Result
         println!(
             "publication {:?}: {}",
             names.publication,
-            if objects.publication_created { "created" } else { "exists" }
+            if objects.publication_created {
+                "created"
+            } else {
+                "exists"
+            }
         );
         match objects.slot {
             SlotCreation::Existed => println!("replication slot {:?}: exists", names.slot),

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::engine::{sleep_or_shutdown, LeadEnd, Relay};
+use crate::source::Source;
 use crate::RelayError;
 
 /// How long a batch waits for more rows when the stream pauses inside a transaction
@@ -62,12 +63,11 @@ impl Relay<'_> {
         if let Err(end) = self.prepare_slot(conn, names, shutdown).await {
             return end;
         }
-        let mut checkpoints = CheckpointTracker::new();
         let connect = match crate::engine::connect_options(self.config) {
             Ok(connect) => connect,
             Err(err) => return LeadEnd::Fatal(err),
         };
-        let mut stream = match CdcStream::start(
+        let stream = match CdcStream::start(
             &connect,
             names,
             self.config.table.clone(),
@@ -83,130 +83,28 @@ impl Relay<'_> {
         };
         self.health.replication.ok(self.health.started());
         info!(slot = %names.slot, publication = %names.publication, "streaming outbox inserts from the replication slot");
-        let mut batch: Vec<StoredEvent> = Vec::new();
-        let mut batch_bytes: u64 = 0;
-        // End LSN of the last complete transaction whose rows are all in `batch`.
-        let mut confirm_after: Option<Lsn> = None;
-        let mut in_transaction = false;
-        let mut batch_started: Option<std::time::Instant> = None;
-        loop {
-            if checkpoints.probe.is_none() && Instant::now() >= checkpoints.next_probe {
-                match checkpoint::probe(conn).await {
-                    Ok(probe) => checkpoints.probe = Some(probe),
-                    Err(err) => return LeadEnd::Lost(RelayError::Store(err.into())),
-                }
-            }
-            let idle = batch.is_empty() && confirm_after.is_none();
-            let next = if idle {
-                tokio::select! {
-                    next = stream.next() => Some(next),
-                    _ = tokio::time::sleep(self.config.cdc_heartbeat) => {
-                        // A non-transactional logical message comes back through the slot
-                        // as a position we may confirm, even when the database's traffic
-                        // is all in other tables (which the slot skips, holding WAL).
-                        if let Err(err) = sqlx::query("SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')")
-                            .execute(&mut *conn)
-                            .await
-                        {
-                            return LeadEnd::Lost(RelayError::Store(err.into()));
-                        }
-                        continue;
-                    }
-                    _ = shutdown.cancelled() => {
-                        stream.shutdown().await;
-                        return LeadEnd::Shutdown;
-                    }
-                }
-            } else {
-                let waited = batch_started.map(|t| t.elapsed()).unwrap_or_default();
-                let pause = if in_transaction {
-                    FLUSH_AFTER
-                } else {
-                    Duration::ZERO
-                };
-                match MAX_BATCH_WAIT.checked_sub(waited) {
-                    // A zero timeout still polls the stream once: rows already
-                    // received are taken, and only then does the batch go.
-                    Some(left) if !left.is_zero() => {
-                        tokio::time::timeout(pause.min(left), stream.next())
-                            .await
-                            .ok()
-                    }
-                    _ => None,
-                }
-            };
-            let mut flush = next.is_none();
-            if let Some(Ok(Some(CdcEvent::Idle { .. } | CdcEvent::Commit { .. }))) = &next {
-                self.health.replication.ok(self.health.started());
-            }
-            match next {
-                None => {}
-                Some(Ok(Some(event))) => match event {
-                    CdcEvent::Begin => in_transaction = true,
-                    CdcEvent::Row(row) => {
-                        if batch.is_empty() {
-                            batch_started = Some(std::time::Instant::now());
-                        }
-                        batch_bytes += event_bytes(&row);
-                        batch.push(row)
-                    }
-                    CdcEvent::Commit { end_lsn } => {
-                        in_transaction = false;
-                        confirm_after = Some(end_lsn);
-                    }
-                    CdcEvent::Idle { wal_end } => {
-                        // Nothing in flight: the slot may move on, so an idle outbox next
-                        // to a busy database does not hold WAL back.
-                        if idle && !in_transaction {
-                            stream.confirm(wal_end);
-                            if let Err(end) =
-                                self.confirmed(conn, names, &mut checkpoints, wal_end).await
-                            {
-                                return end;
-                            }
-                        }
-                    }
-                    CdcEvent::RejectedUpdate { id } => {
-                        self.metrics.rejected_updates.inc();
-                        warn!(?id, "an outbox row was UPDATEd; outbox rows are immutable events, so the update is not published (insert a new event instead)");
-                    }
-                },
-                Some(Ok(None)) => {
-                    self.health
-                        .replication
-                        .failed("the server ended the replication stream");
-                    return LeadEnd::Lost(RelayError::StreamEnded);
-                }
-                Some(Err(err)) => {
-                    self.health.replication.failed(err.to_string());
-                    return cdc_end(err);
-                }
-            }
-            if batch.len() >= self.config.batch_size as usize
-                || batch_bytes >= self.config.cdc_max_batch_bytes
-            {
-                flush = true;
-            }
-            if flush && (!batch.is_empty() || confirm_after.is_some()) {
-                let events = std::mem::take(&mut batch);
-                batch_bytes = 0;
-                batch_started = None;
-                if let Err(end) = self.deliver_until_done(events, shutdown).await {
-                    // Stopped while retrying: nothing more is confirmed; the next relay
-                    // starts from the last confirmed position.
-                    stream.shutdown().await;
-                    return end;
-                }
-                crash_point!("relay-published-not-recorded");
-                if let Some(lsn) = confirm_after.take() {
-                    stream.confirm(lsn);
-                    crash_point!("relay-recorded");
-                    if let Err(end) = self.confirmed(conn, names, &mut checkpoints, lsn).await {
-                        return end;
-                    }
-                }
-            }
+        let mut source = CdcSource {
+            relay: self,
+            conn,
+            names,
+            stream: Some(stream),
+            checkpoints: CheckpointTracker::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            confirm_after: None,
+            in_transaction: false,
+            batch_started: None,
+            in_flight: None,
+            retry: Vec::new(),
+            retry_at: None,
+        };
+        let end = self.pump(&mut source, shutdown).await;
+        // A stream that still works reports its last confirmed position before it ends
+        // (nothing past what was recorded: the next relay starts from there).
+        if let Some(stream) = source.stream.take() {
+            stream.shutdown().await;
         }
+        end
     }
 
     /// After `lsn` was confirmed: writes the pending probe as the new checkpoint if the
@@ -253,10 +151,12 @@ impl Relay<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
         let table = &self.config.table;
-        let objects = set_up(conn, table, names).await.map_err(|err| match err.kind() {
-            crate::Failure::Transient => LeadEnd::Lost(err),
-            _ => LeadEnd::Fatal(err),
-        })?;
+        let objects = set_up(conn, table, names)
+            .await
+            .map_err(|err| match err.kind() {
+                crate::Failure::Transient => LeadEnd::Lost(err),
+                _ => LeadEnd::Fatal(err),
+            })?;
         if objects.publication_created {
             info!(
                 publication = %names.publication,
@@ -399,9 +299,10 @@ impl Relay<'_> {
     }
 
     /// Publishes `events` until each one is acknowledged or dead-lettered, retrying with
-    /// backoff in between. Ends with `LeadEnd::Shutdown` if `shutdown` interrupted the
-    /// retries, and `LeadEnd::Fatal` if a dead letter cannot be stored for a reason that
-    /// retrying cannot fix (a missing privilege, say).
+    /// backoff in between (the backfill's loop; streaming goes through [`CdcSource`]).
+    /// Ends with `LeadEnd::Shutdown` if `shutdown` interrupted the retries, and
+    /// `LeadEnd::Fatal` if a dead letter cannot be stored for a reason that retrying
+    /// cannot fix (a missing privilege, say).
     async fn deliver_until_done(
         &self,
         mut events: Vec<StoredEvent>,
@@ -414,52 +315,7 @@ impl Relay<'_> {
                 return Err(LeadEnd::Lost(RelayError::Fenced));
             }
             self.record(&actions, &outcomes);
-            let mut retry = Vec::new();
-            let mut wait = Duration::ZERO;
-            for (mut event, action) in events.into_iter().zip(actions) {
-                match action {
-                    Action::Published { .. } => {}
-                    Action::DeadLetter {
-                        attempts, error, ..
-                    } => loop {
-                        crash_point!("relay-dead-letter-write");
-                        let recorded = async {
-                            let mut conn = self.pool.acquire().await?;
-                            self.store
-                                .record_dead_letter(&mut conn, &event, attempts, &error)
-                                .await
-                        }
-                        .await;
-                        match recorded {
-                            Ok(()) => break,
-                            Err(outbox_postgres::Error::Database(err)) if is_permanent(&err) => {
-                                // Nothing is confirmed past it: the event comes back after
-                                // the fix.
-                                return Err(LeadEnd::Fatal(RelayError::Config(format!(
-                                    "cannot store the dead letter of event {} in {}: {err}; grant the relay's role INSERT and UPDATE on the table (see README, \"CDC mode\"), then start it again",
-                                    event.id, self.config.table
-                                ))));
-                            }
-                            Err(err) => {
-                                // The position is not confirmed before the dead letter is
-                                // stored, so keep trying rather than drop it.
-                                warn!(%err, id = %event.id, "cannot store a dead letter yet; retrying");
-                                sleep_or_shutdown(Duration::from_secs(1), shutdown).await;
-                                if shutdown.is_cancelled() {
-                                    return Err(LeadEnd::Shutdown);
-                                }
-                            }
-                        }
-                    },
-                    Action::Retry {
-                        attempts, backoff, ..
-                    } => {
-                        event.attempts = attempts;
-                        wait = wait.max(backoff);
-                        retry.push(event);
-                    }
-                }
-            }
+            let (retry, wait) = self.settle(events, &actions, shutdown).await?;
             events = retry;
             if !events.is_empty() {
                 sleep_or_shutdown(wait, shutdown).await;
@@ -471,6 +327,252 @@ impl Relay<'_> {
         self.metrics
             .batch_duration
             .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Stores the dead letters of one delivery round (before any position past them is
+    /// confirmed) and returns the events to try again, with the longest of their
+    /// backoffs.
+    async fn settle(
+        &self,
+        events: Vec<StoredEvent>,
+        actions: &[Action],
+        shutdown: &CancellationToken,
+    ) -> Result<(Vec<StoredEvent>, Duration), LeadEnd> {
+        let mut retry = Vec::new();
+        let mut wait = Duration::ZERO;
+        for (mut event, action) in events.into_iter().zip(actions) {
+            match action {
+                Action::Published { .. } => {}
+                Action::DeadLetter {
+                    attempts, error, ..
+                } => loop {
+                    crash_point!("relay-dead-letter-write");
+                    let recorded = async {
+                        let mut conn = self.pool.acquire().await?;
+                        self.store
+                            .record_dead_letter(&mut conn, &event, *attempts, error)
+                            .await
+                    }
+                    .await;
+                    match recorded {
+                        Ok(()) => break,
+                        Err(outbox_postgres::Error::Database(err)) if is_permanent(&err) => {
+                            // Nothing is confirmed past it: the event comes back after
+                            // the fix.
+                            return Err(LeadEnd::Fatal(RelayError::Config(format!(
+                                "cannot store the dead letter of event {} in {}: {err}; grant the relay's role INSERT and UPDATE on the table (see README, \"CDC mode\"), then start it again",
+                                event.id, self.config.table
+                            ))));
+                        }
+                        Err(err) => {
+                            // The position is not confirmed before the dead letter is
+                            // stored, so keep trying rather than drop it.
+                            warn!(%err, id = %event.id, "cannot store a dead letter yet; retrying");
+                            sleep_or_shutdown(Duration::from_secs(1), shutdown).await;
+                            if shutdown.is_cancelled() {
+                                return Err(LeadEnd::Shutdown);
+                            }
+                        }
+                    }
+                },
+                Action::Retry {
+                    attempts, backoff, ..
+                } => {
+                    event.attempts = *attempts;
+                    wait = wait.max(*backoff);
+                    retry.push(event);
+                }
+            }
+        }
+        Ok((retry, wait))
+    }
+}
+
+/// CDC as a [`Source`]: rows in commit order from the table's replication slot. A batch
+/// collects rows (of one or several transactions) until it is full or the stream
+/// pauses; once every event of it is published or dead-lettered, the end LSN of the
+/// last complete transaction in it is confirmed. Until then its failed events are
+/// retried, in memory, and the stream waits.
+pub(crate) struct CdcSource<'r, 'c> {
+    relay: &'r Relay<'r>,
+    /// The leader's connection: checkpoint probes and heartbeats.
+    conn: &'c mut PgConnection,
+    names: &'r CdcNames,
+    /// `None` once it failed (nothing left to shut down).
+    stream: Option<CdcStream>,
+    checkpoints: CheckpointTracker,
+    /// Rows read and not yet given out.
+    batch: Vec<StoredEvent>,
+    batch_bytes: u64,
+    /// End LSN of the last complete transaction whose rows are all in `batch`.
+    confirm_after: Option<Lsn>,
+    in_transaction: bool,
+    batch_started: Option<Instant>,
+    /// The batch given out and not yet done: the position to confirm once it is.
+    in_flight: Option<Option<Lsn>>,
+    /// Its events to try again, and when.
+    retry: Vec<StoredEvent>,
+    retry_at: Option<Instant>,
+}
+
+impl CdcSource<'_, '_> {
+    /// The stream failed: nothing to shut down later.
+    fn failed(&mut self, err: CdcError) -> LeadEnd {
+        self.relay.health.replication.failed(err.to_string());
+        self.stream = None;
+        cdc_end(err)
+    }
+
+    /// Confirms `lsn` to PostgreSQL, then moves the checkpoint if it is now behind.
+    async fn confirm(&mut self, lsn: Lsn) -> Result<(), LeadEnd> {
+        self.stream.as_mut().expect("a working stream").confirm(lsn);
+        self.relay
+            .confirmed(&mut *self.conn, self.names, &mut self.checkpoints, lsn)
+            .await
+    }
+}
+
+impl Source for CdcSource<'_, '_> {
+    async fn next_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<StoredEvent>>, LeadEnd> {
+        let relay = self.relay;
+        if !self.retry.is_empty() {
+            let wait = self
+                .retry_at
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or_default();
+            sleep_or_shutdown(wait, shutdown).await;
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            return Ok(Some(std::mem::take(&mut self.retry)));
+        }
+        loop {
+            if self.checkpoints.probe.is_none() && Instant::now() >= self.checkpoints.next_probe {
+                match checkpoint::probe(self.conn).await {
+                    Ok(probe) => self.checkpoints.probe = Some(probe),
+                    Err(err) => return Err(LeadEnd::Lost(RelayError::Store(err.into()))),
+                }
+            }
+            let idle = self.batch.is_empty() && self.confirm_after.is_none();
+            let next = if idle {
+                tokio::select! {
+                    next = self.stream.as_mut().expect("a working stream").next() => Some(next),
+                    _ = tokio::time::sleep(relay.config.cdc_heartbeat) => {
+                        // A non-transactional logical message comes back through the slot
+                        // as a position we may confirm, even when the database's traffic
+                        // is all in other tables (which the slot skips, holding WAL).
+                        if let Err(err) = sqlx::query("SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')")
+                            .execute(&mut *self.conn)
+                            .await
+                        {
+                            return Err(LeadEnd::Lost(RelayError::Store(err.into())));
+                        }
+                        continue;
+                    }
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            } else {
+                let waited = self.batch_started.map(|t| t.elapsed()).unwrap_or_default();
+                let pause = if self.in_transaction {
+                    FLUSH_AFTER
+                } else {
+                    Duration::ZERO
+                };
+                match MAX_BATCH_WAIT.checked_sub(waited) {
+                    // A zero timeout still polls the stream once: rows already
+                    // received are taken, and only then does the batch go.
+                    Some(left) if !left.is_zero() => {
+                        let stream = self.stream.as_mut().expect("a working stream");
+                        tokio::time::timeout(pause.min(left), stream.next())
+                            .await
+                            .ok()
+                    }
+                    _ => None,
+                }
+            };
+            let mut flush = next.is_none();
+            if let Some(Ok(Some(CdcEvent::Idle { .. } | CdcEvent::Commit { .. }))) = &next {
+                relay.health.replication.ok(relay.health.started());
+            }
+            match next {
+                None => {}
+                Some(Ok(Some(event))) => match event {
+                    CdcEvent::Begin => self.in_transaction = true,
+                    CdcEvent::Row(row) => {
+                        if self.batch.is_empty() {
+                            self.batch_started = Some(Instant::now());
+                        }
+                        self.batch_bytes += event_bytes(&row);
+                        self.batch.push(row)
+                    }
+                    CdcEvent::Commit { end_lsn } => {
+                        self.in_transaction = false;
+                        self.confirm_after = Some(end_lsn);
+                    }
+                    CdcEvent::Idle { wal_end } => {
+                        // Nothing in flight: the slot may move on, so an idle outbox next
+                        // to a busy database does not hold WAL back.
+                        if idle && !self.in_transaction {
+                            self.confirm(wal_end).await?;
+                        }
+                    }
+                    CdcEvent::RejectedUpdate { id } => {
+                        relay.metrics.rejected_updates.inc();
+                        warn!(?id, "an outbox row was UPDATEd; outbox rows are immutable events, so the update is not published (insert a new event instead)");
+                    }
+                },
+                Some(Ok(None)) => {
+                    relay
+                        .health
+                        .replication
+                        .failed("the server ended the replication stream");
+                    self.stream = None;
+                    return Err(LeadEnd::Lost(RelayError::StreamEnded));
+                }
+                Some(Err(err)) => return Err(self.failed(err)),
+            }
+            if self.batch.len() >= relay.config.batch_size as usize
+                || self.batch_bytes >= relay.config.cdc_max_batch_bytes
+            {
+                flush = true;
+            }
+            if flush && (!self.batch.is_empty() || self.confirm_after.is_some()) {
+                let events = std::mem::take(&mut self.batch);
+                self.batch_bytes = 0;
+                self.batch_started = None;
+                let lsn = self.confirm_after.take();
+                if events.is_empty() {
+                    // Transactions without rows of ours: only a position to confirm.
+                    if let Some(lsn) = lsn {
+                        self.confirm(lsn).await?;
+                    }
+                    continue;
+                }
+                self.in_flight = Some(lsn);
+                return Ok(Some(events));
+            }
+        }
+    }
+
+    async fn record(
+        &mut self,
+        events: Vec<StoredEvent>,
+        actions: &[Action],
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        let (retry, wait) = self.relay.settle(events, actions, shutdown).await?;
+        if retry.is_empty() {
+            if let Some(Some(lsn)) = self.in_flight.take() {
+                self.confirm(lsn).await?;
+            }
+        } else {
+            self.retry = retry;
+            self.retry_at = Some(Instant::now() + wait);
+        }
         Ok(())
     }
 }

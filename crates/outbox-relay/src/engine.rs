@@ -1,4 +1,4 @@
-//! Leadership and the polling loop.
+//! Leadership and the engine's loop.
 //!
 //! One relay per outbox table is active: it holds a session advisory lock
 //! ([`LeaderLock`]) on a dedicated connection and does all its reads and writes of the
@@ -6,11 +6,12 @@
 //! lock) cannot mark anything. Standbys try the lock every `standby_interval` and take
 //! over when the active relay's session ends.
 //!
-//! The active relay repeats: fetch pending rows in `seq` order, route them, publish
-//! them through the sink, wait for every delivery report, then record the outcome of
-//! each row (published, retry later, dead letter) in one transaction. A row is marked
-//! only after its delivery report, so a crash at any point leaves it pending and it is
-//! published again: duplicates, never loss.
+//! The active relay runs one loop over a [`Source`] (the table, or its replication
+//! stream) and the `dyn Sink`: take a batch, route and publish it, wait for every
+//! acknowledgement, then let the source record the outcome of each event (published,
+//! retry later, dead letter). Nothing is recorded before its acknowledgement, so a crash
+//! at any point leaves it to be published again: duplicates, never loss. Maintenance
+//! (the purge) runs beside the loop, as its own task.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use outbox_core::{
 };
 use outbox_postgres::{LeaderLock, OnPublish, PollingStore};
 use outbox_postgres_cdc::CdcNames;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Mode, RelayConfig};
 use crate::http::{self, Health, Role};
 use crate::metrics::Metrics;
+use crate::source::{PollingSource, Source};
 use crate::RelayError;
 
 /// How often pending counts and ages are refreshed for the metrics.
@@ -374,80 +376,44 @@ impl Relay<'_> {
         ));
         let end = match &self.cdc {
             Some(names) => self.lead_cdc(conn, names, shutdown).await,
-            None => self.lead_polling(conn, shutdown).await,
+            None => match PollingSource::start(self, conn).await {
+                Ok(mut source) => self.pump(&mut source, shutdown).await,
+                Err(end) => end,
+            },
         };
         leading.cancel();
         let _ = maintenance.await;
         end
     }
 
-    /// The polling loop, on the connection that holds the lock.
-    async fn lead_polling(&self, conn: &mut PgConnection, shutdown: &CancellationToken) -> LeadEnd {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(listener) => listener,
-            Err(err) => return LeadEnd::Lost(RelayError::Store(err.into())),
-        };
-        if let Err(err) = listener.listen(&self.config.table.notify_channel()).await {
-            return LeadEnd::Lost(RelayError::Store(err.into()));
-        }
+    /// The engine's loop, the same for every source: take a batch, publish it, let the
+    /// source record what became of each event.
+    pub(crate) async fn pump<S: Source>(
+        &self,
+        source: &mut S,
+        shutdown: &CancellationToken,
+    ) -> LeadEnd {
         loop {
-            if shutdown.is_cancelled() {
-                return LeadEnd::Shutdown;
+            let events = match source.next_batch(shutdown).await {
+                Ok(Some(events)) => events,
+                Ok(None) => return LeadEnd::Shutdown,
+                Err(end) => return end,
+            };
+            let started = Instant::now();
+            let (actions, outcomes) = self.deliver(&events).await;
+            if self.sink.is_fenced() {
+                return LeadEnd::Lost(RelayError::Fenced);
             }
-            match self.relay_batch(conn).await {
-                Ok(0) => {
-                    // Idle: sleep until an insert is announced, the fallback interval
-                    // passes, or we are asked to stop.
-                    tokio::select! {
-                        notification = listener.recv() => {
-                            if let Err(err) = notification {
-                                debug!(%err, "notification listener reconnecting");
-                            }
-                        }
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
-                        _ = shutdown.cancelled() => return LeadEnd::Shutdown,
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    self.health.database.failed(err.to_string());
-                    return LeadEnd::Lost(err);
-                }
+            crash_point!("relay-published-not-recorded");
+            if let Err(end) = source.record(events, &actions, shutdown).await {
+                return end;
             }
+            crash_point!("relay-recorded");
+            self.record(&actions, &outcomes);
+            self.metrics
+                .batch_duration
+                .observe(started.elapsed().as_secs_f64());
         }
-    }
-
-    /// Fetches, publishes and records one batch. Returns the number of rows fetched.
-    async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
-        let started = Instant::now();
-        let events = self
-            .store
-            .fetch_pending(conn, self.config.batch_size as i64)
-            .await?;
-        self.health.database.ok(self.health.started());
-        if events.is_empty() {
-            return Ok(0);
-        }
-        let (actions, outcomes) = self.deliver(&events).await;
-        if self.sink.is_fenced() {
-            return Err(RelayError::Fenced);
-        }
-        crash_point!("relay-published-not-recorded");
-        if actions
-            .iter()
-            .any(|a| matches!(a, Action::DeadLetter { .. }))
-        {
-            crash_point!("relay-dead-letter-write");
-        }
-        self.store
-            .apply(conn, &actions, self.config.on_publish)
-            .await?;
-        crash_point!("relay-recorded");
-        self.record(&actions, &outcomes);
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(events.len())
     }
 
     /// Routes and publishes `events`, and decides what becomes of each (an event that
@@ -543,7 +509,6 @@ impl Relay<'_> {
         }
     }
 }
-
 
 /// Probes the database and Kafka for `/healthz` and refreshes the gauges, every
 /// [`STATS_INTERVAL`], off the publishing path. The gauges are mode-aware: polling counts

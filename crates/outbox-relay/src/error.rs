@@ -102,6 +102,9 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "in use");
         let err = RelayError::Http(io);
         assert_eq!(err.exit_code(), 1);
-        assert!(std::error::Error::source(&err).is_some(), "the cause is kept");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
     }
 }

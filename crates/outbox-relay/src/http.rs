@@ -144,9 +144,7 @@ pub(crate) async fn serve(
             "cannot listen on {addr} for /metrics and /healthz ({err}); set http.listen (OUTBOX_HTTP__LISTEN) to a free address, or to \"off\""
         ))
     })?;
-    let bound = listener
-        .local_addr()
-        .map_err(RelayError::Http)?;
+    let bound = listener.local_addr().map_err(RelayError::Http)?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))

@@ -1,9 +1,10 @@
 //! The outbox relay as a library: `run(config, shutdown)` publishes an outbox table to
-//! Kafka until `shutdown` is cancelled, then drains what is in flight and returns.
+//! its sink (Kafka, NATS JetStream, RabbitMQ, webhooks) until `shutdown` is cancelled, then drains what is in flight and returns.
 //!
 //! - [`config`]: settings from a TOML file, `OUTBOX_*` variables and flags, validated
 //!   into a [`RelayConfig`].
-//! - [`engine`]: leadership (one active relay per table) and the polling loop.
+//! - [`engine`]: leadership (one active relay per table) and the loop over a source
+//!   (`source.rs`: polling; [`cdc`]: the replication stream) and the sink ([`sinks`]).
 //! - [`metrics`] and the HTTP endpoint (`/metrics`, `/healthz`).
 
 /// Crash points: with the `failpoints` feature (test builds only) and
@@ -50,6 +51,7 @@ mod http;
 pub mod metrics;
 pub mod read_back;
 pub mod sinks;
+mod source;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};
 pub use engine::run;

@@ -217,7 +217,10 @@ pub fn redacted(url: &str) -> String {
         let _ = parsed.set_password(Some("***"));
     }
     if parsed.query().is_some() {
-        let names: Vec<String> = parsed.query_pairs().map(|(name, _)| name.into_owned()).collect();
+        let names: Vec<String> = parsed
+            .query_pairs()
+            .map(|(name, _)| name.into_owned())
+            .collect();
         let mut query = parsed.query_pairs_mut();
         query.clear();
         for name in names {
@@ -325,7 +328,10 @@ mod tests {
             redacted("https://hook:s3cret@hooks.example/in/order?token=abc&x=1"),
             "https://hook:***@hooks.example/in/order?token=***&x=***"
         );
-        assert_eq!(redacted("http://127.0.0.1:9/order"), "http://127.0.0.1:9/order");
+        assert_eq!(
+            redacted("http://127.0.0.1:9/order"),
+            "http://127.0.0.1:9/order"
+        );
         assert_eq!(
             redacted("https://hooks.example/{aggregatetype}"),
             "https://hooks.example/{aggregatetype}"

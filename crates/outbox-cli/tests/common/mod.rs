@@ -8,14 +8,12 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use outbox::{Event, TableRef};
 pub use outbox_relay::Mode;
 use outbox_relay::{Config, ConfigOverrides, RelayConfig};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -85,7 +83,8 @@ impl TestDb {
     /// A fresh database without the outbox table.
     pub async fn unmigrated() -> TestDb {
         let suffix = Uuid::new_v4().simple().to_string();
-        let fresh = outbox_test_kit::database::create(&format!("outbox_test_{}", &suffix[..16])).await;
+        let fresh =
+            outbox_test_kit::database::create(&format!("outbox_test_{}", &suffix[..16])).await;
         TestDb {
             name: fresh.name,
             url: fresh.url,

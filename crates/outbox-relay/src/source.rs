@@ -1,0 +1,125 @@
+//! Where the engine takes events from, behind one trait: the table itself (polling) or
+//! the table's replication stream (CDC, in `cdc.rs`). The engine's loop is the same for
+//! both: take a batch, publish it through the sink, let the source record the outcome.
+
+use outbox_core::{Action, StoredEvent};
+use sqlx::postgres::PgListener;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::engine::{LeadEnd, Relay};
+use crate::RelayError;
+
+/// A source of events for the active relay.
+///
+/// Contract: `next_batch` gives events in the order they must be published (per
+/// aggregate, commit order); `record` gets back that batch with one action per event
+/// and makes it durable before the source moves past it: a crash anywhere leaves every
+/// event not yet recorded to be given again (duplicates, never loss). Retry bookkeeping
+/// is the source's own: polling keeps it in the table, CDC in memory (its stream waits).
+pub(crate) trait Source {
+    /// The next events to publish, waiting while there are none; `None` once
+    /// `shutdown` is cancelled.
+    async fn next_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<StoredEvent>>, LeadEnd>;
+
+    /// Records what became of the last batch: `actions[i]` is for `events[i]`.
+    async fn record(
+        &mut self,
+        events: Vec<StoredEvent>,
+        actions: &[Action],
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd>;
+}
+
+/// Polling: pending rows in `seq` order, fetched on the connection that holds the
+/// leadership lock (so a relay that lost it cannot mark anything); outcomes recorded in
+/// one transaction. Woken by the table's insert notification, or every
+/// `polling.interval`.
+pub(crate) struct PollingSource<'r, 'c> {
+    relay: &'r Relay<'r>,
+    conn: &'c mut PgConnection,
+    listener: PgListener,
+}
+
+impl<'r, 'c> PollingSource<'r, 'c> {
+    pub(crate) async fn start(
+        relay: &'r Relay<'r>,
+        conn: &'c mut PgConnection,
+    ) -> Result<Self, LeadEnd> {
+        let lost = |err: sqlx::Error| LeadEnd::Lost(RelayError::Store(err.into()));
+        let mut listener = PgListener::connect_with(&relay.pool).await.map_err(lost)?;
+        listener
+            .listen(&relay.config.table.notify_channel())
+            .await
+            .map_err(lost)?;
+        Ok(PollingSource {
+            relay,
+            conn,
+            listener,
+        })
+    }
+
+    fn lost(&self, err: RelayError) -> LeadEnd {
+        self.relay.health.database.failed(err.to_string());
+        LeadEnd::Lost(err)
+    }
+}
+
+impl Source for PollingSource<'_, '_> {
+    async fn next_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<StoredEvent>>, LeadEnd> {
+        let relay = self.relay;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            let events = relay
+                .store
+                .fetch_pending(self.conn, relay.config.batch_size as i64)
+                .await
+                .map_err(|err| self.lost(err.into()))?;
+            relay.health.database.ok(relay.health.started());
+            if !events.is_empty() {
+                return Ok(Some(events));
+            }
+            // Idle: sleep until an insert is announced, the fallback interval passes, or
+            // we are asked to stop.
+            tokio::select! {
+                notification = self.listener.recv() => {
+                    if let Err(err) = notification {
+                        debug!(%err, "notification listener reconnecting");
+                    }
+                }
+                _ = tokio::time::sleep(relay.config.poll_interval) => {}
+                _ = shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    async fn record(
+        &mut self,
+        _events: Vec<StoredEvent>,
+        actions: &[Action],
+        _shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::DeadLetter { .. }))
+        {
+            crash_point!("relay-dead-letter-write");
+        }
+        let relay = self.relay;
+        relay
+            .store
+            .apply(self.conn, actions, relay.config.on_publish)
+            .await
+            .map(|_| ())
+            .map_err(|err| self.lost(err.into()))
+    }
+}
