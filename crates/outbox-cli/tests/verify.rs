@@ -610,3 +610,83 @@ async fn a_jetstream_stream_is_audited_and_a_deleted_message_is_lost() {
     sink.clean_up().await;
     db.drop_db().await;
 }
+
+/// With the RabbitMQ sink and `sink.audit_stream`, the relay binds a stream queue to its
+/// exchange and `outbox verify` reads it back: a clean run passes; a row marked
+/// published that never reached the broker is lost. Without the stream, verify exits 2
+/// and says how to get one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_audit_stream_is_audited_and_an_unsent_row_is_lost() {
+    let db = TestDb::for_mode(Mode::Polling).await;
+    let mut sink = db.sink(SinkKind::RabbitMq).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outbox.toml");
+    let run = |config: std::path::PathBuf| {
+        let url = db.url.clone();
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+                .args(["--config", config.to_str().unwrap(), "verify", "--json"])
+                .env("OUTBOX_DATABASE_URL", &url)
+                .env_remove("OUTBOX_KAFKA_BROKERS")
+                .env_remove("OUTBOX_MODE")
+                .env("RUST_LOG", "warn")
+                .output()
+                .await
+                .unwrap();
+            Verified {
+                code: output.status.code().unwrap(),
+                stdout: String::from_utf8(output.stdout).unwrap(),
+                stderr: String::from_utf8(output.stderr).unwrap(),
+            }
+        }
+    };
+    std::fs::write(&config, sink.sink_toml()).unwrap();
+    let without = run(config.clone()).await;
+    without.expect_code(2);
+    assert!(
+        without.stderr.contains("set sink.audit_stream"),
+        "{}",
+        without.stderr
+    );
+
+    sink.sink_keys = format!(
+        "audit_stream = \"{}.audit\"\n",
+        db.template.trim_end_matches(".{aggregatetype}")
+    );
+    std::fs::write(&config, sink.sink_toml()).unwrap();
+    let relay = InProcessRelay::start(db.relay_config_for_sink(Mode::Polling, &sink, ""));
+    let written = events(30);
+    db.write(&written).await;
+    let ids: Vec<Uuid> = written.iter().map(|e| e.id).collect();
+    sink.read_ids(&["order", "user"], &ids, WAIT).await;
+    db.wait_drained(WAIT).await;
+    relay.stop().await;
+
+    let clean = run(config.clone()).await;
+    clean.expect_code(0);
+    let report = clean.json();
+    assert_eq!(report["sink"], "rabbitmq");
+    assert_eq!(report["published"], 30, "{report:#}");
+    assert_eq!(report["topics"][0]["kind"], "stream", "{report:#}");
+    assert_eq!(report["topics"][0]["messages"], 30, "{report:#}");
+
+    // A row the relay never sent, marked as if it had been.
+    let unsent = event("order", "agg-9", 99);
+    db.write(std::slice::from_ref(&unsent)).await;
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = $1")
+        .bind(unsent.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let lossy = run(config.clone()).await;
+    lossy.expect_code(AUDIT_FAILED);
+    let report = lossy.json();
+    assert_eq!(report["lost"], 1, "{report:#}");
+    assert_eq!(
+        report["lost_events"][0]["id"],
+        unsent.id.to_string(),
+        "{report:#}"
+    );
+    sink.clean_up().await;
+    db.drop_db().await;
+}

@@ -12,6 +12,7 @@
 //!
 //! A lost connection is replaced at the next publish: lapin does not reconnect.
 
+mod audit_stream;
 mod settings;
 
 use std::time::Duration;
@@ -26,6 +27,7 @@ use outbox_core::{
 use tokio::sync::Mutex;
 use tracing::warn;
 
+pub use audit_stream::{read_audit_stream, ReadError, StreamRead};
 pub use settings::RabbitMqSettings;
 
 /// Why the sink could not start.
@@ -35,6 +37,12 @@ pub enum ConnectError {
     Unreachable { address: String, detail: String },
     #[error("cannot declare the exchange {exchange:?}: {detail}")]
     Exchange { exchange: String, detail: String },
+    #[error("cannot declare the audit stream {stream:?} or bind it to the exchange {exchange:?}: {detail}; an existing queue of that name must be a stream queue")]
+    AuditStream {
+        stream: String,
+        exchange: String,
+        detail: String,
+    },
 }
 
 /// Publishes to RabbitMQ with publisher confirms.
@@ -65,6 +73,34 @@ impl RabbitMqSink {
                     exchange: settings.exchange.clone(),
                     detail: err.to_string(),
                 })?;
+        }
+        if let Some(stream) = &settings.audit_stream {
+            let failed = |err: lapin::Error| ConnectError::AuditStream {
+                stream: stream.clone(),
+                exchange: settings.exchange.clone(),
+                detail: err.to_string(),
+            };
+            link.1
+                .queue_declare(
+                    stream,
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    audit_stream::stream_arguments(settings.audit_max_age),
+                )
+                .await
+                .map_err(failed)?;
+            link.1
+                .queue_bind(
+                    stream,
+                    &settings.exchange,
+                    "#",
+                    lapin::options::QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(failed)?;
         }
         Ok(RabbitMqSink {
             settings,

@@ -22,6 +22,12 @@ pub struct RabbitMqSettings {
     /// How long a publish waits for the broker's confirm before it counts as
     /// unavailable (retried without using up an attempt).
     pub confirm_timeout: Duration,
+    /// A stream queue declared at start and bound to the exchange for every routing
+    /// key, so that `outbox verify` can read back what was published. It takes every
+    /// message: with it, `mandatory` never finds a message unroutable.
+    pub audit_stream: Option<String>,
+    /// How long the audit stream keeps messages.
+    pub audit_max_age: Duration,
 }
 
 impl RabbitMqSettings {
@@ -38,6 +44,8 @@ impl RabbitMqSettings {
             vhost: "/".into(),
             exchange: exchange.into(),
             declare_exchange: true,
+            audit_stream: None,
+            audit_max_age: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(5),
         }
@@ -76,6 +84,8 @@ impl fmt::Debug for RabbitMqSettings {
             .field("declare_exchange", &self.declare_exchange)
             .field("connect_timeout", &self.connect_timeout)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("audit_stream", &self.audit_stream)
+            .field("audit_max_age", &self.audit_max_age)
             .finish()
     }
 }

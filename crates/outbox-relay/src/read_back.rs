@@ -1,5 +1,5 @@
-//! Reading back what the sink's broker holds, for `outbox verify`: Kafka topics and
-//! JetStream streams can be read; RabbitMQ queues hand each message to one consumer and
+//! Reading back what the sink's broker holds, for `outbox verify`: Kafka topics,
+//! JetStream streams and RabbitMQ's audit stream (`sink.audit_stream`) can be read;
 //! webhooks leave nothing behind, so those say why they cannot be audited.
 
 use std::collections::{BTreeSet, HashSet};
@@ -100,9 +100,33 @@ pub async fn read_back(
             }
             Ok(read_back)
         }
-        SinkSettings::RabbitMq(_) => Err(RelayError::Config(
-            "outbox verify cannot read the rabbitmq sink back: a RabbitMQ queue hands each message to one consumer and keeps none; audit on the consumers' side (their inbox) instead".into(),
-        )),
+        SinkSettings::RabbitMq(rabbitmq) => {
+            let Some(stream) = &rabbitmq.audit_stream else {
+                return Err(RelayError::Config(
+                    "outbox verify cannot read the rabbitmq sink back without an audit stream: a RabbitMQ queue hands each message to one consumer and keeps none; set sink.audit_stream (a stream queue the relay binds to the exchange), or audit on the consumers' side".into(),
+                ));
+            };
+            let read = outbox_rabbitmq::read_audit_stream(rabbitmq, stream, |id| ids.contains(id))
+                .await
+                .map_err(|err| match err {
+                    outbox_rabbitmq::ReadError::Connect { .. } => {
+                        RelayError::Config(err.to_string())
+                    }
+                    other => RelayError::ReadBack(Box::new(other)),
+                })?;
+            Ok(ReadBack {
+                places: vec![PlaceRead {
+                    kind: "stream",
+                    name: read.stream,
+                    exists: read.exists,
+                    partitions: 1,
+                    messages: read.messages,
+                    without_id: read.without_id,
+                    trimmed: read.trimmed,
+                }],
+                messages: read.observed,
+            })
+        }
         SinkSettings::Webhook(_) => Err(RelayError::Config(
             "outbox verify cannot read the webhook sink back: a webhook leaves nothing to read; audit on the receivers' side (their inbox) instead".into(),
         )),

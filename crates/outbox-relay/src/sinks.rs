@@ -109,6 +109,12 @@ pub struct RabbitMqSection {
     /// How long a publish waits for the broker's confirm.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// A stream queue the relay declares and binds to the exchange for every routing
+    /// key, for `outbox verify` to read back (none: RabbitMQ keeps nothing to audit).
+    pub audit_stream: Option<String>,
+    /// How long the audit stream keeps messages.
+    #[serde(with = "humantime_serde")]
+    pub audit_max_age: Duration,
 }
 
 impl Default for RabbitMqSection {
@@ -124,6 +130,8 @@ impl Default for RabbitMqSection {
             routing_key: TopicTemplate::DEFAULT.into(),
             connect_timeout: rabbitmq.connect_timeout,
             confirm_timeout: rabbitmq.confirm_timeout,
+            audit_stream: None,
+            audit_max_age: rabbitmq.audit_max_age,
         }
     }
 }
@@ -274,7 +282,23 @@ pub(crate) fn resolve(
                 Some(password) => password.resolve("sink.password")?,
                 None => String::new(),
             };
+            if rabbitmq
+                .audit_stream
+                .as_deref()
+                .is_some_and(|s| s.trim().is_empty())
+            {
+                return Err(config(
+                    "sink.audit_stream is empty; name the stream queue (such as \"outbox.audit\") or remove the key".into(),
+                ));
+            }
+            if rabbitmq.audit_max_age < Duration::from_secs(60) {
+                return Err(config(
+                    "sink.audit_max_age is below 1m; keep audit messages at least as long as you audit back (7d is the default)".into(),
+                ));
+            }
             let settings = RabbitMqSettings {
+                audit_stream: rabbitmq.audit_stream,
+                audit_max_age: rabbitmq.audit_max_age,
                 vhost: rabbitmq.vhost,
                 declare_exchange: rabbitmq.declare_exchange,
                 connect_timeout: rabbitmq.connect_timeout,

@@ -50,6 +50,8 @@ pub struct TestSink {
     webhook_base: Option<String>,
     /// The relay's acknowledgement (or request) timeout for this sink.
     pub timeout: Duration,
+    /// More keys for the relay's `[sink]` section (not for Kafka).
+    pub sink_keys: String,
 }
 
 impl TestSink {
@@ -115,6 +117,7 @@ impl TestSink {
             seen,
             webhook_base,
             timeout: Duration::from_secs(5),
+            sink_keys: String::new(),
         }
     }
 
@@ -154,7 +157,7 @@ impl TestSink {
     /// `[topics]`).
     pub fn sink_toml(&self) -> String {
         let timeout = format!("{}ms", self.timeout.as_millis());
-        match self.kind {
+        let toml = match self.kind {
             SinkKind::Kafka => format!("[kafka]\nmessage_timeout = {timeout:?}\n"),
             SinkKind::Nats => format!(
                 "[sink]\ntype = \"nats\"\nurl = \"nats://{}\"\nsubject = {:?}\nstream = {:?}\nack_timeout = {timeout:?}\nconnect_timeout = \"2s\"\n",
@@ -180,7 +183,8 @@ impl TestSink {
                     "[sink]\ntype = \"webhook\"\nurl = {template:?}\ntimeout = {timeout:?}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
                 )
             }
-        }
+        };
+        format!("{toml}{}", self.sink_keys)
     }
 
     fn stream_name(&self) -> String {
@@ -383,9 +387,11 @@ impl TestSink {
             }
             SinkKind::RabbitMq => {
                 let (_connection, channel) = rabbitmq_channel().await;
-                let _ = channel
-                    .queue_delete(&self.prefix, QueueDeleteOptions::default())
-                    .await;
+                for queue in [self.prefix.clone(), format!("{}.audit", self.prefix)] {
+                    let _ = channel
+                        .queue_delete(&queue, QueueDeleteOptions::default())
+                        .await;
+                }
                 let _ = channel
                     .exchange_delete(&self.prefix, ExchangeDeleteOptions::default())
                     .await;

@@ -115,9 +115,11 @@ pub async fn setup(sink: Sink, brokers: &Brokers) -> Result<()> {
         }
         Sink::Rabbitmq => {
             let (_connection, channel) = rabbitmq(brokers).await?;
-            for service in Service::ALL {
+            // The relay declares the audit stream again at start.
+            let queues = Service::ALL.map(queue);
+            for name in queues.iter().map(String::as_str).chain(["shop.audit"]) {
                 channel
-                    .queue_delete(&queue(service), QueueDeleteOptions::default())
+                    .queue_delete(name, QueueDeleteOptions::default())
                     .await?;
             }
             channel
