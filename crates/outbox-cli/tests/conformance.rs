@@ -59,6 +59,7 @@ conformance!(kafka, SinkKind::Kafka);
 conformance!(nats, SinkKind::Nats);
 conformance!(rabbitmq, SinkKind::RabbitMq);
 conformance!(webhook, SinkKind::Webhook);
+conformance!(webhook_batches, SinkKind::WebhookBatches);
 
 /// A database for `mode`, a sink of `kind` and a relay between them.
 async fn start(mode: Mode, kind: SinkKind, extra_toml: &str) -> (TestDb, TestSink, InProcessRelay) {

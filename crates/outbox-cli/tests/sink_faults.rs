@@ -58,6 +58,7 @@ faults!(kafka, SinkKind::Kafka);
 faults!(nats, SinkKind::Nats);
 faults!(rabbitmq, SinkKind::RabbitMq);
 faults!(webhook, SinkKind::Webhook);
+faults!(webhook_batches, SinkKind::WebhookBatches);
 
 async fn sigkill_loop(mode: Mode, kind: SinkKind) {
     let _kafka = match kind {

@@ -150,6 +150,9 @@ pub struct WebhookSection {
     pub timeout: Duration,
     /// Requests at once, across aggregates.
     pub max_in_flight: usize,
+    /// Events per request: 1 (each event alone, its payload as the body) or more (a
+    /// JSON array per request to one URL).
+    pub batch_size: usize,
     /// A PEM CA certificate to trust beside the usual roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -162,6 +165,7 @@ impl Default for WebhookSection {
             secret: None,
             timeout: webhook.timeout,
             max_in_flight: webhook.max_in_flight,
+            batch_size: webhook.batch_size,
             ca_file: None,
         }
     }
@@ -333,6 +337,12 @@ pub(crate) fn resolve(
                     webhook.max_in_flight
                 )));
             }
+            if !(1..=1000).contains(&webhook.batch_size) {
+                return Err(config(format!(
+                    "sink.batch_size is {}; set it between 1 (one event per request, the default) and 1000",
+                    webhook.batch_size
+                )));
+            }
             let secret = match webhook.secret {
                 Some(secret) => Some(
                     WebhookSecret::parse(&secret.resolve("sink.secret")?)
@@ -344,6 +354,7 @@ pub(crate) fn resolve(
                 secret,
                 timeout: webhook.timeout,
                 max_in_flight: webhook.max_in_flight,
+                batch_size: webhook.batch_size,
                 ca_file: webhook.ca_file,
                 ..WebhookSettings::new(webhook.url.clone())
             };

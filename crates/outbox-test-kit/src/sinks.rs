@@ -21,6 +21,8 @@ pub enum SinkKind {
     Nats,
     RabbitMq,
     Webhook,
+    /// Webhooks with `batch_size = 10`: JSON arrays of events.
+    WebhookBatches,
 }
 
 /// An event the sink refuses for good: written with this aggregate type and payload, it
@@ -100,7 +102,7 @@ impl TestSink {
                 declare_rabbitmq(prefix).await;
                 Some(rabbitmq_address())
             }
-            SinkKind::Webhook => {
+            SinkKind::Webhook | SinkKind::WebhookBatches => {
                 let address = start_receiver(seen.clone()).await;
                 webhook_base = Some(format!("http://{address}"));
                 Some(address)
@@ -129,7 +131,7 @@ impl TestSink {
     /// The routing template of the test's destinations.
     pub fn template(&self) -> String {
         match self.kind {
-            SinkKind::Webhook => format!(
+            SinkKind::Webhook | SinkKind::WebhookBatches => format!(
                 "{}/{}/{{aggregatetype}}",
                 self.webhook_base.as_ref().unwrap(),
                 self.prefix
@@ -173,14 +175,18 @@ impl TestSink {
                 self.prefix,
                 self.template(),
             ),
-            SinkKind::Webhook => {
+            SinkKind::Webhook | SinkKind::WebhookBatches => {
                 let mut template = self.template();
                 if let Some(proxy) = &self.proxy {
                     let direct = self.webhook_base.as_ref().unwrap();
                     template = template.replace(direct, &format!("http://{}", proxy.address()));
                 }
+                let batch = match self.kind {
+                    SinkKind::WebhookBatches => "batch_size = 10\n",
+                    _ => "",
+                };
                 format!(
-                    "[sink]\ntype = \"webhook\"\nurl = {template:?}\ntimeout = {timeout:?}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+                    "[sink]\ntype = \"webhook\"\nurl = {template:?}\ntimeout = {timeout:?}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n{batch}"
                 )
             }
         };
@@ -210,6 +216,12 @@ impl TestSink {
                 payload: "{\"n\": 1}".into(),
                 reason: "longer than 255 bytes",
             },
+            // A 400 answers for the whole batch: the poison gets a URL of its own.
+            SinkKind::WebhookBatches => Poison {
+                aggregate_type: "poison".into(),
+                payload: format!("{{\"{WEBHOOK_POISON}\": true}}"),
+                reason: "400 Bad Request",
+            },
             SinkKind::Webhook => Poison {
                 aggregate_type: "order".into(),
                 payload: format!("{{\"{WEBHOOK_POISON}\": true}}"),
@@ -225,7 +237,9 @@ impl TestSink {
             SinkKind::Kafka => ("my order!".into(), "not a legal Kafka topic name"),
             SinkKind::Nats => ("my order".into(), "not a valid NATS subject"),
             SinkKind::RabbitMq => ("o".repeat(300), "longer than 255 bytes"),
-            SinkKind::Webhook => ("my order".into(), "is not a valid URL"),
+            SinkKind::Webhook | SinkKind::WebhookBatches => {
+                ("my order".into(), "is not a valid URL")
+            }
         }
     }
 
@@ -289,7 +303,7 @@ impl TestSink {
     /// Takes what the broker holds beyond what was read already.
     async fn fetch(&self) {
         match self.kind {
-            SinkKind::Kafka | SinkKind::Webhook => {}
+            SinkKind::Kafka | SinkKind::Webhook | SinkKind::WebhookBatches => {}
             SinkKind::Nats => {
                 let client = async_nats::connect(nats_url()).await.unwrap();
                 let jetstream = async_nats::jetstream::new(client);
@@ -377,7 +391,7 @@ impl TestSink {
     /// Removes what the test created on the broker.
     pub async fn clean_up(self) {
         match self.kind {
-            SinkKind::Kafka | SinkKind::Webhook => {}
+            SinkKind::Kafka | SinkKind::Webhook | SinkKind::WebhookBatches => {}
             SinkKind::Nats => {
                 if let Ok(client) = async_nats::connect(nats_url()).await {
                     let _ = async_nats::jetstream::new(client)
@@ -530,19 +544,43 @@ async fn receive(
             .decode_utf8_lossy()
             .into_owned()
     };
+    let url = format!("http://{address}{}", uri.path());
+    let mut seen = seen.lock().unwrap();
+    if headers.contains_key("outbox-batch-size") {
+        // A batch: one JSON object per event, its headers encoded as in the single mode.
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        for event in events {
+            let mut header_list: Vec<(String, String)> = event["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(name, value)| (name.clone(), decode(value.as_str().unwrap())))
+                .collect();
+            header_list.push((
+                "aggregateid".into(),
+                event["aggregateid"].as_str().unwrap().to_string(),
+            ));
+            let value = match event.get("payload_base64").and_then(|v| v.as_str()) {
+                Some(encoded) => {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .unwrap()
+                }
+                None => serde_json::to_vec(&event["payload"]).unwrap(),
+            };
+            let offset = seen.len() as i64;
+            seen.push(Received::new(url.clone(), offset, Some(value), header_list));
+        }
+        return StatusCode::NO_CONTENT;
+    }
     let mut header_list = Vec::new();
     for (name, value) in &headers {
         if let Some(name) = name.as_str().strip_prefix("outbox-") {
             header_list.push((decode(name), decode(value.to_str().unwrap_or_default())));
         }
     }
-    let mut seen = seen.lock().unwrap();
     let offset = seen.len() as i64;
-    seen.push(Received::new(
-        format!("http://{address}{}", uri.path()),
-        offset,
-        Some(body.to_vec()),
-        header_list,
-    ));
+    seen.push(Received::new(url, offset, Some(body.to_vec()), header_list));
     StatusCode::NO_CONTENT
 }

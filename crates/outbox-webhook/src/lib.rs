@@ -18,6 +18,16 @@
 //! Order: one aggregate's events (one URL and key) are sent one after another, each once
 //! the previous one was answered 2xx, and a failure holds the rest back; different
 //! aggregates are sent at once, at most `max_in_flight` requests together.
+//!
+//! Batches (`batch_size` > 1): the events of a publish that go to one URL are sent in
+//! order, up to `batch_size` per request, one request after the other; different URLs
+//! at once. The body is a JSON array, one object per event: `id`, `aggregateid`,
+//! `headers` (every message header, values encoded as in the single mode), and
+//! `payload` (the payload when it is JSON, else `null` with `payload_base64`).
+//! `webhook-id` is `batch_` and a hash of the events' ids (the same for a resend of the
+//! same batch), and `outbox-batch-size` says how many events it holds. The answer counts
+//! for every event of the batch: a 4xx dead-letters them all. After a batch that failed
+//! otherwise, the URL's later batches are held back (unavailable: no attempt used).
 
 mod settings;
 
@@ -26,7 +36,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use outbox_core::{
-    publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message, Sink,
+    publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind,
+    Message, Sink,
 };
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
@@ -102,6 +113,127 @@ impl WebhookSink {
         }
     }
 
+    /// Batch mode: each URL's messages in order, `batch_size` per request.
+    async fn publish_batches(&self, messages: &[Message]) -> Vec<DeliveryOutcome> {
+        let mut urls: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match urls.iter_mut().find(|(url, _)| *url == message.topic) {
+                Some((_, indexes)) => indexes.push(index),
+                None => urls.push((&message.topic, vec![index])),
+            }
+        }
+        let sent = futures::future::join_all(urls.iter().map(|(url, indexes)| async move {
+            let mut outcomes = Vec::with_capacity(indexes.len());
+            let mut held: Option<DeliveryError> = None;
+            for chunk in indexes.chunks(self.settings.batch_size) {
+                let outcome = match &held {
+                    Some(err) => DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                        "held back behind a failed batch to the same URL: {}",
+                        err.reason
+                    ))),
+                    None => {
+                        let batch: Vec<&Message> = chunk.iter().map(|&i| &messages[i]).collect();
+                        self.send_batch(url, &batch).await
+                    }
+                };
+                if let DeliveryOutcome::Failed(err) = &outcome {
+                    if err.kind != ErrorKind::Permanent && held.is_none() {
+                        held = Some(err.clone());
+                    }
+                }
+                outcomes.extend(chunk.iter().map(|&i| (i, outcome.clone())));
+            }
+            outcomes
+        }))
+        .await;
+        let mut outcomes = vec![None; messages.len()];
+        for (index, outcome) in sent.into_iter().flatten() {
+            outcomes[index] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("one outcome per message"))
+            .collect()
+    }
+
+    async fn send_batch(&self, url: &str, batch: &[&Message]) -> DeliveryOutcome {
+        let _slot = self.in_flight.acquire().await.expect("never closed");
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for message in batch {
+            let id = message
+                .headers
+                .iter()
+                .find(|(name, _)| name == "id")
+                .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+                .unwrap_or_default();
+            let headers: serde_json::Map<String, serde_json::Value> = message
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = header_value(value).to_str().unwrap_or_default().to_string();
+                    (name.clone(), serde_json::Value::String(value))
+                })
+                .collect();
+            let mut event = serde_json::json!({
+                "id": id,
+                "aggregateid": String::from_utf8_lossy(&message.key),
+                "headers": headers,
+                "payload": serde_json::Value::Null,
+            });
+            if let Some(payload) = &message.value {
+                match serde_json::from_slice::<serde_json::Value>(payload) {
+                    Ok(json) => event["payload"] = json,
+                    Err(_) => {
+                        event["payload_base64"] = serde_json::Value::String(
+                            base64::engine::general_purpose::STANDARD.encode(payload),
+                        )
+                    }
+                }
+            }
+            ids.push(id);
+            events.push(event);
+        }
+        let body = serde_json::to_vec(&events).expect("JSON values serialize");
+        let batch_id = {
+            use sha2::Digest;
+            let digest = Sha256::digest(ids.join(",").as_bytes());
+            let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            format!("batch_{hex}")
+        };
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert("webhook-id", header_value(batch_id.as_bytes()));
+        headers.insert("webhook-timestamp", header_value(timestamp.as_bytes()));
+        if let Some(secret) = &self.settings.secret {
+            let signature = sign(secret, &batch_id, &timestamp, &body);
+            headers.insert("webhook-signature", header_value(signature.as_bytes()));
+        }
+        headers.insert("outbox-batch-size", HeaderValue::from(batch.len()));
+        let sent = self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) => classify_answer(&redacted(url), response).await,
+            Err(err) => {
+                let err = without_url(err);
+                warn!(url = %redacted(url), error = %err, "no answer from the webhook receiver; retried");
+                DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                    "no answer from the webhook receiver: {err}"
+                )))
+            }
+        }
+    }
+
     /// The signed request for `message`, or why it can never be sent.
     fn request(&self, message: &Message) -> Result<reqwest::RequestBuilder, DeliveryError> {
         let body = message.value.clone().unwrap_or_default();
@@ -147,6 +279,9 @@ impl Sink for WebhookSink {
 
     fn publish(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<DeliveryOutcome>> {
         Box::pin(async move {
+            if self.settings.batch_size > 1 {
+                return self.publish_batches(&messages).await;
+            }
             publish_per_aggregate(&messages, |message| self.publish_one(message)).await
         })
     }

@@ -17,6 +17,10 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     /// Requests sent at once, across aggregates.
     pub max_in_flight: usize,
+    /// Events per request: 1 sends each event alone (its payload as the body); more
+    /// sends up to this many events to one URL as a JSON array, one request after the
+    /// other (see the crate's documentation).
+    pub batch_size: usize,
     /// A PEM certificate trusted beside the Mozilla roots (a private CA).
     pub ca_file: Option<PathBuf>,
 }
@@ -28,6 +32,7 @@ impl WebhookSettings {
             secret: None,
             timeout: Duration::from_secs(10),
             max_in_flight: 64,
+            batch_size: 1,
             ca_file: None,
         }
     }
@@ -63,6 +68,7 @@ impl fmt::Debug for WebhookSettings {
             .field("secret", &self.secret)
             .field("timeout", &self.timeout)
             .field("max_in_flight", &self.max_in_flight)
+            .field("batch_size", &self.batch_size)
             .field("ca_file", &self.ca_file)
             .finish()
     }

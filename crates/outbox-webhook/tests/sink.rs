@@ -285,3 +285,87 @@ async fn a_silent_or_absent_receiver_is_unavailable() {
     let err = sink.check(Duration::from_secs(2)).await.unwrap_err();
     assert!(err.to_string().contains("does not answer"), "{err}");
 }
+
+/// Batch mode: one URL's events go as JSON arrays of at most `batch_size`, in order,
+/// signed; a 400 dead-letters its whole batch and the next batch still goes; a 503
+/// holds the URL's later batches back without using an attempt.
+#[tokio::test]
+async fn batches_carry_the_events_in_order_and_share_their_answer() {
+    let receiver = Receiver::default();
+    let base = receiver.start().await;
+    let mut settings = settings(&base);
+    settings.batch_size = 25;
+    let sink = WebhookSink::new(settings).unwrap();
+    let mut messages = Vec::new();
+    for n in 0..60 {
+        messages.push(message(&base, &format!("agg-{}", n % 3), &format!("n{n}")).1);
+    }
+    let outcomes = sink.publish(messages.clone()).await;
+    assert!(
+        outcomes.iter().all(|o| *o == DeliveryOutcome::Delivered),
+        "{outcomes:?}"
+    );
+    let received = receiver.received();
+    assert_eq!(received.len(), 3, "60 events in batches of 25");
+    let secret = WebhookSecret::parse(SECRET).unwrap();
+    let mut ids = Vec::new();
+    for request in &received {
+        let id = request.header("webhook-id");
+        assert!(id.starts_with("batch_"), "{id}");
+        assert_eq!(
+            request.header("webhook-signature"),
+            sign(
+                &secret,
+                id,
+                request.header("webhook-timestamp"),
+                &request.body
+            )
+        );
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(
+            request.header("outbox-batch-size"),
+            events.len().to_string()
+        );
+        for event in events {
+            assert_eq!(event["headers"]["type"], "OrderCreated");
+            assert_eq!(event["headers"]["odd"], "%FF%0D%0A%00%25");
+            assert!(event["payload"]["text"].is_string(), "{event}");
+            ids.push(event["id"].as_str().unwrap().to_string());
+        }
+    }
+    let wanted: Vec<String> = messages
+        .iter()
+        .map(|m| String::from_utf8(m.headers[0].1.clone()).unwrap())
+        .collect();
+    assert_eq!(ids, wanted, "every event once, in order");
+
+    // Batch 1 of 3 holds a poison (400), batch 2 is fine; then a 503 holds the rest.
+    receiver.answer("poison-in-batch", StatusCode::BAD_REQUEST, Duration::ZERO);
+    receiver.answer(
+        "maintenance",
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::ZERO,
+    );
+    let mut messages = Vec::new();
+    for n in 0..75 {
+        let text = match n {
+            3 => "poison-in-batch".to_string(),
+            55 => "maintenance".to_string(),
+            _ => format!("m{n}"),
+        };
+        messages.push(message(&base, &format!("agg-{}", n % 3), &text).1);
+    }
+    let outcomes = sink.publish(messages).await;
+    let kinds = kinds(&outcomes);
+    assert!(
+        kinds[..25].iter().all(|k| *k == Some(ErrorKind::Permanent)),
+        "{kinds:?}"
+    );
+    assert!(kinds[25..50].iter().all(|k| k.is_none()), "{kinds:?}");
+    assert!(
+        kinds[50..]
+            .iter()
+            .all(|k| *k == Some(ErrorKind::Unavailable)),
+        "{kinds:?}"
+    );
+}
