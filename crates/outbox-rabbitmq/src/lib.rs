@@ -15,6 +15,7 @@
 mod audit_stream;
 mod settings;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -48,38 +49,20 @@ pub enum ConnectError {
 /// Publishes to RabbitMQ with publisher confirms.
 pub struct RabbitMqSink {
     settings: RabbitMqSettings,
+    /// Exchanges declared (and bound to the audit stream) so far: with
+    /// `{aggregatetype}` in `exchange`, each is declared at its first message.
+    declared: Mutex<HashSet<String>>,
     /// The connection and its confirm-mode channel; `None` after a failure, until the
     /// next publish connects again.
     link: Mutex<Option<(Connection, Channel)>>,
 }
 
 impl RabbitMqSink {
-    /// Connects, and declares the exchange when the settings ask for it.
+    /// Connects, declares the audit stream if there is one, and the exchange (bound to
+    /// the stream) when it is fixed and the settings ask for it.
     pub async fn connect(settings: RabbitMqSettings) -> Result<RabbitMqSink, ConnectError> {
         let link = open(&settings).await?;
-        if settings.declare_exchange && !settings.exchange.is_empty() {
-            link.1
-                .exchange_declare(
-                    &settings.exchange,
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|err| ConnectError::Exchange {
-                    exchange: settings.exchange.clone(),
-                    detail: err.to_string(),
-                })?;
-        }
         if let Some(stream) = &settings.audit_stream {
-            let failed = |err: lapin::Error| ConnectError::AuditStream {
-                stream: stream.clone(),
-                exchange: settings.exchange.clone(),
-                detail: err.to_string(),
-            };
             link.1
                 .queue_declare(
                     stream,
@@ -90,22 +73,92 @@ impl RabbitMqSink {
                     audit_stream::stream_arguments(settings.audit_max_age),
                 )
                 .await
-                .map_err(failed)?;
-            link.1
+                .map_err(|err| ConnectError::AuditStream {
+                    stream: stream.clone(),
+                    exchange: settings.exchange.clone(),
+                    detail: err.to_string(),
+                })?;
+        }
+        let sink = RabbitMqSink {
+            settings,
+            declared: Mutex::new(HashSet::new()),
+            link: Mutex::new(None),
+        };
+        if !sink.settings.exchange.contains("{aggregatetype}") && !sink.settings.exchange.is_empty()
+        {
+            let exchange = sink.settings.exchange.clone();
+            sink.prepare_exchange(&link.1, &exchange)
+                .await
+                .map_err(|detail| match &sink.settings.audit_stream {
+                    Some(stream) => ConnectError::AuditStream {
+                        stream: stream.clone(),
+                        exchange: exchange.clone(),
+                        detail,
+                    },
+                    None => ConnectError::Exchange {
+                        exchange: exchange.clone(),
+                        detail,
+                    },
+                })?;
+        }
+        *sink.link.lock().await = Some(link);
+        Ok(sink)
+    }
+
+    /// Declares `exchange` when the settings ask for it and binds the audit stream to
+    /// it, once per exchange.
+    async fn prepare_exchange(&self, channel: &Channel, exchange: &str) -> Result<(), String> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(exchange) {
+            return Ok(());
+        }
+        if self.settings.declare_exchange {
+            channel
+                .exchange_declare(
+                    exchange,
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|err| err.to_string())?;
+        }
+        if let Some(stream) = &self.settings.audit_stream {
+            channel
                 .queue_bind(
                     stream,
-                    &settings.exchange,
+                    exchange,
                     "#",
                     lapin::options::QueueBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await
-                .map_err(failed)?;
+                .map_err(|err| err.to_string())?;
         }
-        Ok(RabbitMqSink {
-            settings,
-            link: Mutex::new(Some(link)),
-        })
+        declared.insert(exchange.to_string());
+        Ok(())
+    }
+
+    /// The exchange of `message`: `exchange` with `{aggregatetype}` replaced by the
+    /// message's `aggregatetype` header.
+    fn exchange_for(&self, message: &Message) -> Result<String, DeliveryError> {
+        let template = &self.settings.exchange;
+        if !template.contains("{aggregatetype}") {
+            return Ok(template.clone());
+        }
+        let aggregate_type = message
+            .headers
+            .iter()
+            .find(|(name, _)| name == "aggregatetype")
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+            .unwrap_or_default();
+        let exchange = template.replace("{aggregatetype}", aggregate_type);
+        check_exchange_name(&exchange)
+            .map_err(|why| DeliveryError::permanent(format!("exchange {exchange:?} {why}")))?;
+        Ok(exchange)
     }
 
     /// The channel in use, connecting again if the last one failed.
@@ -132,11 +185,22 @@ impl RabbitMqSink {
                 message.topic
             )));
         }
+        let exchange = match self.exchange_for(message) {
+            Ok(exchange) => exchange,
+            Err(err) => return DeliveryOutcome::Failed(err),
+        };
+        if let Err(detail) = self.prepare_exchange(channel, &exchange).await {
+            // A refused declaration closes the channel: the next publish opens another.
+            self.forget_link().await;
+            return DeliveryOutcome::Failed(DeliveryError::unavailable(format!(
+                "cannot declare the exchange {exchange:?}: {detail}"
+            )));
+        }
         let payload = message.value.clone().unwrap_or_default();
         let published = tokio::time::timeout(self.settings.confirm_timeout, async {
             let confirm = channel
                 .basic_publish(
-                    &self.settings.exchange,
+                    &exchange,
                     &message.topic,
                     BasicPublishOptions {
                         mandatory: true,
@@ -167,7 +231,7 @@ impl RabbitMqSink {
             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
                 DeliveryOutcome::Failed(DeliveryError::retriable(format!(
                     "no queue is bound to the exchange {:?} for the routing key {:?} (returned: {}); bind one",
-                    self.settings.exchange, message.topic, returned.reply_text
+                    exchange, message.topic, returned.reply_text
                 )))
             }
             Ok(Ok(Confirmation::Nack(_))) => DeliveryOutcome::Failed(DeliveryError::retriable(
@@ -271,5 +335,32 @@ pub fn check_routing_key(routing_key: &str) -> Result<(), String> {
     match routing_key.len() {
         0..=255 => Ok(()),
         _ => Err("is not a valid AMQP routing key: it is longer than 255 bytes; shorten the event's aggregatetype or sink.routing_key".into()),
+    }
+}
+
+/// Whether `exchange` is a name AMQP 0-9-1 allows: 1 to 255 letters, digits, `-`,
+/// `_`, `.` and `:`.
+pub fn check_exchange_name(exchange: &str) -> Result<(), String> {
+    let valid = !exchange.is_empty()
+        && exchange.len() <= 255
+        && exchange
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    match valid {
+        true => Ok(()),
+        false => Err("is not a valid AMQP exchange name (1 to 255 letters, digits, '-', '_', '.', ':'); change the event's aggregatetype or sink.exchange".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_names() {
+        assert!(check_exchange_name("outbox.order_v1-x:y").is_ok());
+        for bad in ["", "my order", "ordér", &"e".repeat(256)] {
+            assert!(check_exchange_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -173,3 +173,89 @@ async fn a_wrong_password_is_refused_without_showing_it() {
     assert!(text.contains("cannot connect to RabbitMQ"), "{text}");
     assert!(!text.contains("4711"), "the password leaked: {text}");
 }
+
+/// `exchange` with `{aggregatetype}`: each message goes to the exchange of its
+/// aggregate type (declared by the sink at its first message, idempotently); a type
+/// that makes no valid exchange name is refused for good.
+#[tokio::test]
+async fn the_exchange_can_come_from_the_aggregate_type() {
+    let prefix = format!("x{}", Uuid::now_v7().simple());
+    let sink = RabbitMqSink::connect(settings(&format!("{prefix}.{{aggregatetype}}")))
+        .await
+        .unwrap();
+    // The exchanges exist before the queues bind to them, declared as the sink does.
+    let mut queues = Vec::new();
+    for aggregate_type in ["order", "user"] {
+        let exchange = format!("{prefix}.{aggregate_type}");
+        let (connection, channel, _) = queue("amq.topic", "unused").await;
+        channel
+            .exchange_declare(
+                &exchange,
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        drop((connection, channel));
+        let (connection, channel, name) = queue(&exchange, "#").await;
+        queues.push((aggregate_type, connection, channel, name));
+    }
+    let with_type = |aggregate_type: &str, n: usize| {
+        let (id, mut message) = message("events", "a", n);
+        message
+            .headers
+            .push(("aggregatetype".into(), aggregate_type.as_bytes().to_vec()));
+        (id, message)
+    };
+    let batch = [
+        with_type("order", 0),
+        with_type("user", 1),
+        with_type("order", 2),
+    ];
+    let outcomes = sink
+        .publish(batch.iter().map(|(_, m)| m.clone()).collect())
+        .await;
+    assert!(
+        outcomes.iter().all(|o| *o == DeliveryOutcome::Delivered),
+        "{outcomes:?}"
+    );
+    for (aggregate_type, _connection, channel, queue) in &queues {
+        let mut ids = Vec::new();
+        while let Some(delivery) = channel
+            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let id = delivery.delivery.properties.message_id().as_ref().unwrap();
+            ids.push(id.to_string());
+        }
+        let wanted: Vec<String> = batch
+            .iter()
+            .filter(|(_, m)| m.headers.last().unwrap().1 == aggregate_type.as_bytes())
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(ids, wanted, "the {aggregate_type} exchange's messages");
+    }
+    let outcomes = sink.publish(vec![with_type("my order", 3).1]).await;
+    let DeliveryOutcome::Failed(err) = &outcomes[0] else {
+        panic!("{outcomes:?}")
+    };
+    assert_eq!(err.kind, ErrorKind::Permanent);
+    assert!(
+        err.reason.contains("not a valid AMQP exchange name"),
+        "{}",
+        err.reason
+    );
+    for (aggregate_type, _, channel, queue) in &queues {
+        let _ = channel
+            .queue_delete(queue, QueueDeleteOptions::default())
+            .await;
+        let _ = channel
+            .exchange_delete(&format!("{prefix}.{aggregate_type}"), Default::default())
+            .await;
+    }
+}

@@ -1208,6 +1208,7 @@ mod tests {
                 ("[sink]\ntype = \"kafka\"\nbrokers = \"x\"\n", "its settings are kafka_brokers, [kafka] and [topics]"),
                 ("[sink]\ntype = \"nats\"\n", "sink.url is not set; the nats sink needs it"),
                 ("[sink]\ntype = \"rabbitmq\"\n", "sink.address is not set"),
+                ("[sink]\ntype = \"rabbitmq\"\naddress = \"h:5672\"\nexchange = \"my {aggregatetype}\"\n", "not a valid AMQP exchange name"),
                 ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\n[topics]\ntemplate = \"x\"\n", "[topics] is set but sink.type = \"nats\""),
                 ("[sink]\ntype = \"webhook\"\nurl = \"https://h/x\"\n[kafka]\nlinger = \"1ms\"\n", "[kafka] is set but sink.type = \"webhook\""),
                 ("[sink]\ntype = \"webhook\"\nurl = \"ftp://h/x\"\n", "is not an http:// or https:// URL"),

@@ -98,7 +98,7 @@ pub struct RabbitMqSection {
     pub password: Option<PropertyValue>,
     pub vhost: String,
     /// The exchange messages are published to (a durable topic exchange when the relay
-    /// declares it).
+    /// declares it); `{aggregatetype}` is replaced by the event's aggregate type.
     pub exchange: String,
     /// Declare the exchange at start if it is missing.
     pub declare_exchange: bool,
@@ -282,6 +282,11 @@ pub(crate) fn resolve(
                 ("confirm_timeout", rabbitmq.confirm_timeout),
             ])?;
             check_template("routing_key", &rabbitmq.routing_key)?;
+            check_template("exchange", &rabbitmq.exchange)?;
+            outbox_rabbitmq::check_exchange_name(
+                &rabbitmq.exchange.replace("{aggregatetype}", "x"),
+            )
+            .map_err(|why| config(format!("sink.exchange {:?} {why}", rabbitmq.exchange)))?;
             let password = match rabbitmq.password {
                 Some(password) => password.resolve("sink.password")?,
                 None => String::new(),
