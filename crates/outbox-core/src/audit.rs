@@ -40,6 +40,39 @@ pub struct AuditRow {
     pub retried_dead_letter: bool,
 }
 
+/// What a sink's reader got back from one stream (a JetStream stream, a RabbitMQ audit
+/// stream): the audit's input for brokers with one ordered log per stream.
+#[derive(Debug)]
+pub struct StreamRead {
+    /// The stream's name.
+    pub stream: String,
+    /// False when the broker has no such stream: all its rows are unseen.
+    pub exists: bool,
+    /// Messages read, whether or not their id was wanted.
+    pub messages: u64,
+    /// Messages without a readable event id.
+    pub without_id: u64,
+    /// The stream no longer starts at its first message: its limits (or a purge)
+    /// removed the oldest ones, so older rows may be missing for that reason.
+    pub trimmed: bool,
+    /// The wanted messages, in stream order.
+    pub observed: Vec<ObservedMessage>,
+}
+
+impl StreamRead {
+    /// Nothing read yet from `stream`.
+    pub fn empty(stream: &str) -> StreamRead {
+        StreamRead {
+            stream: stream.to_string(),
+            exists: false,
+            messages: 0,
+            without_id: 0,
+            trimmed: false,
+            observed: Vec::new(),
+        }
+    }
+}
+
 /// One message read back from a topic. Only its identity and position matter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObservedMessage {

@@ -23,7 +23,8 @@ mod table;
 
 pub use audit::{
     audit_report, audit_topics, AuditPolicy, AuditReport, AuditRow, DuplicateExample, LostEvent,
-    LostReason, ObservedMessage, OrderViolation, Position, LISTED_EXAMPLES, LISTED_LOST,
+    LostReason, ObservedMessage, OrderViolation, Position, StreamRead, LISTED_EXAMPLES,
+    LISTED_LOST,
 };
 pub use event::{Event, Payload, PayloadError, StoredEvent};
 pub use outcome::{plan_batch, Action, RetryPolicy};

@@ -24,7 +24,7 @@ use outbox_core::{
 use tracing::{info, warn};
 
 pub use settings::{NatsSettings, StreamSettings};
-pub use stream_reader::{read_stream, streams_of, ReadError, StreamRead};
+pub use stream_reader::{read_stream, streams_of, ReadError};
 
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +54,7 @@ impl NatsSink {
             url: settings.shown_url(),
             detail,
         };
-        let client = tokio::time::timeout(
-            settings.connect_timeout,
-            async_nats::ConnectOptions::new()
-                .connection_timeout(settings.connect_timeout)
-                .connect(settings.url.as_str()),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no answer within {:?}", settings.connect_timeout)))?
-        .map_err(|err| unreachable(err.to_string()))?;
+        let client = settings.client().await.map_err(unreachable)?;
         let mut jetstream = jetstream::new(client.clone());
         jetstream.set_timeout(settings.ack_timeout);
         let sink = NatsSink {

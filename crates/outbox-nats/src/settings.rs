@@ -19,6 +19,19 @@ pub struct NatsSettings {
 }
 
 impl NatsSettings {
+    /// A client connected to `url`, within `connect_timeout`; the error says why not.
+    pub(crate) async fn client(&self) -> Result<async_nats::Client, String> {
+        tokio::time::timeout(
+            self.connect_timeout,
+            async_nats::ConnectOptions::new()
+                .connection_timeout(self.connect_timeout)
+                .connect(self.url.as_str()),
+        )
+        .await
+        .map_err(|_| format!("no answer within {:?}", self.connect_timeout))?
+        .map_err(|err| err.to_string())
+    }
+
     /// The URL fit for messages: a user and password (or token) in it replaced by `***`.
     pub fn shown_url(&self) -> String {
         match (self.url.find("://"), self.url.rfind('@')) {

@@ -5,26 +5,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use outbox_core::ObservedMessage;
+use outbox_core::{ObservedMessage, StreamRead};
 use uuid::Uuid;
 
 use crate::NatsSettings;
-
-/// What was read from the stream.
-#[derive(Debug)]
-pub struct StreamRead {
-    pub stream: String,
-    /// False when the server has no such stream: all its rows are unseen.
-    pub exists: bool,
-    /// Messages read, whether or not their id was wanted.
-    pub messages: u64,
-    /// Messages without a readable `id` header.
-    pub without_id: u64,
-    /// The stream no longer starts at sequence 1: its limits (or a purge) removed its
-    /// oldest messages, so older rows may be missing for that reason.
-    pub trimmed: bool,
-    pub observed: Vec<ObservedMessage>,
-}
 
 /// Why the stream could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -52,30 +36,8 @@ where
         stream: stream.to_string(),
         detail,
     };
-    let client = tokio::time::timeout(
-        settings.connect_timeout,
-        async_nats::ConnectOptions::new()
-            .connection_timeout(settings.connect_timeout)
-            .connect(settings.url.as_str()),
-    )
-    .await
-    .map_err(|_| ReadError::Connect {
-        url: settings.shown_url(),
-        detail: format!("no answer within {:?}", settings.connect_timeout),
-    })?
-    .map_err(|err| ReadError::Connect {
-        url: settings.shown_url(),
-        detail: err.to_string(),
-    })?;
-    let jetstream = jetstream::new(client);
-    let mut read = StreamRead {
-        stream: stream.to_string(),
-        exists: false,
-        messages: 0,
-        without_id: 0,
-        trimmed: false,
-        observed: Vec::new(),
-    };
+    let jetstream = jetstream::new(connect(settings).await?);
+    let mut read = StreamRead::empty(stream);
     let mut handle = match jetstream.get_stream(stream).await {
         Ok(handle) => handle,
         Err(err) if err.to_string().contains("not found") => return Ok(read),
@@ -156,15 +118,7 @@ pub async fn streams_of(
     settings: &NatsSettings,
     subjects: &[String],
 ) -> Result<std::collections::BTreeSet<String>, ReadError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(settings.connect_timeout)
-        .connect(settings.url.as_str())
-        .await
-        .map_err(|err| ReadError::Connect {
-            url: settings.shown_url(),
-            detail: err.to_string(),
-        })?;
-    let jetstream = jetstream::new(client);
+    let jetstream = jetstream::new(connect(settings).await?);
     let mut streams = std::collections::BTreeSet::new();
     for subject in subjects {
         // A subject no stream captures has nothing to read: its rows count as unseen.
@@ -173,4 +127,14 @@ pub async fn streams_of(
         }
     }
     Ok(streams)
+}
+
+async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, ReadError> {
+    settings
+        .client()
+        .await
+        .map_err(|detail| ReadError::Connect {
+            url: settings.shown_url(),
+            detail,
+        })
 }

@@ -7,27 +7,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties};
-use outbox_core::ObservedMessage;
+use lapin::Channel;
+use outbox_core::{ObservedMessage, StreamRead};
 use uuid::Uuid;
 
 use crate::RabbitMqSettings;
-
-/// What was read from the audit stream.
-#[derive(Debug)]
-pub struct StreamRead {
-    pub stream: String,
-    /// False when the broker has no such queue: all its rows are unseen.
-    pub exists: bool,
-    /// Messages read, whether or not their id was wanted.
-    pub messages: u64,
-    /// Messages without a readable `message_id`.
-    pub without_id: u64,
-    /// The stream no longer starts at offset 0: its retention removed its oldest
-    /// messages, so older rows may be missing for that reason.
-    pub trimmed: bool,
-    pub observed: Vec<ObservedMessage>,
-}
 
 /// Why the audit stream could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -72,15 +56,14 @@ where
         stream: stream.to_string(),
         detail,
     };
-    let (_connection, channel) = connect(settings).await?;
-    let mut read = StreamRead {
-        stream: stream.to_string(),
-        exists: false,
-        messages: 0,
-        without_id: 0,
-        trimmed: false,
-        observed: Vec::new(),
-    };
+    let (_connection, channel) =
+        crate::connect(settings)
+            .await
+            .map_err(|detail| ReadError::Connect {
+                address: settings.address.clone(),
+                detail,
+            })?;
+    let mut read = StreamRead::empty(stream);
     let declared = channel
         .queue_declare(
             stream,
@@ -217,23 +200,4 @@ fn stream_offset(headers: &FieldTable) -> Option<i64> {
         Some(AMQPValue::LongInt(offset)) => Some(i64::from(*offset)),
         _ => None,
     }
-}
-
-async fn connect(settings: &RabbitMqSettings) -> Result<(Connection, Channel), ReadError> {
-    let unreachable = |detail: String| ReadError::Connect {
-        address: settings.address.clone(),
-        detail,
-    };
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
-    let connect = async {
-        let connection = Connection::connect(&settings.uri(), properties).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    tokio::time::timeout(settings.connect_timeout, connect)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {:?}", settings.connect_timeout)))?
-        .map_err(|err| unreachable(err.to_string()))
 }

@@ -28,7 +28,7 @@ use outbox_core::{
 use tokio::sync::Mutex;
 use tracing::warn;
 
-pub use audit_stream::{read_audit_stream, ReadError, StreamRead};
+pub use audit_stream::{read_audit_stream, ReadError};
 pub use settings::RabbitMqSettings;
 
 /// Why the sink could not start.
@@ -285,21 +285,28 @@ async fn open(settings: &RabbitMqSettings) -> Result<(Connection, Channel), Conn
         address: settings.address.clone(),
         detail,
     };
+    let (connection, channel) = connect(settings).await.map_err(unreachable)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|err| unreachable(err.to_string()))?;
+    Ok((connection, channel))
+}
+
+/// A connection and a channel, within `connect_timeout`; the error says why not.
+async fn connect(settings: &RabbitMqSettings) -> Result<(Connection, Channel), String> {
     let properties = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio);
     let connect = async {
         let connection = Connection::connect(&settings.uri(), properties).await?;
         let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         Ok::<_, lapin::Error>((connection, channel))
     };
     tokio::time::timeout(settings.connect_timeout, connect)
         .await
-        .map_err(|_| unreachable(format!("no answer within {:?}", settings.connect_timeout)))?
-        .map_err(|err| unreachable(err.to_string()))
+        .map_err(|_| format!("no answer within {:?}", settings.connect_timeout))?
+        .map_err(|err| err.to_string())
 }
 
 /// Persistent, `message_id` = the event id, the event's headers as AMQP headers

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use outbox_core::{AuditRow, ObservedMessage, Router};
+use outbox_core::{AuditRow, ObservedMessage, Router, StreamRead};
 use uuid::Uuid;
 
 use crate::sinks::SinkSettings;
@@ -34,6 +34,22 @@ pub struct ReadBack {
     pub places: Vec<PlaceRead>,
     /// The messages whose id is one of the audited rows'.
     pub messages: Vec<ObservedMessage>,
+}
+
+impl ReadBack {
+    /// Adds what was read from one stream (JetStream, RabbitMQ's audit stream).
+    fn add_stream(&mut self, read: StreamRead) {
+        self.places.push(PlaceRead {
+            kind: "stream",
+            name: read.stream,
+            exists: read.exists,
+            partitions: 1,
+            messages: read.messages,
+            without_id: read.without_id,
+            trimmed: read.trimmed,
+        });
+        self.messages.extend(read.observed);
+    }
 }
 
 /// Reads the destinations of `rows` back from `sink`.
@@ -87,16 +103,7 @@ pub async fn read_back(
                 let read = outbox_nats::read_stream(nats, &stream, |id| ids.contains(id))
                     .await
                     .map_err(nats_error)?;
-                read_back.places.push(PlaceRead {
-                    kind: "stream",
-                    name: read.stream,
-                    exists: read.exists,
-                    partitions: 1,
-                    messages: read.messages,
-                    without_id: read.without_id,
-                    trimmed: read.trimmed,
-                });
-                read_back.messages.extend(read.observed);
+                read_back.add_stream(read);
             }
             Ok(read_back)
         }
@@ -114,18 +121,12 @@ pub async fn read_back(
                     }
                     other => RelayError::ReadBack(Box::new(other)),
                 })?;
-            Ok(ReadBack {
-                places: vec![PlaceRead {
-                    kind: "stream",
-                    name: read.stream,
-                    exists: read.exists,
-                    partitions: 1,
-                    messages: read.messages,
-                    without_id: read.without_id,
-                    trimmed: read.trimmed,
-                }],
-                messages: read.observed,
-            })
+            let mut read_back = ReadBack {
+                places: Vec::new(),
+                messages: Vec::new(),
+            };
+            read_back.add_stream(read);
+            Ok(read_back)
         }
         SinkSettings::Webhook(_) => Err(RelayError::Config(
             "outbox verify cannot read the webhook sink back: a webhook leaves nothing to read; audit on the receivers' side (their inbox) instead".into(),
