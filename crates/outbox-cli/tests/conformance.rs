@@ -27,7 +27,8 @@ macro_rules! conformance {
                 plain_sql_writers_are_published_the_same_way,
                 late_committing_transaction_is_not_skipped,
                 per_aggregate_order_holds_with_concurrent_writers,
-                poison_event_is_dead_lettered_and_others_flow,
+                poison_event_is_dead_lettered_and_skip_lets_its_aggregate_go_on,
+                poison_event_parks_its_aggregate_until_skipped,
                 illegal_destination_is_dead_lettered_without_blocking,
                 dead_letters_are_listed_and_retried_from_the_command_line,
             );
@@ -55,11 +56,32 @@ macro_rules! cases {
     };
 }
 
+/// Cases that need a failure the sink recovers from by itself: the test's webhook
+/// receiver answers 500 to a flaky event's first requests.
+macro_rules! recovering_sink {
+    ($sink:ident, $kind:expr) => {
+        mod $sink {
+            use super::*;
+            cases!(
+                $kind;
+                failing_event_parks_its_aggregate_while_others_flow,
+                retried_dead_letter_goes_before_its_parked_aggregate,
+            );
+        }
+    };
+}
+
 conformance!(kafka, SinkKind::Kafka);
 conformance!(nats, SinkKind::Nats);
 conformance!(rabbitmq, SinkKind::RabbitMq);
 conformance!(webhook, SinkKind::Webhook);
 conformance!(webhook_batches, SinkKind::WebhookBatches);
+
+mod recovering {
+    use super::*;
+    recovering_sink!(webhook, SinkKind::Webhook);
+    recovering_sink!(webhook_batches, SinkKind::WebhookBatches);
+}
 
 /// A database for `mode`, a sink of `kind` and a relay between them.
 async fn start(mode: Mode, kind: SinkKind, extra_toml: &str) -> (TestDb, TestSink, InProcessRelay) {
@@ -135,14 +157,23 @@ async fn dead_letters_are_listed_and_retried_from_the_command_line(mode: Mode, k
 /// The event of `poison`, in aggregate `aggregate_id`.
 fn poison_event(poison: &Poison, aggregate_id: &str) -> Event {
     let payload: serde_json::Value = serde_json::from_str(&poison.payload).unwrap();
-    Event::new(&poison.aggregate_type, aggregate_id, "Poison", payload)
+    let mut event = Event::new(&poison.aggregate_type, aggregate_id, "Poison", payload);
+    for (name, value) in &poison.headers {
+        event = event.with_header(name, value);
+    }
+    event
 }
 
-/// An event the sink refuses for good (for Kafka and NATS a payload larger than the
-/// broker takes) is dead-lettered with its reason at once; other aggregates, and the
-/// poison's own later events, keep flowing.
-async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode, kind: SinkKind) {
-    let (db, sink, relay) = start(mode, kind, "").await;
+const SKIP_DEAD_LETTERS: &str = "[delivery]\non_dead_letter = \"skip\"\n";
+
+/// With `on_dead_letter = "skip"`: an event the sink refuses for good (for Kafka and
+/// NATS a payload larger than the broker takes) is dead-lettered with its reason at
+/// once; other aggregates, and the poison's own later events, keep flowing.
+async fn poison_event_is_dead_lettered_and_skip_lets_its_aggregate_go_on(
+    mode: Mode,
+    kind: SinkKind,
+) {
+    let (db, sink, relay) = start(mode, kind, SKIP_DEAD_LETTERS).await;
     let poison = sink.poison();
     let bad = poison_event(&poison, "poison");
     let mut events = vec![
@@ -173,6 +204,221 @@ async fn poison_event_is_dead_lettered_and_others_flow(mode: Mode, kind: SinkKin
     );
     assert_eq!(attempts, 1, "dead-lettered at the first attempt");
     assert!(error.contains(poison.reason), "reason recorded: {error}");
+    finish(db, sink).await;
+}
+
+/// By default a dead letter parks its aggregate: the aggregate's later events, in the
+/// poison's batch and written after it, wait in the table while every other aggregate
+/// flows; `outbox dead-letters skip` lets them go, in their order.
+async fn poison_event_parks_its_aggregate_until_skipped(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(mode, kind, "").await;
+    let poison = sink.poison();
+    let parked_type = poison.aggregate_type.as_str();
+    let before = event(parked_type, "parked", 0);
+    db.write(std::slice::from_ref(&before)).await;
+    sink.read_ids(&[parked_type], &[before.id], WAIT).await;
+
+    let bad = poison_event(&poison, "parked");
+    let behind_in_batch = event(parked_type, "parked", 2);
+    let mut events = vec![bad.clone(), behind_in_batch.clone()];
+    let others: Vec<Event> = (0..100)
+        .map(|n| event("order", &format!("other-{}", n % 10), n))
+        .collect();
+    events.extend(others.iter().cloned());
+    db.write(&events).await;
+    let other_ids: Vec<Uuid> = others.iter().map(|e| e.id).collect();
+    sink.read_ids(&["order"], &other_ids, WAIT).await;
+    let (_, error) = dead_letter(&db, bad.id).await;
+    assert!(error.contains(poison.reason), "reason recorded: {error}");
+
+    // Written after the dead letter: parked too, while a later aggregate still flows.
+    let behind_later = event(parked_type, "parked", 3);
+    let after = event("order", "after", 0);
+    db.write(&[behind_later.clone(), after.clone()]).await;
+    let mut parked = vec![behind_in_batch.id, behind_later.id];
+    if mode == Mode::Cdc {
+        // A row its writer deleted at once: the stream still carries it, and the relay
+        // keeps it waiting in the table, inserted again.
+        let deleted = event(parked_type, "parked", 4);
+        db.write_and_delete(&deleted).await;
+        parked.push(deleted.id);
+    }
+    let last = event("order", "after", 1);
+    db.write(std::slice::from_ref(&last)).await;
+    sink.read_ids(&["order"], &[after.id, last.id], WAIT).await;
+    // A moment more for anything that would overtake: the broker must not have them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = sink
+        .read_ids_or_partial(&[parked_type], &parked, Duration::from_millis(500))
+        .await;
+    assert!(
+        received.iter().all(|r| !parked.contains(&r.id())),
+        "an event of the parked aggregate went past its dead letter"
+    );
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE id = ANY($1)
+           AND published_at IS NULL AND dead_lettered_at IS NULL AND attempts = 0",
+    )
+    .bind(&parked[..])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        waiting,
+        parked.len() as i64,
+        "the parked events wait in the table, no attempt used"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&cli(&db, &["dead-letters", "list", "--json"])).unwrap();
+    assert!(list[0]["skipped_at"].is_null(), "{list}");
+
+    let skipped = cli(&db, &["dead-letters", "skip", &bad.id.to_string()]);
+    assert!(skipped.contains("skipped 1"), "{skipped}");
+    let received = sink.read_ids(&[parked_type], &parked, WAIT).await;
+    relay.stop().await;
+    let order: Vec<Uuid> = received
+        .iter()
+        .map(|r| r.id())
+        .filter(|id| parked.contains(id))
+        .collect();
+    assert_eq!(order, parked, "the parked events went on in their order");
+    assert!(
+        !received.iter().any(|r| r.id() == bad.id),
+        "the poison never reached the broker"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&cli(&db, &["dead-letters", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["id"], bad.id.to_string());
+    assert!(list[0]["skipped_at"].is_string(), "{list}");
+    finish(db, sink).await;
+}
+
+/// An event whose delivery fails (the receiver answers 500, then recovers) parks its
+/// aggregate in both modes: its later events wait behind it, while events of other
+/// aggregates written after the failure go out at once (CDC does not hold its stream
+/// for it). Once it is delivered, its aggregate follows in order.
+async fn failing_event_parks_its_aggregate_while_others_flow(mode: Mode, kind: SinkKind) {
+    let (db, sink, relay) = start(
+        mode,
+        kind,
+        "[delivery]\ninitial_backoff = \"2s\"\nmax_backoff = \"2s\"\n",
+    )
+    .await;
+    let flaky = flaky_event("1");
+    let behind = event("flaky", "1", 1);
+    db.write(&[flaky.clone(), behind.clone()]).await;
+    // The first answer was a 500: the event waits for its retry.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if sink.flaky_failures_answered() > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flaky event was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let others: Vec<Event> = (0..20)
+        .map(|n| event("order", &format!("other-{n}"), n))
+        .collect();
+    db.write(&others).await;
+    let other_ids: Vec<Uuid> = others.iter().map(|e| e.id).collect();
+    sink.read_ids(&["order"], &other_ids, WAIT).await;
+    let flaky_arrived = sink
+        .read_ids_or_partial(&["flaky"], &[flaky.id], Duration::from_millis(100))
+        .await
+        .iter()
+        .any(|r| r.id() == flaky.id);
+    assert!(
+        !flaky_arrived,
+        "the others went out only once the failing event was delivered: its failure held them"
+    );
+    let received = sink
+        .read_ids(&["flaky"], &[flaky.id, behind.id], WAIT)
+        .await;
+    relay.stop().await;
+    let order: Vec<Uuid> = received
+        .iter()
+        .map(|r| r.id())
+        .filter(|id| [flaky.id, behind.id].contains(id))
+        .collect();
+    assert_eq!(
+        order,
+        vec![flaky.id, behind.id],
+        "the aggregate kept its order"
+    );
+    let (attempts, dead): (i32, bool) =
+        sqlx::query_as("SELECT attempts, dead_lettered_at IS NOT NULL FROM outbox WHERE id = $1")
+            .bind(flaky.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!dead);
+    assert!(
+        attempts >= 1,
+        "its failed attempts were counted: {attempts}"
+    );
+    finish(db, sink).await;
+}
+
+/// The event of a flaky aggregate: the receiver refuses its first requests with 500.
+fn flaky_event(aggregate_id: &str) -> Event {
+    Event::new(
+        "flaky",
+        aggregate_id,
+        "Tested",
+        serde_json::Value::Object(
+            [(outbox_test_kit::WEBHOOK_FLAKY.to_string(), true.into())]
+                .into_iter()
+                .collect(),
+        ),
+    )
+}
+
+/// A dead letter retried from the command line goes out first, then its aggregate's
+/// parked events, in their order: the aggregate's order holds across the dead letter.
+async fn retried_dead_letter_goes_before_its_parked_aggregate(mode: Mode, kind: SinkKind) {
+    // Two attempts, both refused: a dead letter. Its retry is refused once more (the
+    // receiver's third 500), then delivered.
+    let (db, sink, relay) = start(
+        mode,
+        kind,
+        "[delivery]\nmax_attempts = 2\ninitial_backoff = \"100ms\"\nmax_backoff = \"100ms\"\n",
+    )
+    .await;
+    let flaky = flaky_event("1");
+    let behind_in_batch = event("flaky", "1", 1);
+    db.write(&[flaky.clone(), behind_in_batch.clone()]).await;
+    let (attempts, error) = dead_letter(&db, flaky.id).await;
+    assert_eq!(attempts, 2, "{error}");
+    let behind_later = event("flaky", "1", 2);
+    let other = event("order", "1", 0);
+    db.write(&[behind_later.clone(), other.clone()]).await;
+    sink.read_ids(&["order"], &[other.id], WAIT).await;
+    let aggregate = [flaky.id, behind_in_batch.id, behind_later.id];
+    let early = sink
+        .read_ids_or_partial(&["flaky"], &aggregate, Duration::from_millis(500))
+        .await;
+    assert!(
+        early.iter().all(|r| !aggregate.contains(&r.id())),
+        "an event of the parked aggregate went out before its dead letter was retried"
+    );
+
+    let retried = cli(&db, &["dead-letters", "retry", &flaky.id.to_string()]);
+    assert!(retried.contains("queued 1"), "{retried}");
+    let received = sink.read_ids(&["flaky"], &aggregate, WAIT).await;
+    relay.stop().await;
+    let order: Vec<Uuid> = received
+        .iter()
+        .map(|r| r.id())
+        .filter(|id| aggregate.contains(id))
+        .collect();
+    assert_eq!(order, aggregate, "the retried dead letter went first");
+    assert_eq!(
+        sink.flaky_failures_answered(),
+        outbox_test_kit::FLAKY_FAILURES
+    );
     finish(db, sink).await;
 }
 

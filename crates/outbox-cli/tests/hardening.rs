@@ -46,10 +46,12 @@ async fn insert_raw(
 }
 
 /// jsonb accepts numbers and nesting that serde_json refuses. Such a row is dead-lettered
-/// with the reason; the rows after it, of other aggregates and of its own, keep flowing.
+/// with the reason; the rows after it, of other aggregates and (with `on_dead_letter =
+/// "skip"`) of its own, keep flowing.
 async fn headers_serde_cannot_read_dead_letter_only_their_row(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let relay =
+        InProcessRelay::start(db.relay_config_for(mode, "[delivery]\non_dead_letter = \"skip\"\n"));
     let table = TableRef::default();
     let huge = insert_raw(&db.pool, &table, "a", Some(r#"{"n": 1e400}"#)).await;
     let deep = format!("{{\"d\": {}1{}}}", "[".repeat(200), "]".repeat(200));
@@ -413,12 +415,14 @@ async fn cdc_relay_without_insert_is_refused_at_start() {
     drop_role(&role).await;
 }
 
-/// `outbox dead-letters retry` publishes the event after later events of its aggregate.
-/// That is visible: the message carries `outbox.retried-dead-letter`, and `outbox
-/// verify` counts it (and passes: it is the operator's choice, not a lost order).
+/// With `on_dead_letter = "skip"`, `outbox dead-letters retry` publishes the event after
+/// later events of its aggregate. That is visible: the message carries
+/// `outbox.retried-dead-letter`, and `outbox verify` counts it (and passes: it is the
+/// operator's choice, not a lost order).
 async fn a_retried_dead_letter_is_marked_and_counted_by_verify(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
-    let relay = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let relay =
+        InProcessRelay::start(db.relay_config_for(mode, "[delivery]\non_dead_letter = \"skip\"\n"));
     let table = TableRef::default();
     let broken = insert_raw(&db.pool, &table, "9", Some(r#"{"n": 1e400}"#)).await;
     let later = insert_raw(&db.pool, &table, "9", None).await;

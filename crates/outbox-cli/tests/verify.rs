@@ -361,6 +361,50 @@ async fn young_unpublished_row_is_pending_until_the_grace_runs_out() {
     db.drop_db().await;
 }
 
+/// CDC: an event its aggregate's dead letter parks waits in the table; the audit counts it
+/// pending however old (with `--grace 0s`), not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_is_pending_not_lost_in_cdc_mode() {
+    let db = TestDb::for_mode(Mode::Cdc).await;
+    let relay = InProcessRelay::start(db.relay_config_for(Mode::Cdc, ""));
+    let poison = outbox::Event::new(
+        "order",
+        "p",
+        "Tested",
+        serde_json::json!({ "blob": "x".repeat(1_500_000) }),
+    );
+    let parked = event("order", "p", 1);
+    let other = event("order", "q", 0);
+    db.write(&[poison.clone(), parked.clone(), other.clone()])
+        .await;
+    consume_ids(vec![db.topic("order")], &[other.id], WAIT).await;
+    dead_letter(&db, poison.id).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, bool>("SELECT next_attempt_at IS NULL FROM outbox WHERE id = $1")
+        .bind(parked.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the parked event never waited in the table"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+
+    let verified = verify(&db, &["--json", "--mode", "cdc", "--grace", "0s"], &[]).await;
+    verified.expect_code(0);
+    let report = verified.json();
+    assert_eq!(count(&report, "committed"), 3, "{report:#}");
+    assert_eq!(count(&report, "published"), 1);
+    assert_eq!(count(&report, "dead_lettered"), 1);
+    assert_eq!(count(&report, "pending"), 1);
+    assert_eq!(count(&report, "lost"), 0);
+    db.drop_db().await;
+}
+
 /// Without --json: a summary line with every count and a verdict line; a lost event is
 /// named with its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

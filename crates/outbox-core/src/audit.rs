@@ -35,9 +35,14 @@ pub struct AuditRow {
     pub dead_lettered: bool,
     /// How long ago it was written (`created_at`), as the database saw it.
     pub age: Duration,
-    /// Queued again by `outbox dead-letters retry` (`dead_letter_retried_at` is set): a
-    /// new `seq`, so it is published after later events of its aggregate.
+    /// Queued again by `outbox dead-letters retry` (`dead_letter_retried_at` is set): it
+    /// went out when the operator said so, after its aggregate's later events unless
+    /// they were parked behind it.
     pub retried_dead_letter: bool,
+    /// Kept waiting in the table by the relay (`next_attempt_at` set, neither published
+    /// nor dead-lettered): an event of a parked aggregate, or one waiting for a retry.
+    /// Pending, however old: in CDC mode too, where age alone would call it lost.
+    pub waiting: bool,
 }
 
 /// What a sink's reader got back from one stream (a JetStream stream, a RabbitMQ audit
@@ -281,7 +286,7 @@ pub fn audit_report(
             }
             let reason = if row.marked_published {
                 Some(LostReason::MarkedPublished)
-            } else if !policy.rows_are_marked && row.age >= policy.grace {
+            } else if !policy.rows_are_marked && row.age >= policy.grace && !row.waiting {
                 Some(LostReason::OlderThanGrace)
             } else {
                 None
@@ -317,6 +322,12 @@ pub fn audit_report(
                     copies: copies[i],
                 });
             }
+        }
+        // A retried dead letter keeps its `seq` but went out when an operator said so,
+        // after its aggregate's later events unless they were parked: counted above,
+        // never an order violation (its message carries `outbox.retried-dead-letter`).
+        if row.retried_dead_letter {
+            continue;
         }
         let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
         match latest.get(&aggregate) {
@@ -368,6 +379,7 @@ mod tests {
             marked_published: true,
             dead_lettered: false,
             age: Duration::from_secs(60),
+            waiting: false,
             retried_dead_letter: false,
         }
     }
@@ -487,6 +499,18 @@ mod tests {
     }
 
     #[test]
+    fn rows_waiting_in_the_table_are_pending_not_lost() {
+        let mut parked = row(2, "a");
+        parked.marked_published = false;
+        parked.waiting = true;
+        let rows = [row(1, "a"), parked];
+        let messages = [on_topic(&rows[0], 0, 0)];
+        let report = report(&rows, &messages, &CDC);
+        assert_eq!((report.lost, report.pending), (0, 1), "{report:?}");
+        assert!(report.passed());
+    }
+
+    #[test]
     fn retried_dead_letters_are_counted() {
         let mut retried = row(5, "a");
         retried.retried_dead_letter = true;
@@ -495,6 +519,28 @@ mod tests {
         let report = report(&rows, &messages, &POLLING);
         assert_eq!((report.published, report.retried_dead_letters), (2, 1));
         assert!(report.passed());
+
+        // Skipped, then retried: it keeps its place in the table (`seq` 1) but reached
+        // the topic after its aggregate's later events.
+        let mut retried = row(1, "a");
+        retried.retried_dead_letter = true;
+        let rows = [retried.clone(), row(2, "a"), row(3, "a")];
+        let messages = [
+            on_topic(&rows[1], 0, 0),
+            on_topic(&rows[2], 0, 1),
+            on_topic(&retried, 0, 2),
+        ];
+        let skipped = audit_report(&rows, &messages, &Router::default(), &POLLING);
+        assert_eq!(skipped.order_violations, 0, "{skipped:?}");
+        assert!(skipped.passed());
+        // The others are still checked among themselves.
+        let messages = [
+            on_topic(&rows[2], 0, 0),
+            on_topic(&rows[1], 0, 1),
+            on_topic(&retried, 0, 2),
+        ];
+        let reordered = audit_report(&rows, &messages, &Router::default(), &POLLING);
+        assert_eq!(reordered.order_violations, 1);
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use audit::{
     LISTED_LOST,
 };
 pub use event::{Event, Payload, PayloadError, StoredEvent};
-pub use outcome::{plan_batch, Action, RetryPolicy};
+pub use outcome::{plan_batch, Action, DeadLetterPolicy, RetryPolicy};
 pub use report::write_error_chain;
 pub use routing::{
     DestinationRule, Message, RouteError, Router, TopicTemplate, TopicTemplateError,

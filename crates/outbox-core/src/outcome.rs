@@ -36,6 +36,18 @@ impl RetryPolicy {
     }
 }
 
+/// What a dead letter does to the later events of its aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterPolicy {
+    /// They wait in the table until an operator retries the dead letter (it goes first,
+    /// so the aggregate's order holds) or skips it (`outbox dead-letters skip`).
+    #[default]
+    Park,
+    /// They go on without it; a retried dead letter arrives after them.
+    Skip,
+}
+
 /// What the relay records for one event after a delivery attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -70,54 +82,62 @@ pub enum Action {
 /// Turns the outcomes of one batch into actions. `events[i]` was delivered with
 /// `outcomes[i]`.
 ///
-/// Per-aggregate order: once an event of an aggregate is to be retried, every later
-/// event of that aggregate in the batch that did not reach the broker is retried after
-/// it (never dead-lettered or published ahead of it).
+/// Per-aggregate order: the first failed event of an aggregate is judged on its own
+/// outcome (retried, or dead-lettered); every later event of that aggregate in the batch
+/// that did not reach the broker waits behind it, keeping its attempt count: it may have
+/// failed only because of its elder (held back, or refused in the same request), so it
+/// is never dead-lettered for that. When it goes next is the source's business: after
+/// the elder's retry, or, behind a dead letter, as the [`DeadLetterPolicy`] says.
 pub fn plan_batch(
     policy: &RetryPolicy,
     events: &[StoredEvent],
     outcomes: &[DeliveryOutcome],
 ) -> Vec<Action> {
     assert_eq!(events.len(), outcomes.len(), "one outcome per event");
-    let mut held: HashSet<(&str, &str)> = HashSet::new();
+    let mut failed: HashSet<(&str, &str)> = HashSet::new();
     let mut actions = Vec::with_capacity(events.len());
     for (event, outcome) in events.iter().zip(outcomes) {
         let aggregate = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
         let attempts = event.attempts.saturating_add(1);
         let action = match outcome {
             DeliveryOutcome::Delivered => Action::Published { id: event.id },
+            // Behind an earlier failure: it waits for its elder, whose row decides when
+            // the aggregate goes on.
+            DeliveryOutcome::Failed(err) if failed.contains(&aggregate) => Action::Retry {
+                id: event.id,
+                attempts: event.attempts,
+                backoff: Duration::ZERO,
+                error: err.reason.clone(),
+            },
             DeliveryOutcome::Failed(err) => {
-                let exhausted = err.kind == ErrorKind::Retriable
-                    && attempts as i64 >= policy.max_attempts as i64;
-                let behind_a_retry = held.contains(&aggregate);
-                if err.kind == ErrorKind::Permanent && !behind_a_retry {
-                    Action::DeadLetter {
+                failed.insert(aggregate);
+                match err.kind {
+                    ErrorKind::Permanent => Action::DeadLetter {
                         id: event.id,
                         attempts,
                         error: err.reason.clone(),
+                    },
+                    ErrorKind::Retriable if attempts as i64 >= policy.max_attempts as i64 => {
+                        Action::DeadLetter {
+                            id: event.id,
+                            attempts,
+                            error: format!("gave up after {attempts} attempts: {}", err.reason),
+                        }
                     }
-                } else if exhausted && !behind_a_retry {
-                    Action::DeadLetter {
+                    ErrorKind::Retriable => Action::Retry {
                         id: event.id,
                         attempts,
-                        error: format!("gave up after {attempts} attempts: {}", err.reason),
-                    }
-                } else {
-                    held.insert(aggregate);
-                    // An event only held back by an earlier failure has not failed itself,
-                    // and an unreachable broker says nothing about the event: in both
-                    // cases its attempt count stays, so it is never dead-lettered for that.
-                    let attempts = if behind_a_retry || err.kind == ErrorKind::Unavailable {
-                        event.attempts
-                    } else {
-                        attempts
-                    };
-                    Action::Retry {
-                        id: event.id,
-                        attempts,
-                        backoff: policy.backoff(attempts.max(1) as u32),
+                        backoff: policy.backoff(attempts as u32),
                         error: err.reason.clone(),
-                    }
+                    },
+                    // An unreachable broker says nothing about the event: its attempt
+                    // count stays, so an outage never dead-letters it.
+                    ErrorKind::Unavailable => Action::Retry {
+                        id: event.id,
+                        attempts: event.attempts,
+                        backoff: policy.backoff(event.attempts.max(1) as u32),
+                        error: err.reason.clone(),
+                    },
                 }
             }
         };
@@ -183,21 +203,30 @@ mod tests {
 
     #[test]
     fn permanent_failure_is_dead_lettered_at_once_and_others_flow() {
-        let events = [event("a", 1, 0), event("b", 2, 0), event("a", 3, 0)];
+        let events = [
+            event("a", 1, 0),
+            event("b", 2, 0),
+            event("a", 3, 0),
+            event("a", 4, 2),
+        ];
         let actions = plan_batch(
             &RetryPolicy::default(),
             &events,
             &[
                 permanent(),
                 DeliveryOutcome::Delivered,
-                DeliveryOutcome::Delivered,
+                permanent(),
+                retriable(),
             ],
         );
         assert!(
             matches!(&actions[0], Action::DeadLetter { attempts: 1, error, .. } if error == "too large")
         );
         assert!(matches!(actions[1], Action::Published { .. }));
-        assert!(matches!(actions[2], Action::Published { .. }));
+        // Refused along with its elder (a webhook batch, a held-back message): it waits
+        // behind the dead letter with its attempt count, never dead-lettered for it.
+        assert!(matches!(actions[2], Action::Retry { attempts: 0, .. }));
+        assert!(matches!(actions[3], Action::Retry { attempts: 2, .. }));
     }
 
     #[test]

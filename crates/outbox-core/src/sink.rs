@@ -79,9 +79,10 @@ pub enum DeliveryOutcome {
 ///   durably; the relay then marks the row published and will not send it again.
 ///   Anything short of that must be reported as `Failed`.
 /// - Messages with the same topic and key reach the broker in the order given, across
-///   the sink's own retries. If one of them fails with a non-permanent error, no later
-///   message of that key in the same batch may be delivered ahead of it: the sink
-///   reports those as failed too rather than sending them out of order.
+///   the sink's own retries. Once one of them fails, for whatever reason, no later
+///   message of that key in the same batch may be delivered: the sink reports those as
+///   failed too (held back) rather than sending them ahead of a retry, or past a dead
+///   letter that parks its aggregate.
 /// - Delivery is at-least-once: a message may reach the broker and still be reported
 ///   failed (a lost acknowledgement). Consumers deduplicate by the `id` header.
 ///
@@ -115,8 +116,8 @@ type Lane<'a> = Vec<(usize, &'a Message)>;
 /// Publishes `messages` under the per-key order of the [`Sink`] contract, for brokers
 /// without partitions or keys: one aggregate's messages (same topic and key) one after
 /// another, each only after `publish_one` settled the previous one, and after a failure
-/// that is not permanent the rest of that aggregate held back with the same kind;
-/// different aggregates at once. Returns one outcome per message, in their order.
+/// the rest of that aggregate held back (with the failure's kind, or retriable behind a
+/// permanent one); different aggregates at once. Returns one outcome per message, in their order.
 pub async fn publish_per_aggregate<'a, F, Fut>(
     messages: &'a [Message],
     publish_one: F,
@@ -147,9 +148,10 @@ where
                 None => publish_one(message).await,
             };
             if let DeliveryOutcome::Failed(err) = &outcome {
-                if err.kind != ErrorKind::Permanent {
-                    held = Some(err.kind);
-                }
+                held.get_or_insert(match err.kind {
+                    ErrorKind::Permanent => ErrorKind::Retriable,
+                    kind => kind,
+                });
             }
             outcomes.push((index, outcome));
         }
@@ -180,9 +182,9 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_holds_its_aggregate_back_and_a_permanent_one_does_not() {
+    fn a_failure_holds_its_aggregate_back() {
         let messages = vec![
-            message("a", 0), // permanent: a goes on
+            message("a", 0), // permanent: a's later messages wait too
             message("b", 0), // unavailable: b's later messages wait
             message("a", 1),
             message("b", 1),
@@ -205,17 +207,19 @@ mod tests {
         assert!(
             matches!(&outcomes[1], DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable)
         );
-        assert_eq!(outcomes[2], DeliveryOutcome::Delivered);
+        assert!(
+            matches!(&outcomes[2], DeliveryOutcome::Failed(e) if e.reason.contains("held back")),
+            "a's second went past its dead letter: {outcomes:?}"
+        );
         let DeliveryOutcome::Failed(held) = &outcomes[3] else {
             panic!("b's second overtook its failed first: {outcomes:?}");
         };
         assert_eq!(held.kind, ErrorKind::Unavailable);
         assert!(held.reason.contains("held back"));
         assert_eq!(outcomes[4], DeliveryOutcome::Delivered);
-        // The held-back message never reached the broker.
-        assert!(!sent
-            .lock()
-            .unwrap()
-            .contains(&(b"b".to_vec(), Some(vec![1]))));
+        // The held-back messages never reached the broker.
+        let sent = sent.lock().unwrap();
+        assert!(!sent.contains(&(b"b".to_vec(), Some(vec![1]))));
+        assert!(!sent.contains(&(b"a".to_vec(), Some(vec![1]))));
     }
 }

@@ -481,7 +481,8 @@ impl KafkaSink {
         // Which messages the producer took (and so the transaction holds).
         let mut entered = vec![false; messages.len()];
         // Keys whose earlier message could not be enqueued: their later messages must
-        // not overtake it (the Sink contract), so they are not sent in this batch.
+        // not overtake it, nor pass it when it is a dead letter that parks its aggregate
+        // (the Sink contract), so they are not sent in this batch.
         let mut held: HashSet<(&str, &[u8])> = HashSet::new();
         for (index, message) in messages.iter().enumerate() {
             if let Some(error) = failed_topics.get(&message.topic) {
@@ -535,9 +536,7 @@ impl KafkaSink {
                     Err((err, _)) => {
                         self.forget_topic_if_missing(&err, &message.topic);
                         let error = delivery_error(&err);
-                        if error.kind != outbox_core::ErrorKind::Permanent {
-                            held.insert(key);
-                        }
+                        held.insert(key);
                         outcomes[index] = Some(DeliveryOutcome::Failed(error));
                         break;
                     }

@@ -30,6 +30,13 @@ pub enum CdcEvent {
     /// Someone updated an outbox row; outbox rows are immutable events, so the update is
     /// not published.
     RejectedUpdate { id: Option<Uuid> },
+    /// A row inserted to wait in the table (`next_attempt_at` set: a dead letter queued
+    /// again, or a row the relay keeps waiting): it is published from the table, and its
+    /// aggregate's later rows wait behind it.
+    Waiting {
+        aggregate_type: String,
+        aggregate_id: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +75,8 @@ impl CdcError {
                 detail: text,
             };
         }
+        // The replication client reports the server's error as text only; its SQLSTATE
+        // (55000, object not in prerequisite state) is read from there.
         if text.contains("SQLSTATE 55000") && text.contains("replication slot") {
             return CdcError::SlotLost {
                 slot: slot.to_string(),
@@ -267,12 +276,20 @@ impl CdcStream {
         if relation.schema != self.table.schema || relation.name != self.table.name {
             return Ok(None);
         }
+        let set = |name: &str| !matches!(column(relation, &values, name), None | Some(Value::Null));
         // Rows the relay itself keeps as dead letters are not events to publish.
-        if !matches!(
-            column(relation, &values, "dead_lettered_at"),
-            None | Some(Value::Null)
-        ) {
+        if set("dead_lettered_at") {
             return Ok(None);
+        }
+        // The relay's own bookkeeping of rows it publishes from the table.
+        if !is_insert && (set("next_attempt_at") || set("published_at")) {
+            return Ok(None);
+        }
+        if is_insert && set("next_attempt_at") {
+            return Ok(Some(CdcEvent::Waiting {
+                aggregate_type: text(relation, &values, "aggregatetype")?,
+                aggregate_id: text(relation, &values, "aggregateid")?,
+            }));
         }
         if !is_insert {
             let id = text(relation, &values, "id")

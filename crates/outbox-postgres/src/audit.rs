@@ -89,6 +89,8 @@ pub async fn read_audit_rows(
                 published_at IS NOT NULL AS marked_published,
                 dead_lettered_at IS NOT NULL AS dead_lettered,
                 dead_letter_retried_at IS NOT NULL AS retried,
+                (published_at IS NULL AND dead_lettered_at IS NULL
+                 AND next_attempt_at IS NOT NULL) AS waiting,
                 greatest(extract(epoch FROM now() - created_at), 0)::float8 AS age
          FROM {}
          WHERE ($1::timestamptz IS NULL OR created_at >= $1)
@@ -113,6 +115,7 @@ pub async fn read_audit_rows(
                 dead_lettered: row.try_get("dead_lettered")?,
                 age: Duration::from_secs_f64(row.try_get::<f64, _>("age")?),
                 retried_dead_letter: row.try_get("retried")?,
+                waiting: row.try_get("waiting")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()?;

@@ -30,8 +30,8 @@ pub use error::Error;
 pub use leader::{LeaderLock, LockHolder};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
 pub use store::{
-    check_cdc_privileges, header_entries, parse_headers, writer_deletes_since, DeadLetter,
-    OnPublish, OutboxStats, PollingStore, WrittenBy,
+    check_cdc_privileges, header_entries, parse_headers, writer_deletes_since, Aggregate,
+    DeadLetter, Fetch, OnPublish, OutboxStats, PollingStore, Waiting, WrittenBy,
 };
 pub use writer::{write, write_all, OutboxWriter};
 

@@ -7,7 +7,7 @@ use sqlx::{Acquire, PgConnection};
 use crate::Error;
 
 /// The schema version this build creates and expects.
-pub const LATEST_VERSION: i32 = 2;
+pub const LATEST_VERSION: i32 = 3;
 
 /// How the `payload` column stores the message value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,6 +133,25 @@ CREATE TRIGGER {writer_deletes_trigger} AFTER DELETE ON {t}
             writer_deletes = table.derived_qualified("writer_deletes"),
             writer_deletes_fn = table.derived_qualified("note_writer_delete"),
             writer_deletes_trigger = table.derived("writer_delete"),
+        )),
+        3 => Some(format!(
+            r#"
+-- Parking: a dead letter holds its aggregate's later events back until an operator
+-- retries it or skips it (`outbox dead-letters skip`), which sets this column.
+ALTER TABLE {t} ADD COLUMN dead_letter_skipped_at timestamptz;
+-- Dead letters from before parking existed had already let their aggregates move on.
+UPDATE {t} SET dead_letter_skipped_at = dead_lettered_at WHERE dead_lettered_at IS NOT NULL;
+-- The aggregates a dead letter parks, looked up on every fetch.
+CREATE INDEX {parking_idx} ON {t} (aggregatetype, aggregateid)
+    WHERE dead_lettered_at IS NOT NULL AND dead_letter_skipped_at IS NULL;
+-- CDC: rows waiting in the table (a parked aggregate's events, retried dead letters),
+-- published from here in `seq` order instead of from the replication stream.
+CREATE INDEX {waiting_idx} ON {t} (seq)
+    WHERE {pending} AND next_attempt_at IS NOT NULL;
+"#,
+            t = table.qualified(),
+            parking_idx = table.derived("parking_idx"),
+            waiting_idx = table.derived("waiting_idx"),
         )),
         _ => None,
     }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use outbox_core::{Action, StoredEvent, TableRef};
+use std::collections::HashSet;
+
+use outbox_core::{Action, DeadLetterPolicy, StoredEvent, TableRef};
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection, Row};
@@ -68,14 +70,55 @@ pub struct DeadLetter {
     pub created_at: DateTime<Utc>,
     /// When the relay dead-lettered it.
     pub dead_lettered_at: DateTime<Utc>,
+    /// When an operator skipped it (`outbox dead-letters skip`): its aggregate's later
+    /// events no longer wait for it.
+    pub skipped_at: Option<DateTime<Utc>>,
 }
+
+/// A row to keep waiting in the table (CDC): an event of a parked aggregate, or one
+/// whose delivery failed.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting<'a> {
+    /// The event, as read from the replication stream.
+    pub event: &'a StoredEvent,
+    /// The attempt count to record.
+    pub attempts: i32,
+    /// After a failed attempt: how long to wait before the next. `None` for an event
+    /// that only waits behind its aggregate's earlier ones.
+    pub backoff: Option<Duration>,
+    /// The delivery error, recorded as the row's last error.
+    pub error: Option<&'a str>,
+}
+
+/// What an event inserted again becomes.
+#[derive(Debug, Clone, Copy)]
+enum Reinserted {
+    DeadLetter,
+    /// Waiting in the table, due after `backoff`.
+    Waiting {
+        backoff: Duration,
+    },
+}
+
+/// An aggregate: its `aggregatetype` and `aggregateid`.
+pub type Aggregate = (String, String);
 
 /// The queries of the polling relay, prepared for one outbox table.
 #[derive(Debug, Clone)]
 pub struct PollingStore {
     table: TableRef,
     payload_type: PayloadType,
-    fetch_sql: String,
+    /// The fetch query, by [`Fetch`] and dead-letter policy (see [`fetch_sql`]).
+    fetch_sql: [String; 4],
+}
+
+/// Which rows a fetch takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// Every pending row (polling).
+    Pending,
+    /// Only rows waiting in the table (CDC: parked aggregates, retried dead letters).
+    Waiting,
 }
 
 const PENDING: &str = "published_at IS NULL AND dead_lettered_at IS NULL";
@@ -113,7 +156,12 @@ impl PollingStore {
             PayloadType::Jsonb
         };
         Ok(PollingStore {
-            fetch_sql: fetch_sql(&table, payload_type),
+            fetch_sql: [
+                fetch_sql(&table, payload_type, Fetch::Pending, DeadLetterPolicy::Park),
+                fetch_sql(&table, payload_type, Fetch::Pending, DeadLetterPolicy::Skip),
+                fetch_sql(&table, payload_type, Fetch::Waiting, DeadLetterPolicy::Park),
+                fetch_sql(&table, payload_type, Fetch::Waiting, DeadLetterPolicy::Skip),
+            ],
             payload_type,
             table,
         })
@@ -124,18 +172,29 @@ impl PollingStore {
         &self.table
     }
 
-    /// The next pending events, at most `limit`, in `seq` order.
+    /// The next events to publish, at most `limit`, in `seq` order: every pending row
+    /// ([`Fetch::Pending`], polling) or only those waiting in the table
+    /// ([`Fetch::Waiting`], CDC).
     ///
     /// Selects by state (unpublished), never by a high-water mark, so a transaction
-    /// that commits late with a low `seq` is still found. Skips every aggregate that has
-    /// an event waiting for a retry, so its later events cannot overtake it; the other
-    /// aggregates keep flowing.
-    pub async fn fetch_pending(
+    /// that commits late with a low `seq` is still found. Skips every parked aggregate:
+    /// one with an event waiting for a retry and, with [`DeadLetterPolicy::Park`], one
+    /// with a dead letter not yet retried or skipped. Its later events cannot overtake
+    /// it; the other aggregates keep flowing.
+    pub async fn fetch(
         &self,
         conn: &mut PgConnection,
+        which: Fetch,
+        on_dead_letter: DeadLetterPolicy,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql)))
+        let index = match (which, on_dead_letter) {
+            (Fetch::Pending, DeadLetterPolicy::Park) => 0,
+            (Fetch::Pending, DeadLetterPolicy::Skip) => 1,
+            (Fetch::Waiting, DeadLetterPolicy::Park) => 2,
+            (Fetch::Waiting, DeadLetterPolicy::Skip) => 3,
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql[index])))
             .bind(limit)
             .fetch_all(&mut *conn)
             .await?;
@@ -143,8 +202,9 @@ impl PollingStore {
     }
 
     /// CDC: the next rows after `after_seq` that a replication slot may not hold, in
-    /// `seq` order, at most `limit`: rows neither published nor dead-lettered, written by
-    /// the transactions that `written` selects. Run inside one REPEATABLE READ
+    /// `seq` order, at most `limit`: rows neither published nor dead-lettered nor
+    /// waiting in the table (those are published from there), written by the
+    /// transactions that `written` selects. Run inside one REPEATABLE READ
     /// transaction so that the pages come from one snapshot.
     pub async fn unpublished_page(
         &self,
@@ -178,6 +238,7 @@ impl PollingStore {
                     o.dead_letter_retried_at IS NOT NULL AS retried
              FROM {t} o
              WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL AND o.seq > $2
+               AND o.next_attempt_at IS NULL
                AND ($3::bigint IS NULL OR {filter})
              ORDER BY o.seq
              LIMIT $1"
@@ -292,35 +353,161 @@ impl PollingStore {
         if updated > 0 {
             return Ok(());
         }
+        self.insert_again(conn, event, attempts, Some(error), Reinserted::DeadLetter)
+            .await
+    }
+
+    /// Inserts an event read from the write-ahead log again, with its `seq` (its place
+    /// among its aggregate's events), when the writer deleted its row.
+    async fn insert_again(
+        &self,
+        conn: &mut PgConnection,
+        event: &StoredEvent,
+        attempts: i32,
+        error: Option<&str>,
+        state: Reinserted,
+    ) -> Result<(), Error> {
+        let t = self.table.qualified();
         let payload = match self.payload_type {
             PayloadType::Jsonb => "convert_from($5, 'UTF8')::jsonb",
             PayloadType::Bytea => "$5",
         };
-        let headers: serde_json::Map<String, serde_json::Value> = event
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
+        let (dead, backoff_ms) = match state {
+            Reinserted::DeadLetter => (true, None),
+            Reinserted::Waiting { backoff } => (false, Some(backoff.as_millis() as i64)),
+        };
         sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers,
-                              dead_lettered_at, attempts, last_error)
-             VALUES ($1, $2, $3, $4, {payload}, $6, now(), $7, $8)"
+                              attempts, last_error, seq, dead_lettered_at, next_attempt_at)
+             OVERRIDING SYSTEM VALUE
+             VALUES ($1, $2, $3, $4, {payload}, $6, $7, $8, $9,
+                     CASE WHEN $10 THEN now() END,
+                     now() + $11 * interval '1 millisecond')"
         ))))
         .bind(event.id)
         .bind(&event.aggregate_type)
         .bind(&event.aggregate_id)
         .bind(&event.event_type)
         .bind(&event.payload)
-        .bind((!headers.is_empty()).then_some(Json(headers)))
+        .bind(headers_json(event))
         .bind(attempts)
         .bind(error)
+        .bind(event.seq)
+        .bind(dead)
+        .bind(backoff_ms)
         .execute(&mut *conn)
         .await?;
         Ok(())
     }
 
-    /// CDC mode: deletes at most `limit` rows older than `retention` (dead letters
-    /// excepted); returns how many. The log, not the table, is the source there, so rows
+    /// CDC: keeps `rows` waiting in the table, to be published from there (see
+    /// [`Fetch::Waiting`]) in `seq` order, before the stream moves past them. A row the
+    /// writer deleted is inserted again with its `seq`; one that is published or
+    /// dead-lettered already is left alone.
+    pub async fn keep_waiting(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[Waiting<'_>],
+    ) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let t = self.table.qualified();
+        let ids: Vec<Uuid> = rows.iter().map(|w| w.event.id).collect();
+        let attempts: Vec<i32> = rows.iter().map(|w| w.attempts).collect();
+        let backoff_ms: Vec<Option<i64>> = rows
+            .iter()
+            .map(|w| w.backoff.map(|b| b.as_millis() as i64))
+            .collect();
+        let errors: Vec<Option<&str>> = rows.iter().map(|w| w.error).collect();
+        let mut tx = conn.begin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "UPDATE {t} SET attempts = u.attempts,
+                 last_error = coalesce(u.error, {t}.last_error),
+                 next_attempt_at = CASE WHEN u.backoff_ms IS NULL
+                     THEN coalesce({t}.next_attempt_at, now())
+                     ELSE now() + u.backoff_ms * interval '1 millisecond' END
+             FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[])
+                  AS u(id, attempts, backoff_ms, error)
+             WHERE {t}.id = u.id AND {t}.published_at IS NULL AND {t}.dead_lettered_at IS NULL"
+        ))))
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&backoff_ms)
+        .bind(&errors)
+        .execute(&mut *tx)
+        .await?;
+        let gone: HashSet<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
+            "SELECT u.id FROM unnest($1::uuid[]) AS u(id)
+             WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.id = u.id)"
+        ))))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        for row in rows.iter().filter(|w| gone.contains(&w.event.id)) {
+            let backoff = row.backoff.unwrap_or_default();
+            self.insert_again(
+                &mut tx,
+                row.event,
+                row.attempts,
+                row.error,
+                Reinserted::Waiting { backoff },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The parked aggregates: those with rows waiting in the table (CDC) and, with
+    /// [`DeadLetterPolicy::Park`], those with a dead letter not yet retried or skipped.
+    pub async fn parked_aggregates(
+        &self,
+        conn: &mut PgConnection,
+        on_dead_letter: DeadLetterPolicy,
+    ) -> Result<HashSet<Aggregate>, Error> {
+        let t = self.table.qualified();
+        let dead_letters = match on_dead_letter {
+            DeadLetterPolicy::Park => format!(
+                "UNION SELECT aggregatetype, aggregateid FROM {t}
+                 WHERE dead_lettered_at IS NOT NULL AND dead_letter_skipped_at IS NULL"
+            ),
+            DeadLetterPolicy::Skip => String::new(),
+        };
+        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT aggregatetype, aggregateid FROM {t}
+             WHERE {PENDING} AND next_attempt_at IS NOT NULL
+             {dead_letters}"
+        )))
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Skips dead letters (those with the given ids, or all of them when `ids` is
+    /// `None`): they stay dead letters, and their aggregates' later events no longer wait
+    /// for them. Returns the ids skipped now.
+    pub async fn skip_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        ids: Option<&[Uuid]>,
+    ) -> Result<Vec<Uuid>, Error> {
+        let t = self.table.qualified();
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {t} SET dead_letter_skipped_at = now()
+             WHERE dead_lettered_at IS NOT NULL AND dead_letter_skipped_at IS NULL
+               AND ($1::uuid[] IS NULL OR id = ANY($1))
+             RETURNING id"
+        )))
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
+    /// CDC mode: deletes at most `limit` rows older than `retention` (dead letters and
+    /// rows waiting in the table excepted); returns how many. The log, not the table, is the source there, so rows
     /// only serve audits and the recovery of a vanished slot. Called in a loop of short
     /// statements, never as one unbounded DELETE.
     pub async fn purge_older_than(
@@ -331,7 +518,8 @@ impl PollingStore {
     ) -> Result<u64, Error> {
         self.purge_batch(
             conn,
-            "dead_lettered_at IS NULL AND created_at",
+            "dead_lettered_at IS NULL AND (next_attempt_at IS NULL OR published_at IS NOT NULL)
+             AND created_at",
             retention,
             limit,
         )
@@ -426,7 +614,7 @@ impl PollingStore {
     ) -> Result<Vec<DeadLetter>, Error> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "SELECT id, aggregatetype, aggregateid, type, attempts, last_error, created_at,
-                    dead_lettered_at
+                    dead_lettered_at, dead_letter_skipped_at
              FROM {} WHERE dead_lettered_at IS NOT NULL
              ORDER BY dead_lettered_at, seq LIMIT $1",
             self.table.qualified()
@@ -445,6 +633,7 @@ impl PollingStore {
                     last_error: row.try_get("last_error")?,
                     created_at: row.try_get("created_at")?,
                     dead_lettered_at: row.try_get("dead_lettered_at")?,
+                    skipped_at: row.try_get("dead_letter_skipped_at")?,
                 })
             })
             .collect()
@@ -453,12 +642,12 @@ impl PollingStore {
     /// Puts dead letters back in the queue with a fresh attempt count: those with the
     /// given ids, or all of them when `ids` is `None`. Returns how many.
     ///
-    /// The rows are deleted and inserted again, with the same id, in one statement: a
-    /// new insert is what both modes publish (CDC reads inserts from the log, and a new
-    /// `seq` puts the event behind the events already waiting). Such an event reaches
-    /// the topic after later events of its aggregate: the row keeps
-    /// `dead_letter_retried_at`, its message the `outbox.retried-dead-letter` header, and
-    /// `outbox verify` counts it.
+    /// The rows are deleted and inserted again, with the same id and `seq`, in one
+    /// statement, waiting in the table (`next_attempt_at` set): both modes publish them
+    /// from there, before the later events of their aggregate that a parked aggregate
+    /// kept waiting. When the dead letter was skipped (or the policy is to skip), those
+    /// later events went first: the row keeps `dead_letter_retried_at`, its message the
+    /// `outbox.retried-dead-letter` header, and `outbox verify` counts it.
     pub async fn retry_dead_letters(
         &self,
         conn: &mut PgConnection,
@@ -472,8 +661,10 @@ impl PollingStore {
                  RETURNING id, aggregatetype, aggregateid, type, payload, headers, created_at, seq
              )
              INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers, created_at,
-                              dead_letter_retried_at)
-             SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at, now()
+                              dead_letter_retried_at, next_attempt_at, seq)
+             OVERRIDING SYSTEM VALUE
+             SELECT id, aggregatetype, aggregateid, type, payload, headers, created_at, now(),
+                    now(), seq
              FROM retried ORDER BY seq
              RETURNING id"
         );
@@ -513,23 +704,51 @@ pub async fn writer_deletes_since(
     )
 }
 
-fn fetch_sql(table: &TableRef, payload_type: PayloadType) -> String {
+/// The event's headers as the `headers` column's JSON object, or NULL when none.
+fn headers_json(event: &StoredEvent) -> Option<Json<serde_json::Map<String, serde_json::Value>>> {
+    let headers: serde_json::Map<String, serde_json::Value> = event
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    (!headers.is_empty()).then_some(Json(headers))
+}
+
+fn fetch_sql(
+    table: &TableRef,
+    payload_type: PayloadType,
+    which: Fetch,
+    on_dead_letter: DeadLetterPolicy,
+) -> String {
     let t = table.qualified();
     let payload = match payload_type {
         PayloadType::Jsonb => "convert_to(o.payload::text, 'UTF8')",
         PayloadType::Bytea => "o.payload",
     };
+    let parked_by_dead_letters = match on_dead_letter {
+        DeadLetterPolicy::Park => format!(
+            "UNION ALL
+             SELECT aggregatetype, aggregateid FROM {t}
+             WHERE dead_lettered_at IS NOT NULL AND dead_letter_skipped_at IS NULL"
+        ),
+        DeadLetterPolicy::Skip => String::new(),
+    };
+    let waiting = match which {
+        Fetch::Pending => "",
+        Fetch::Waiting => "AND o.next_attempt_at IS NOT NULL",
+    };
     format!(
         "WITH blocked AS (
-             SELECT DISTINCT aggregatetype, aggregateid FROM {t}
+             SELECT aggregatetype, aggregateid FROM {t}
              WHERE {PENDING} AND next_attempt_at > now()
+             {parked_by_dead_letters}
          )
          SELECT o.seq, o.id, o.aggregatetype, o.aggregateid, o.type,
                 {payload} AS payload, o.headers::text AS headers, o.attempts,
                 o.dead_letter_retried_at IS NOT NULL AS retried
          FROM {t} o
          WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL
-           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) {waiting}
            AND NOT EXISTS (SELECT 1 FROM blocked b
                            WHERE b.aggregatetype = o.aggregatetype
                              AND b.aggregateid = o.aggregateid)

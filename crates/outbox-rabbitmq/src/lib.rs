@@ -185,6 +185,14 @@ impl RabbitMqSink {
                 message.topic
             )));
         }
+        // AMQP field names are short strings: a longer one cannot be sent at all.
+        if let Some((name, _)) = message.headers.iter().find(|(name, _)| name.len() > 255) {
+            return DeliveryOutcome::Failed(DeliveryError::permanent(format!(
+                "the header name {:?}... is {} bytes long; AMQP carries header names of at most 255 bytes: shorten that key of the headers column",
+                name.chars().take(40).collect::<String>(),
+                name.len()
+            )));
+        }
         let exchange = match self.exchange_for(message) {
             Ok(exchange) => exchange,
             Err(err) => return DeliveryOutcome::Failed(err),

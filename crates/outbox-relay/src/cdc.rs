@@ -8,11 +8,20 @@
 //! everything after the confirmed position: duplicates, never loss. A transaction that
 //! rolled back is never sent by pgoutput (protocol version 1 sends a transaction at
 //! commit), so it publishes nothing, however large.
+//!
+//! Parking: when an event fails (or, with `delivery.on_dead_letter = "park"`, is
+//! dead-lettered), its aggregate is parked. Its failed event and every later row of it
+//! from the stream wait in the table (`next_attempt_at` set, written before the
+//! position past them is confirmed), and are published from there in `seq` order, the
+//! way polling does, while every other aggregate keeps streaming. Once no row of it
+//! waits, it streams again. Only an unreachable broker holds the whole stream (in
+//! memory): it says nothing about any one event.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use outbox_core::{Action, StoredEvent};
-use outbox_postgres::WrittenBy;
+use outbox_core::{Action, DeadLetterPolicy, DeliveryOutcome, ErrorKind, StoredEvent};
+use outbox_postgres::{Aggregate, Fetch, OnPublish, Waiting, WrittenBy};
 use outbox_postgres_cdc::checkpoint::{self, Backfill, Checkpoint, Probe};
 use outbox_postgres_cdc::slot::{
     ensure_publication, ensure_slot, slot_status, SetupError, SlotCreation,
@@ -83,8 +92,23 @@ impl Relay<'_> {
         };
         self.health.replication.ok(self.health.started());
         info!(slot = %names.slot, publication = %names.publication, "streaming outbox inserts from the replication slot");
+        let parked = match self.parked_aggregates(conn).await {
+            Ok(parked) => parked,
+            Err(end) => {
+                stream.shutdown().await;
+                return end;
+            }
+        };
+        if !parked.is_empty() {
+            info!(
+                aggregates = parked.len(),
+                "some aggregates are parked: their events wait in the table (`outbox dead-letters list` shows dead letters to retry or skip)"
+            );
+        }
         let mut source = CdcSource {
             relay: self,
+            parked,
+            next_drain: Instant::now(),
             conn,
             names,
             stream: Some(stream),
@@ -260,6 +284,10 @@ impl Relay<'_> {
         // The first query fixes the snapshot; its oldest running transaction is the
         // watermark of the checkpoint written once the snapshot's rows are published.
         let probe = checkpoint::probe(&mut tx).await.map_err(store_err)?;
+        let mut parked = {
+            let mut conn = self.pool.acquire().await.map_err(store_err)?;
+            self.parked_aggregates(&mut conn).await?
+        };
         let mut after = 0;
         let mut published = 0;
         loop {
@@ -271,7 +299,8 @@ impl Relay<'_> {
             let Some(last) = page.last() else { break };
             after = last.seq;
             published += page.len();
-            self.deliver_until_done(page, shutdown).await?;
+            let page = self.wait_if_parked(&parked, page).await?;
+            self.deliver_until_done(page, &mut parked, shutdown).await?;
         }
         tx.commit().await.map_err(store_err)?;
         // Every transaction below the snapshot's watermark is now published: by the slot's
@@ -298,14 +327,16 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// Publishes `events` until each one is acknowledged or dead-lettered, retrying with
-    /// backoff in between (the backfill's loop; streaming goes through [`CdcSource`]).
+    /// Publishes `events` until each one is acknowledged, dead-lettered or parked,
+    /// retrying with backoff in between (the backfill's loop; streaming goes through
+    /// [`CdcSource`]).
     /// Ends with `LeadEnd::Shutdown` if `shutdown` interrupted the retries, and
     /// `LeadEnd::Fatal` if a dead letter cannot be stored for a reason that retrying
     /// cannot fix (a missing privilege, say).
     async fn deliver_until_done(
         &self,
         mut events: Vec<StoredEvent>,
+        parked: &mut HashSet<Aggregate>,
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
         let started = std::time::Instant::now();
@@ -315,8 +346,9 @@ impl Relay<'_> {
                 return Err(LeadEnd::Lost(RelayError::Fenced));
             }
             self.record(&actions, &outcomes);
+            parked.extend(self.parked_by(&events, &actions));
             let (retry, wait) = self.settle(events, &actions, shutdown).await?;
-            events = retry;
+            events = self.wait_if_parked(parked, retry).await?;
             if !events.is_empty() {
                 sleep_or_shutdown(wait, shutdown).await;
                 if shutdown.is_cancelled() {
@@ -387,15 +419,94 @@ impl Relay<'_> {
         }
         Ok((retry, wait))
     }
+
+    /// The aggregates a batch's outcome parks: those of its dead letters, when dead
+    /// letters park.
+    fn parked_by(&self, events: &[StoredEvent], actions: &[Action]) -> Vec<Aggregate> {
+        if self.config.on_dead_letter != DeadLetterPolicy::Park {
+            return Vec::new();
+        }
+        events
+            .iter()
+            .zip(actions)
+            .filter(|(_, action)| matches!(action, Action::DeadLetter { .. }))
+            .map(|(event, _)| aggregate_of(event))
+            .collect()
+    }
+
+    /// The parked aggregates, as the table says.
+    async fn parked_aggregates(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<HashSet<Aggregate>, LeadEnd> {
+        self.store
+            .parked_aggregates(conn, self.config.on_dead_letter)
+            .await
+            .map_err(|err| LeadEnd::Lost(err.into()))
+    }
+
+    /// Keeps the events of parked aggregates waiting in the table, and returns the
+    /// others.
+    async fn wait_if_parked(
+        &self,
+        parked: &HashSet<Aggregate>,
+        events: Vec<StoredEvent>,
+    ) -> Result<Vec<StoredEvent>, LeadEnd> {
+        let (waiting, rest): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .partition(|event| parked.contains(&aggregate_of(event)));
+        if !waiting.is_empty() {
+            let rows: Vec<Waiting> = waiting.iter().map(behind_its_aggregate).collect();
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|err| LeadEnd::Lost(RelayError::Store(err.into())))?;
+            self.store
+                .keep_waiting(&mut conn, &rows)
+                .await
+                .map_err(|err| LeadEnd::Lost(err.into()))?;
+        }
+        Ok(rest)
+    }
+}
+
+fn aggregate_of(event: &StoredEvent) -> Aggregate {
+    (event.aggregate_type.clone(), event.aggregate_id.clone())
+}
+
+/// An event that waits behind its aggregate's earlier ones, with no failure of its own.
+fn behind_its_aggregate(event: &StoredEvent) -> Waiting<'_> {
+    Waiting {
+        event,
+        attempts: event.attempts,
+        backoff: None,
+        error: None,
+    }
+}
+
+/// Where the batch given out came from.
+#[derive(Debug, Clone, Copy)]
+enum InFlight {
+    /// The stream: the position to confirm once the batch is done.
+    Stream(Option<Lsn>),
+    /// Rows waiting in the table.
+    Table,
 }
 
 /// CDC as a [`Source`]: rows in commit order from the table's replication slot. A batch
 /// collects rows (of one or several transactions) until it is full or the stream
-/// pauses; once every event of it is published or dead-lettered, the end LSN of the
-/// last complete transaction in it is confirmed. Until then its failed events are
-/// retried, in memory, and the stream waits.
+/// pauses; once every event of it is published, dead-lettered or waiting in the table
+/// (parked), the end LSN of the last complete transaction in it is confirmed. Between
+/// stream batches, the rows waiting in the table go out as batches of their own. Only
+/// when the broker cannot be reached are a batch's events retried in memory, the stream
+/// waiting.
 pub(crate) struct CdcSource<'r, 'c> {
     relay: &'r Relay<'r>,
+    /// Aggregates whose rows wait in the table: their stream rows join them there.
+    parked: HashSet<Aggregate>,
+    /// When to look for waiting rows that are due next.
+    next_drain: Instant,
     /// The leader's connection: checkpoint probes and heartbeats.
     conn: &'c mut PgConnection,
     names: &'r CdcNames,
@@ -409,8 +520,8 @@ pub(crate) struct CdcSource<'r, 'c> {
     confirm_after: Option<Lsn>,
     in_transaction: bool,
     batch_started: Option<Instant>,
-    /// The batch given out and not yet done: the position to confirm once it is.
-    in_flight: Option<Option<Lsn>>,
+    /// The batch given out and not yet done.
+    in_flight: Option<InFlight>,
     /// Its events to try again, and when.
     retry: Vec<StoredEvent>,
     retry_at: Option<Instant>,
@@ -430,6 +541,84 @@ impl CdcSource<'_, '_> {
         self.relay
             .confirmed(&mut *self.conn, self.names, &mut self.checkpoints, lsn)
             .await
+    }
+
+    fn lost_store(err: impl Into<RelayError>) -> LeadEnd {
+        LeadEnd::Lost(err.into())
+    }
+
+    /// Re-reads the parked aggregates from the table: one whose rows have all gone out
+    /// (and, when dead letters park, whose dead letters were retried or skipped)
+    /// streams again.
+    async fn refresh_parked(&mut self) -> Result<(), LeadEnd> {
+        self.parked = self.relay.parked_aggregates(self.conn).await?;
+        Ok(())
+    }
+
+    /// Records the outcome of a batch from the stream: dead letters stored, failed
+    /// events and their aggregates' later ones parked in the table, then the position
+    /// confirmed. When the broker could not be reached, the failed events are retried
+    /// in memory instead and the stream waits.
+    async fn record_streamed(
+        &mut self,
+        lsn: Option<Lsn>,
+        events: Vec<StoredEvent>,
+        actions: &[Action],
+        outcomes: &[DeliveryOutcome],
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        let relay = self.relay;
+        self.parked.extend(relay.parked_by(&events, actions));
+        let unreachable = outcomes
+            .iter()
+            .any(|o| matches!(o, DeliveryOutcome::Failed(e) if e.kind == ErrorKind::Unavailable));
+        let retry_of: std::collections::HashMap<uuid::Uuid, (Duration, String)> = actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Retry {
+                    id, backoff, error, ..
+                } => Some((*id, (*backoff, error.clone()))),
+                _ => None,
+            })
+            .collect();
+        let (retry, wait) = relay.settle(events, actions, shutdown).await?;
+        let (in_memory, to_park): (Vec<_>, Vec<_>) = retry
+            .into_iter()
+            .partition(|event| unreachable && !self.parked.contains(&aggregate_of(event)));
+        if !to_park.is_empty() {
+            let rows: Vec<Waiting> = to_park
+                .iter()
+                .map(|event| {
+                    let (backoff, error) = &retry_of[&event.id];
+                    Waiting {
+                        event,
+                        attempts: event.attempts,
+                        backoff: Some(*backoff),
+                        error: Some(error.as_str()),
+                    }
+                })
+                .collect();
+            relay
+                .store
+                .keep_waiting(self.conn, &rows)
+                .await
+                .map_err(Self::lost_store)?;
+            let soonest = rows.iter().filter_map(|w| w.backoff).min();
+            self.parked.extend(to_park.iter().map(aggregate_of));
+            if let Some(soonest) = soonest {
+                self.next_drain = self.next_drain.min(Instant::now() + soonest);
+            }
+        }
+        if in_memory.is_empty() {
+            if let Some(lsn) = lsn {
+                self.confirm(lsn).await?;
+            }
+        } else {
+            self.in_flight = Some(InFlight::Stream(lsn));
+            self.retry = in_memory;
+            self.retry_at = Some(Instant::now() + wait);
+        }
+        Ok(())
     }
 }
 
@@ -458,9 +647,32 @@ impl Source for CdcSource<'_, '_> {
                 }
             }
             let idle = self.batch.is_empty() && self.confirm_after.is_none();
+            if idle && !self.parked.is_empty() && Instant::now() >= self.next_drain {
+                let waiting = relay
+                    .store
+                    .fetch(
+                        self.conn,
+                        Fetch::Waiting,
+                        relay.config.on_dead_letter,
+                        relay.config.batch_size as i64,
+                    )
+                    .await
+                    .map_err(Self::lost_store)?;
+                if !waiting.is_empty() {
+                    self.in_flight = Some(InFlight::Table);
+                    return Ok(Some(waiting));
+                }
+                // Nothing due: the parked set may have emptied (an operator skipped a
+                // dead letter, say); look again after the polling interval.
+                self.refresh_parked().await?;
+                self.next_drain = Instant::now() + relay.config.poll_interval;
+            }
+            let drain_at = self.next_drain;
+            let draining = !self.parked.is_empty();
             let next = if idle {
                 tokio::select! {
                     next = self.stream.as_mut().expect("a working stream").next() => Some(next),
+                    _ = tokio::time::sleep_until(drain_at.into()), if draining => continue,
                     _ = tokio::time::sleep(relay.config.cdc_heartbeat) => {
                         // A non-transactional logical message comes back through the slot
                         // as a position we may confirm, even when the database's traffic
@@ -520,6 +732,15 @@ impl Source for CdcSource<'_, '_> {
                             self.confirm(wal_end).await?;
                         }
                     }
+                    CdcEvent::Waiting {
+                        aggregate_type,
+                        aggregate_id,
+                    } => {
+                        // Published from the table (a retried dead letter): its
+                        // aggregate's later rows wait behind it.
+                        self.parked.insert((aggregate_type, aggregate_id));
+                        self.next_drain = Instant::now();
+                    }
                     CdcEvent::RejectedUpdate { id } => {
                         relay.metrics.rejected_updates.inc();
                         warn!(?id, "an outbox row was UPDATEd; outbox rows are immutable events, so the update is not published (insert a new event instead)");
@@ -545,6 +766,7 @@ impl Source for CdcSource<'_, '_> {
                 self.batch_bytes = 0;
                 self.batch_started = None;
                 let lsn = self.confirm_after.take();
+                let events = relay.wait_if_parked(&self.parked, events).await?;
                 if events.is_empty() {
                     // Transactions without rows of ours: only a position to confirm.
                     if let Some(lsn) = lsn {
@@ -552,7 +774,7 @@ impl Source for CdcSource<'_, '_> {
                     }
                     continue;
                 }
-                self.in_flight = Some(lsn);
+                self.in_flight = Some(InFlight::Stream(lsn));
                 return Ok(Some(events));
             }
         }
@@ -562,18 +784,34 @@ impl Source for CdcSource<'_, '_> {
         &mut self,
         events: Vec<StoredEvent>,
         actions: &[Action],
+        outcomes: &[DeliveryOutcome],
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
-        let (retry, wait) = self.relay.settle(events, actions, shutdown).await?;
-        if retry.is_empty() {
-            if let Some(Some(lsn)) = self.in_flight.take() {
-                self.confirm(lsn).await?;
+        match self.in_flight.take() {
+            Some(InFlight::Table) => {
+                if actions
+                    .iter()
+                    .any(|a| matches!(a, Action::DeadLetter { .. }))
+                {
+                    crash_point!("relay-dead-letter-write");
+                }
+                // The stream never marks rows; these were kept in the table, so they
+                // are marked published there (and purged with the rest).
+                self.relay
+                    .store
+                    .apply(self.conn, actions, OnPublish::Mark)
+                    .await
+                    .map_err(Self::lost_store)?;
+                self.refresh_parked().await?;
+                self.next_drain = Instant::now();
+                Ok(())
             }
-        } else {
-            self.retry = retry;
-            self.retry_at = Some(Instant::now() + wait);
+            Some(InFlight::Stream(lsn)) => {
+                self.record_streamed(lsn, events, actions, outcomes, shutdown)
+                    .await
+            }
+            None => unreachable!("record follows next_batch"),
         }
-        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use outbox_core::{RetryPolicy, Router, TableRef, TopicTemplate};
+use outbox_core::{DeadLetterPolicy, RetryPolicy, Router, TableRef, TopicTemplate};
 use outbox_kafka::{KafkaSettings, TopicSettings};
 pub use outbox_postgres::DatabaseUrl;
 use outbox_postgres::OnPublish;
@@ -156,6 +156,9 @@ pub struct DeliverySection {
     /// How long published rows are kept when `on_publish = "mark"`.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// `park` (a dead letter holds its aggregate's later events back until it is retried
+    /// or skipped) or `skip`.
+    pub on_dead_letter: DeadLetterPolicy,
     /// Attempts before an event is dead-lettered.
     pub max_attempts: u32,
     #[serde(with = "humantime_serde")]
@@ -170,6 +173,7 @@ impl Default for DeliverySection {
         DeliverySection {
             on_publish: OnPublishSetting::Mark,
             retention: Duration::from_secs(7 * 24 * 3600),
+            on_dead_letter: DeadLetterPolicy::Park,
             max_attempts: retry.max_attempts,
             initial_backoff: retry.initial_backoff,
             max_backoff: retry.max_backoff,
@@ -617,6 +621,7 @@ impl Config {
                 OnPublishSetting::Delete => OnPublish::Delete,
             },
             retention: self.delivery.retention,
+            on_dead_letter: self.delivery.on_dead_letter,
             retry: RetryPolicy {
                 max_attempts: self.delivery.max_attempts,
                 initial_backoff: self.delivery.initial_backoff,
@@ -852,6 +857,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     pub on_publish: OnPublish,
     pub retention: Duration,
+    /// What a dead letter does to its aggregate's later events.
+    pub on_dead_letter: DeadLetterPolicy,
     pub retry: RetryPolicy,
     pub router: Router,
     /// The broker and its settings.
@@ -947,6 +954,7 @@ mod tests {
             assert_eq!(config.database_url.expose(), "postgres://flag@localhost/db");
             assert_eq!(config.kafka().unwrap().brokers, "env:9092");
             assert_eq!(config.retry.max_attempts, 7);
+            assert_eq!(config.on_dead_letter, DeadLetterPolicy::Park);
             Ok(())
         });
     }
@@ -1012,6 +1020,31 @@ mod tests {
                 err.to_string(),
                 "bad configuration in the environment variable OUTBOX_POLLING__BATCHSIZE at key `polling.batchsize`: unknown key; the keys here are batch_size, interval; unset or rename OUTBOX_POLLING__BATCHSIZE"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dead_letters_park_unless_told_to_skip() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "outbox.toml",
+                "database_url = \"postgres://localhost/db\"\n[delivery]\non_dead_letter = \"skip\"\n",
+            )?;
+            let config = load(jail, Some("outbox.toml"), &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert_eq!(config.on_dead_letter, DeadLetterPolicy::Skip);
+            jail.create_file(
+                "outbox.toml",
+                "database_url = \"postgres://localhost/db\"\n[delivery]\non_dead_letter = \"drop\"\n",
+            )?;
+            let err = load(jail, Some("outbox.toml"), &ConfigOverrides::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(err.is_config());
+            assert!(text.contains("at key `delivery.on_dead_letter`"), "{text}");
+            assert!(text.contains("expected one of park, skip"), "{text}");
             Ok(())
         });
     }

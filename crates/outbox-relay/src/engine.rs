@@ -405,7 +405,7 @@ impl Relay<'_> {
                 return LeadEnd::Lost(RelayError::Fenced);
             }
             crash_point!("relay-published-not-recorded");
-            if let Err(end) = source.record(events, &actions, shutdown).await {
+            if let Err(end) = source.record(events, &actions, &outcomes, shutdown).await {
                 return end;
             }
             crash_point!("relay-recorded");

@@ -2,7 +2,8 @@
 //! the table's replication stream (CDC, in `cdc.rs`). The engine's loop is the same for
 //! both: take a batch, publish it through the sink, let the source record the outcome.
 
-use outbox_core::{Action, StoredEvent};
+use outbox_core::{Action, DeliveryOutcome, StoredEvent};
+use outbox_postgres::Fetch;
 use sqlx::postgres::PgListener;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -14,10 +15,12 @@ use crate::RelayError;
 /// A source of events for the active relay.
 ///
 /// Contract: `next_batch` gives events in the order they must be published (per
-/// aggregate, commit order); `record` gets back that batch with one action per event
-/// and makes it durable before the source moves past it: a crash anywhere leaves every
-/// event not yet recorded to be given again (duplicates, never loss). Retry bookkeeping
-/// is the source's own: polling keeps it in the table, CDC in memory (its stream waits).
+/// aggregate, commit order); `record` gets back that batch with one action (and the
+/// sink's outcome) per event and makes it durable before the source moves past it: a
+/// crash anywhere leaves every event not yet recorded to be given again (duplicates,
+/// never loss). Retry bookkeeping and parking are the source's own: an aggregate whose
+/// event waits for a retry, or (with `delivery.on_dead_letter = "park"`) has a dead
+/// letter, is parked: its later events wait in the table while the others flow.
 pub(crate) trait Source {
     /// The next events to publish, waiting while there are none; `None` once
     /// `shutdown` is cancelled.
@@ -26,11 +29,13 @@ pub(crate) trait Source {
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<StoredEvent>>, LeadEnd>;
 
-    /// Records what became of the last batch: `actions[i]` is for `events[i]`.
+    /// Records what became of the last batch: `actions[i]` and `outcomes[i]` are for
+    /// `events[i]`.
     async fn record(
         &mut self,
         events: Vec<StoredEvent>,
         actions: &[Action],
+        outcomes: &[DeliveryOutcome],
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd>;
 }
@@ -81,7 +86,12 @@ impl Source for PollingSource<'_, '_> {
             }
             let events = relay
                 .store
-                .fetch_pending(self.conn, relay.config.batch_size as i64)
+                .fetch(
+                    self.conn,
+                    Fetch::Pending,
+                    relay.config.on_dead_letter,
+                    relay.config.batch_size as i64,
+                )
                 .await
                 .map_err(|err| self.lost(err.into()))?;
             relay.health.database.ok(relay.health.started());
@@ -106,6 +116,7 @@ impl Source for PollingSource<'_, '_> {
         &mut self,
         _events: Vec<StoredEvent>,
         actions: &[Action],
+        _outcomes: &[DeliveryOutcome],
         _shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
         if actions

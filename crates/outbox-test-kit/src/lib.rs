@@ -15,7 +15,7 @@ mod proxy;
 mod sinks;
 
 pub use proxy::FaultProxy;
-pub use sinks::{Poison, SinkKind, TestSink};
+pub use sinks::{Poison, SinkKind, TestSink, FLAKY_FAILURES, WEBHOOK_FLAKY};
 
 /// A message as a consumer saw it, whatever the broker.
 #[derive(Debug, Clone)]

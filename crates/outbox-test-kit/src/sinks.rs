@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,11 +32,17 @@ pub enum SinkKind {
 pub struct Poison {
     pub aggregate_type: String,
     pub payload: String,
+    /// Headers the event carries.
+    pub headers: Vec<(String, String)>,
     pub reason: &'static str,
 }
 
 /// Text in a payload that makes the test's webhook receiver answer 400.
 const WEBHOOK_POISON: &str = "poison-pill";
+/// Text in a payload that makes the test's webhook receiver answer 500 to the first
+/// [`FLAKY_FAILURES`] requests that carry it.
+pub const WEBHOOK_FLAKY: &str = "flaky-pill";
+pub const FLAKY_FAILURES: usize = 3;
 
 /// One test's destinations on one sink's broker, and reading back what reached them.
 ///
@@ -50,6 +57,8 @@ pub struct TestSink {
     /// Webhook: the requests the receiver answered 2xx.
     seen: Arc<Mutex<Vec<Received>>>,
     webhook_base: Option<String>,
+    /// Webhook: the 500s the receiver answered to flaky events.
+    flaky_answers: Arc<AtomicUsize>,
     /// The relay's acknowledgement (or request) timeout for this sink.
     pub timeout: Duration,
     /// More keys for the relay's `[sink]` section (not for Kafka).
@@ -95,6 +104,7 @@ impl TestSink {
     async fn create(kind: SinkKind, prefix: &str, proxied: bool) -> TestSink {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut webhook_base = None;
+        let flaky_answers = Arc::new(AtomicUsize::new(0));
         let upstream = match kind {
             SinkKind::Kafka => None,
             SinkKind::Nats => Some(host_port(&nats_url())),
@@ -103,7 +113,7 @@ impl TestSink {
                 Some(rabbitmq_address())
             }
             SinkKind::Webhook | SinkKind::WebhookBatches => {
-                let address = start_receiver(seen.clone()).await;
+                let address = start_receiver(seen.clone(), flaky_answers.clone()).await;
                 webhook_base = Some(format!("http://{address}"));
                 Some(address)
             }
@@ -118,9 +128,17 @@ impl TestSink {
             proxy,
             seen,
             webhook_base,
+            flaky_answers,
             timeout: Duration::from_secs(5),
             sink_keys: String::new(),
         }
+    }
+
+    /// Webhook: how many requests of flaky events the receiver has refused (500) so far.
+    pub fn flaky_failures_answered(&self) -> usize {
+        self.flaky_answers
+            .load(Ordering::SeqCst)
+            .min(FLAKY_FAILURES)
     }
 
     /// The proxy between the relay and the broker (see [`TestSink::behind_proxy`]).
@@ -204,27 +222,32 @@ impl TestSink {
             SinkKind::Kafka => Poison {
                 aggregate_type: "order".into(),
                 payload: huge(),
+                headers: Vec::new(),
                 reason: "too large",
             },
             SinkKind::Nats => Poison {
                 aggregate_type: "order".into(),
                 payload: huge(),
+                headers: Vec::new(),
                 reason: "max_payload",
             },
             SinkKind::RabbitMq => Poison {
-                aggregate_type: "o".repeat(300),
+                aggregate_type: "order".into(),
                 payload: "{\"n\": 1}".into(),
-                reason: "longer than 255 bytes",
+                headers: vec![("h".repeat(300), "x".into())],
+                reason: "at most 255 bytes",
             },
             // A 400 answers for the whole batch: the poison gets a URL of its own.
             SinkKind::WebhookBatches => Poison {
                 aggregate_type: "poison".into(),
                 payload: format!("{{\"{WEBHOOK_POISON}\": true}}"),
+                headers: Vec::new(),
                 reason: "400 Bad Request",
             },
             SinkKind::Webhook => Poison {
                 aggregate_type: "order".into(),
                 payload: format!("{{\"{WEBHOOK_POISON}\": true}}"),
+                headers: Vec::new(),
                 reason: "400 Bad Request",
             },
         }
@@ -514,20 +537,37 @@ async fn declare_rabbitmq(prefix: &str) {
 }
 
 /// Serves the webhook receiver on a free loopback port; returns `127.0.0.1:<port>`.
-async fn start_receiver(seen: Arc<Mutex<Vec<Received>>>) -> String {
+async fn start_receiver(
+    seen: Arc<Mutex<Vec<Received>>>,
+    flaky_answers: Arc<AtomicUsize>,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let app = axum::Router::new()
-        .fallback(receive)
-        .with_state((seen, address.clone()));
+    let app = axum::Router::new().fallback(receive).with_state(Receiver {
+        seen,
+        address: address.clone(),
+        flaky_answers,
+    });
     tokio::spawn(async move { axum::serve(listener, app).await });
     address
 }
 
+#[derive(Clone)]
+struct Receiver {
+    seen: Arc<Mutex<Vec<Received>>>,
+    address: String,
+    /// 500s answered to flaky requests so far.
+    flaky_answers: Arc<AtomicUsize>,
+}
+
 /// Records a POST (its `outbox-*` headers decoded back to the message's headers) and
-/// answers 204, or 400 to a poison.
+/// answers 204; 400 to a poison; 500 to the first [`FLAKY_FAILURES`] flaky requests.
 async fn receive(
-    State((seen, address)): State<(Arc<Mutex<Vec<Received>>>, String)>,
+    State(Receiver {
+        seen,
+        address,
+        flaky_answers,
+    }): State<Receiver>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -536,8 +576,13 @@ async fn receive(
     if method != Method::POST {
         return StatusCode::OK;
     }
-    if String::from_utf8_lossy(&body).contains(WEBHOOK_POISON) {
+    let text = String::from_utf8_lossy(&body);
+    if text.contains(WEBHOOK_POISON) {
         return StatusCode::BAD_REQUEST;
+    }
+    if text.contains(WEBHOOK_FLAKY) && flaky_answers.fetch_add(1, Ordering::SeqCst) < FLAKY_FAILURES
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR;
     }
     let decode = |text: &str| {
         percent_encoding::percent_decode_str(text)
