@@ -13,8 +13,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand, ValueEnum};
-use outbox_postgres::CreatedWindow;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+use outbox_postgres::{CreatedWindow, PayloadType};
 use outbox_relay::config::HttpOverride;
 use outbox_relay::{Config, ConfigOverrides, Mode, RelayConfig, RelayError};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +47,8 @@ enum Command {
     /// Create or upgrade the outbox table, its indexes and its trigger. Safe to run twice.
     Migrate {
         /// Payload column type of a new table: jsonb (JSON payloads) or bytea (opaque bytes).
-        #[arg(long, value_enum, default_value = "jsonb")]
-        payload_type: PayloadArg,
+        #[arg(long, default_value = "jsonb", value_parser = one_of::<PayloadType>(&["jsonb", "bytea"]))]
+        payload_type: PayloadType,
         /// Also create the publication and the logical replication slot that
         /// `outbox relay --mode cdc` reads (needs the table's owner with REPLICATION).
         #[arg(long)]
@@ -56,8 +57,8 @@ enum Command {
     /// Publish the outbox until SIGINT or SIGTERM, then drain in-flight deliveries and exit 0.
     Relay {
         /// Where events are read from.
-        #[arg(long, value_enum)]
-        mode: Option<ModeArg>,
+        #[arg(long, value_parser = one_of::<Mode>(MODES))]
+        mode: Option<Mode>,
         /// Address for /metrics and /healthz (or "off"); overrides http.listen.
         #[arg(long, value_name = "ADDR")]
         http_listen: Option<String>,
@@ -78,8 +79,8 @@ enum Command {
     Verify {
         /// How the relay runs: in polling mode rows are marked when published, in CDC
         /// mode they are not (then an unseen row older than --grace is lost).
-        #[arg(long, value_enum)]
-        mode: Option<ModeArg>,
+        #[arg(long, value_parser = one_of::<Mode>(MODES))]
+        mode: Option<Mode>,
         /// Only rows written during this last period, such as 1h or 30m (by the
         /// database's clock). Default: every retained row.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to"])]
@@ -132,16 +133,16 @@ enum DeadLetterCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PayloadArg {
-    Jsonb,
-    Bytea,
-}
+const MODES: &[&str] = &["polling", "cdc"];
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Polling,
-    Cdc,
+/// A flag that takes one of `values` (listed in `--help`), parsed into the library's
+/// own type.
+fn one_of<T>(values: &'static [&'static str]) -> impl TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Debug,
+{
+    PossibleValuesParser::new(values).map(|value| value.parse().expect("one of the values"))
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
@@ -179,16 +180,12 @@ async fn execute(cli: Cli) -> Result<ExitCode, RelayError> {
         kafka_brokers: cli.kafka_brokers,
         ..ConfigOverrides::default()
     };
-    let mode_arg = |m: &ModeArg| match m {
-        ModeArg::Polling => Mode::Polling,
-        ModeArg::Cdc => Mode::Cdc,
-    };
     match &cli.command {
         Command::Relay { mode, http_listen } => {
-            overrides.mode = mode.as_ref().map(mode_arg);
+            overrides.mode = *mode;
             overrides.http = http_listen.clone().map(|listen| HttpOverride { listen });
         }
-        Command::Verify { mode, .. } => overrides.mode = mode.as_ref().map(mode_arg),
+        Command::Verify { mode, .. } => overrides.mode = *mode,
         _ => {}
     }
     for variable in outbox_relay::config::ignored_environment_variables() {

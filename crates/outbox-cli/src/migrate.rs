@@ -4,18 +4,13 @@ use outbox_postgres::PayloadType;
 use outbox_relay::{RelayConfig, RelayError};
 
 use crate::database::privilege_is_config;
-use crate::PayloadArg;
 
 pub(crate) async fn migrate(
     config: &RelayConfig,
-    payload: PayloadArg,
+    payload: PayloadType,
     cdc: bool,
 ) -> Result<(), RelayError> {
     let mut conn = outbox_relay::engine::connect(config).await?;
-    let payload = match payload {
-        PayloadArg::Jsonb => PayloadType::Jsonb,
-        PayloadArg::Bytea => PayloadType::Bytea,
-    };
     let applied = outbox_postgres::migrate(&mut conn, &config.table, payload)
         .await
         .map_err(privilege_is_config)?;

@@ -19,6 +19,21 @@ pub enum PayloadType {
     Bytea,
 }
 
+impl std::str::FromStr for PayloadType {
+    type Err = String;
+
+    /// `jsonb` or `bytea`, as `outbox migrate --payload-type` takes it.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "jsonb" => Ok(PayloadType::Jsonb),
+            "bytea" => Ok(PayloadType::Bytea),
+            other => Err(format!(
+                "{other:?} is not a payload type; use jsonb or bytea"
+            )),
+        }
+    }
+}
+
 impl PayloadType {
     /// The column's SQL type name: `jsonb` or `bytea`.
     pub fn sql_type(self) -> &'static str {

@@ -14,8 +14,10 @@ use uuid::Uuid;
 use crate::schema::check_version;
 use crate::{Error, PayloadType};
 
-/// What happens to a row once the broker acknowledged its event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What happens to a row once the broker acknowledged its event (`delivery.on_publish`:
+/// `"mark"` or `"delete"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnPublish {
     /// Set `published_at`; rows are purged after the retention period.
     #[default]

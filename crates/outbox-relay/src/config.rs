@@ -112,6 +112,19 @@ pub enum Mode {
     Cdc,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    /// `polling` or `cdc`, as `--mode` and `mode` take it.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "polling" => Ok(Mode::Polling),
+            "cdc" => Ok(Mode::Cdc),
+            other => Err(format!("{other:?} is not a mode; use polling or cdc")),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TableSection {
@@ -152,7 +165,7 @@ impl Default for PollingSection {
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySection {
     /// `mark` (set published_at, purge after `retention`) or `delete`.
-    pub on_publish: OnPublishSetting,
+    pub on_publish: OnPublish,
     /// How long published rows are kept when `on_publish = "mark"`.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -171,7 +184,7 @@ impl Default for DeliverySection {
     fn default() -> Self {
         let retry = RetryPolicy::default();
         DeliverySection {
-            on_publish: OnPublishSetting::Mark,
+            on_publish: OnPublish::Mark,
             retention: Duration::from_secs(7 * 24 * 3600),
             on_dead_letter: DeadLetterPolicy::Park,
             max_attempts: retry.max_attempts,
@@ -179,14 +192,6 @@ impl Default for DeliverySection {
             max_backoff: retry.max_backoff,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnPublishSetting {
-    #[default]
-    Mark,
-    Delete,
 }
 
 #[derive(Debug, Deserialize)]
@@ -616,10 +621,7 @@ impl Config {
             table,
             batch_size: self.polling.batch_size,
             poll_interval: self.polling.interval,
-            on_publish: match self.delivery.on_publish {
-                OnPublishSetting::Mark => OnPublish::Mark,
-                OnPublishSetting::Delete => OnPublish::Delete,
-            },
+            on_publish: self.delivery.on_publish,
             retention: self.delivery.retention,
             on_dead_letter: self.delivery.on_dead_letter,
             retry: RetryPolicy {
