@@ -8,6 +8,10 @@ use crate::database::open_read_only_store;
 pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), RelayError> {
     let (mut conn, store) = open_read_only_store(config).await?;
     let stats = store.stats(&mut conn).await?;
+    let parked = store
+        .parked_aggregates(&mut conn, config.on_dead_letter)
+        .await?
+        .len();
     let holder = LeaderLock::new(&config.table).holder(&mut conn).await?;
     let database = outbox_postgres_cdc::slot::current_database(&mut conn)
         .await
@@ -36,6 +40,7 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
             "oldest_pending_age_seconds": stats.oldest_pending_age_secs,
             "retrying": stats.retrying,
             "dead_lettered": stats.dead_lettered,
+            "parked_aggregates": parked,
             "active_relay": holder.as_ref().map(|h| serde_json::json!({
                 "pid": h.pid,
                 "application_name": h.application_name,
@@ -68,6 +73,9 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
             ""
         }
     );
+    if parked > 0 {
+        println!("  parked:        {parked} aggregate(s): their events wait behind a retry or a dead letter");
+    }
     match holder {
         Some(h) => println!(
             "  active relay:  backend pid {} ({}, {}) since {}",

@@ -271,6 +271,18 @@ async fn poison_event_parks_its_aggregate_until_skipped(mode: Mode, kind: SinkKi
     let list: serde_json::Value =
         serde_json::from_str(&cli(&db, &["dead-letters", "list", "--json"])).unwrap();
     assert!(list[0]["skipped_at"].is_null(), "{list}");
+    let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
+    assert_eq!(status["parked_aggregates"], 1, "{status}");
+    // The gauge follows within the monitor's 5 s round.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while relay.metrics.parked_aggregates.get() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outbox_parked_aggregates = {}",
+            relay.metrics.parked_aggregates.get()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let skipped = cli(&db, &["dead-letters", "skip", &bad.id.to_string()]);
     assert!(skipped.contains("skipped 1"), "{skipped}");
@@ -290,6 +302,8 @@ async fn poison_event_parks_its_aggregate_until_skipped(mode: Mode, kind: SinkKi
         serde_json::from_str(&cli(&db, &["dead-letters", "list", "--json"])).unwrap();
     assert_eq!(list[0]["id"], bad.id.to_string());
     assert!(list[0]["skipped_at"].is_string(), "{list}");
+    let status: serde_json::Value = serde_json::from_str(&cli(&db, &["status", "--json"])).unwrap();
+    assert_eq!(status["parked_aggregates"], 0, "{status}");
     finish(db, sink).await;
 }
 

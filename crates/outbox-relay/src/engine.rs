@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_core::{
-    plan_batch, Action, DeliveryError, DeliveryOutcome, ErrorKind, Sink, StoredEvent,
-    RESERVED_HEADERS,
+    plan_batch, Action, DeadLetterPolicy, DeliveryError, DeliveryOutcome, ErrorKind, Sink,
+    StoredEvent, RESERVED_HEADERS,
 };
 use outbox_postgres::{LeaderLock, OnPublish, PollingStore};
 use outbox_postgres_cdc::CdcNames;
@@ -114,6 +114,7 @@ pub async fn run_with_metrics(
     let monitor_task = tokio::spawn(monitor(
         pool.clone(),
         store.clone(),
+        config.on_dead_letter,
         sink.clone(),
         cdc.clone(),
         metrics.clone(),
@@ -514,9 +515,11 @@ impl Relay<'_> {
 /// [`STATS_INTERVAL`], off the publishing path. The gauges are mode-aware: polling counts
 /// pending rows (an index scan); CDC reads the slot's lag instead, since it never marks
 /// rows, and counts dead letters only (their index).
+#[allow(clippy::too_many_arguments)]
 async fn monitor(
     pool: PgPool,
     store: PollingStore,
+    on_dead_letter: DeadLetterPolicy,
     sink: Arc<dyn Sink>,
     cdc: Option<CdcNames>,
     metrics: Metrics,
@@ -526,6 +529,11 @@ async fn monitor(
     while !shutdown.is_cancelled() {
         let database = tokio::time::timeout(PROBE_TIMEOUT, async {
             let mut conn = pool.acquire().await?;
+            let parked = store
+                .parked_aggregates(&mut conn, on_dead_letter)
+                .await
+                .map_err(store_error)?;
+            metrics.parked_aggregates.set(parked.len() as i64);
             match &cdc {
                 None => {
                     let stats = store.stats(&mut conn).await.map_err(store_error)?;

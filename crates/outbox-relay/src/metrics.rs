@@ -12,6 +12,7 @@ pub const PENDING: &str = "outbox_pending_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 pub const RETRYING: &str = "outbox_retrying_events";
 pub const DEAD_LETTERS: &str = "outbox_dead_letter_events";
+pub const PARKED_AGGREGATES: &str = "outbox_parked_aggregates";
 pub const BATCH_DURATION: &str = "outbox_batch_duration_seconds";
 pub const ACTIVE: &str = "outbox_relay_active";
 pub const REJECTED_UPDATES_TOTAL: &str = "outbox_cdc_rejected_updates_total";
@@ -30,6 +31,8 @@ pub struct Metrics {
     pub oldest_pending_age: prometheus::Gauge,
     pub retrying: IntGauge,
     pub dead_letters: IntGauge,
+    /// Aggregates whose events wait behind a retry or a dead letter.
+    pub parked_aggregates: IntGauge,
     pub batch_duration: Histogram,
     pub active: IntGauge,
     pub rejected_updates: IntCounter,
@@ -73,6 +76,10 @@ impl Metrics {
             "Pending rows waiting for a retry after a failed delivery.",
         );
         let dead_letters = gauge(DEAD_LETTERS, "Dead-lettered rows in the table.");
+        let parked_aggregates = gauge(
+            PARKED_AGGREGATES,
+            "Aggregates whose events wait behind a retry or a dead letter.",
+        );
         let active = gauge(
             ACTIVE,
             "1 while this relay holds the leadership lock, 0 as a standby.",
@@ -130,6 +137,7 @@ impl Metrics {
             oldest_pending_age,
             retrying,
             dead_letters,
+            parked_aggregates,
             batch_duration,
             active,
             rejected_updates,
