@@ -452,6 +452,10 @@ impl Relay<'_> {
         parked: &HashSet<Aggregate>,
         events: Vec<StoredEvent>,
     ) -> Result<Vec<StoredEvent>, LeadEnd> {
+        // The usual case, without a lookup per event.
+        if parked.is_empty() {
+            return Ok(events);
+        }
         let (waiting, rest): (Vec<_>, Vec<_>) = events
             .into_iter()
             .partition(|event| parked.contains(&aggregate_of(event)));
