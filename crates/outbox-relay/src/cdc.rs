@@ -653,13 +653,7 @@ impl Source for CdcSource<'_, '_> {
             let idle = self.batch.is_empty() && self.confirm_after.is_none();
             if idle && !self.parked.is_empty() && Instant::now() >= self.next_drain {
                 let waiting = relay
-                    .store
-                    .fetch(
-                        self.conn,
-                        Fetch::Waiting,
-                        relay.config.on_dead_letter,
-                        relay.config.batch_size as i64,
-                    )
+                    .fetch_from_table(self.conn, Fetch::Waiting)
                     .await
                     .map_err(Self::lost_store)?;
                 if !waiting.is_empty() {
@@ -793,17 +787,10 @@ impl Source for CdcSource<'_, '_> {
     ) -> Result<(), LeadEnd> {
         match self.in_flight.take() {
             Some(InFlight::Table) => {
-                if actions
-                    .iter()
-                    .any(|a| matches!(a, Action::DeadLetter { .. }))
-                {
-                    crash_point!("relay-dead-letter-write");
-                }
                 // The stream never marks rows; these were kept in the table, so they
                 // are marked published there (and purged with the rest).
                 self.relay
-                    .store
-                    .apply(self.conn, actions, OnPublish::Mark)
+                    .record_in_table(self.conn, actions, OnPublish::Mark)
                     .await
                     .map_err(Self::lost_store)?;
                 self.refresh_parked().await?;

@@ -3,7 +3,7 @@
 //! both: take a batch, publish it through the sink, let the source record the outcome.
 
 use outbox_core::{Action, DeliveryOutcome, StoredEvent};
-use outbox_postgres::Fetch;
+use outbox_postgres::{Fetch, OnPublish};
 use sqlx::postgres::PgListener;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -85,13 +85,7 @@ impl Source for PollingSource<'_, '_> {
                 return Ok(None);
             }
             let events = relay
-                .store
-                .fetch(
-                    self.conn,
-                    Fetch::Pending,
-                    relay.config.on_dead_letter,
-                    relay.config.batch_size as i64,
-                )
+                .fetch_from_table(self.conn, Fetch::Pending)
                 .await
                 .map_err(|err| self.lost(err.into()))?;
             relay.health.database.ok(relay.health.started());
@@ -119,18 +113,49 @@ impl Source for PollingSource<'_, '_> {
         _outcomes: &[DeliveryOutcome],
         _shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd> {
+        let relay = self.relay;
+        relay
+            .record_in_table(self.conn, actions, relay.config.on_publish)
+            .await
+            .map_err(|err| self.lost(err.into()))
+    }
+}
+
+/// What both sources do with rows they take from the table: polling all of them, CDC
+/// those a parked aggregate keeps waiting there.
+impl Relay<'_> {
+    /// The next rows of `which` to publish, parked aggregates left out.
+    pub(crate) async fn fetch_from_table(
+        &self,
+        conn: &mut PgConnection,
+        which: Fetch,
+    ) -> Result<Vec<StoredEvent>, outbox_postgres::Error> {
+        self.store
+            .fetch(
+                conn,
+                which,
+                self.config.on_dead_letter,
+                self.config.batch_size as i64,
+            )
+            .await
+    }
+
+    /// Records the outcome of a batch of table rows, in one transaction.
+    pub(crate) async fn record_in_table(
+        &self,
+        conn: &mut PgConnection,
+        actions: &[Action],
+        on_publish: OnPublish,
+    ) -> Result<(), outbox_postgres::Error> {
         if actions
             .iter()
             .any(|a| matches!(a, Action::DeadLetter { .. }))
         {
             crash_point!("relay-dead-letter-write");
         }
-        let relay = self.relay;
-        relay
-            .store
-            .apply(self.conn, actions, relay.config.on_publish)
+        self.store
+            .apply(conn, actions, on_publish)
             .await
             .map(|_| ())
-            .map_err(|err| self.lost(err.into()))
     }
 }
