@@ -173,6 +173,7 @@ async fn main() -> Result<()> {
                 Some(path) => outbox_relay::config::kafka_properties_from_file(path)?,
                 None => Default::default(),
             },
+            log_dir: &args.out_dir,
         },
         plan: &plan,
         shape: Shape {

@@ -72,6 +72,9 @@ pub struct Launcher<'a> {
     pub kafka_config: Option<&'a Path>,
     /// The same properties, for the harness's own consumer.
     pub kafka_properties: std::collections::BTreeMap<String, String>,
+    /// Where each relay's log goes (`<database>.log`); its level is `BENCH_RELAY_LOG`
+    /// (a `RUST_LOG` filter, `warn` by default).
+    pub log_dir: &'a Path,
 }
 
 impl Launcher<'_> {
@@ -95,6 +98,9 @@ impl Launcher<'_> {
                 .spawn()
                 .context("starting Kafka Connect with Debezium")?
         } else {
+            let log_path = self.log_dir.join(format!("{}.log", db.name));
+            let log = std::fs::File::create(&log_path)
+                .with_context(|| format!("creating {}", log_path.display()))?;
             let mut relay = Command::new(self.relay_bin);
             if let Some(config) = self.kafka_config {
                 relay.arg("--config").arg(config);
@@ -106,9 +112,13 @@ impl Launcher<'_> {
                 .env("OUTBOX_KAFKA_BROKERS", self.kafka_brokers)
                 .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
                 .env("OUTBOX_HTTP__LISTEN", "off")
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .context("starting the relay")?
         };

@@ -31,7 +31,10 @@ impl Default for TopicSettings {
 pub struct KafkaSettings {
     /// `bootstrap.servers`, such as `127.0.0.1:9092`.
     pub brokers: String,
-    /// How long the producer waits to fill a batch (`linger.ms`).
+    /// How long a batch waits in the producer for more messages (`linger.ms`). Zero,
+    /// the default, sends each batch of the relay as soon as all of it is queued: the
+    /// relay waits for every acknowledgement before it goes on, so waiting to fill a
+    /// Kafka batch would only add latency, and the relay's batch is already whole.
     pub linger: Duration,
     /// The largest batch per partition in bytes (`batch.size`).
     pub batch_bytes: u32,
@@ -53,11 +56,15 @@ pub struct KafkaSettings {
     pub transactional_id: Option<String>,
 }
 
+/// librdkafka's `linger.ms` while the relay's batch is being queued, when `linger` is
+/// zero: far longer than queueing a batch takes, never waited out.
+const QUEUEING_LINGER: Duration = Duration::from_millis(5);
+
 impl Default for KafkaSettings {
     fn default() -> Self {
         KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
-            linger: Duration::from_millis(5),
+            linger: Duration::ZERO,
             batch_bytes: 1_000_000,
             message_timeout: Duration::from_secs(30),
             compression: "none".into(),
@@ -175,6 +182,17 @@ impl KafkaSettings {
         config
     }
 
+    /// With `linger` zero, librdkafka still lingers a little so that queueing a batch
+    /// does not send its first messages alone; the sink then sends the whole batch at
+    /// once (`send_now` in `sink.rs`).
+    pub(crate) fn librdkafka_linger(&self) -> Duration {
+        if self.linger.is_zero() {
+            QUEUEING_LINGER
+        } else {
+            self.linger
+        }
+    }
+
     pub(crate) fn producer_config(&self) -> ClientConfig {
         let mut config = self.client_config();
         config
@@ -182,7 +200,10 @@ impl KafkaSettings {
             .set("acks", "all")
             .set("max.in.flight.requests.per.connection", "5")
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", self.linger.as_millis().to_string())
+            .set(
+                "linger.ms",
+                self.librdkafka_linger().as_millis().to_string(),
+            )
             .set("batch.size", self.batch_bytes.to_string())
             // Never time out inside librdkafka: a queued message that timed out while a
             // later one of its key was still queued would leave a gap, and the later one

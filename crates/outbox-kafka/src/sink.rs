@@ -544,6 +544,9 @@ impl KafkaSink {
             }
         }
 
+        if !pending.is_empty() && self.settings.linger.is_zero() {
+            send_now(&current, self.settings.message_timeout);
+        }
         let mut deliveries: FuturesUnordered<_> = pending
             .into_iter()
             .map(|(index, delivery)| async move { (index, delivery.await) })
@@ -681,6 +684,27 @@ impl Current {
             initialized: AtomicBool::new(false),
         }
     }
+}
+
+/// Sends what the producer holds now, without waiting out `linger.ms` (with
+/// `kafka.linger` zero, the default): the relay waits for every acknowledgement of a
+/// batch before it goes on, so a wait to fill the batch could only add latency (the
+/// whole batch is already queued). librdkafka treats
+/// `linger.ms` as elapsed while a flush call runs; the call runs on a blocking thread,
+/// detached, and returns once the producer holds nothing more (or after `timeout`).
+/// rust-rdkafka's `flush` cannot be used: it calls `rd_kafka_flush` with no wait in a
+/// loop, between which the broker threads see no flush and linger after all.
+fn send_now(current: &Arc<Current>, timeout: Duration) {
+    let current = current.clone();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: the pointer is the live handle of the producer that `current` keeps
+        // alive for the duration of the call; rd_kafka_flush is thread-safe and only
+        // serves delivery reports, as the producer's own polling thread does.
+        unsafe {
+            rdkafka::bindings::rd_kafka_flush(current.producer.client().native_ptr(), timeout_ms)
+        };
+    });
 }
 
 /// Runs one of librdkafka's blocking transaction calls off the async threads.

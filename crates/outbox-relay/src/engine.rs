@@ -395,6 +395,7 @@ impl Relay<'_> {
         shutdown: &CancellationToken,
     ) -> LeadEnd {
         loop {
+            let asked = Instant::now();
             let events = match source.next_batch(shutdown).await {
                 Ok(Some(events)) => events,
                 Ok(None) => return LeadEnd::Shutdown,
@@ -405,7 +406,9 @@ impl Relay<'_> {
             if self.sink.is_fenced() {
                 return LeadEnd::Lost(RelayError::Fenced);
             }
+            let published = Instant::now();
             crash_point!("relay-published-not-recorded");
+            let count = events.len();
             if let Err(end) = source.record(events, &actions, &outcomes, shutdown).await {
                 return end;
             }
@@ -414,6 +417,14 @@ impl Relay<'_> {
             self.metrics
                 .batch_duration
                 .observe(started.elapsed().as_secs_f64());
+            // Where a batch's time goes (bench/README.md, "Where the time goes").
+            debug!(
+                events = count,
+                take_ms = (started - asked).as_secs_f64() * 1e3,
+                publish_ms = (published - started).as_secs_f64() * 1e3,
+                record_ms = published.elapsed().as_secs_f64() * 1e3,
+                "batch"
+            );
         }
     }
 
