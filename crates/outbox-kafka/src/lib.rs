@@ -9,6 +9,7 @@
 
 mod classify;
 mod context;
+mod producer;
 mod security;
 mod settings;
 mod sink;

@@ -10,13 +10,13 @@ use outbox_core::{BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{Producer as _, PurgeConfig, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tracing::{info, warn};
 
 use crate::classify::delivery_error;
 use crate::context::QuietLog;
+use crate::producer::Producer;
 use crate::KafkaSettings;
 
 /// How long reports are still awaited after queued messages were withdrawn at the
@@ -111,6 +111,9 @@ pub fn check_connection(
     }
 }
 
+/// The topic the health probe asks the metadata of.
+const HEALTH_TOPIC: &str = "outbox-relay-health";
+
 /// One metadata request of [`check_connection`]: short, so a refusal is seen quickly.
 const CHECK_STEP: Duration = Duration::from_secs(1);
 /// How long connections closed at the first request must go on before the check says
@@ -147,10 +150,11 @@ impl KafkaSink {
         }
         let redactor = settings.redactor();
         let refused = |err: KafkaError| ConnectError::Client(redactor.redact(&err.to_string()));
-        let producer = settings
-            .producer_config()
-            .create_with_context(QuietLog::redacting(redactor.clone()))
-            .map_err(refused)?;
+        let producer = Producer::new(
+            &settings.producer_config(),
+            QuietLog::redacting(redactor.clone()),
+        )
+        .map_err(refused)?;
         let mut admin_config = settings.client_config();
         // Asking whether a topic exists must not create it (with topics.create = false).
         admin_config.set("allow.auto.create.topics", "false");
@@ -191,7 +195,7 @@ impl KafkaSink {
     /// messages were already reported failed, so the relay sends them again with the
     /// new producer.
     fn renew_producer_if_fatal(&self, current: &Arc<Current>) {
-        if let Some((code, reason)) = current.producer.client().fatal_error() {
+        if let Some((code, reason)) = current.producer.base().client().fatal_error() {
             let reason = self.settings.redactor().redact(&reason);
             if matches!(
                 code,
@@ -211,11 +215,10 @@ impl KafkaSink {
         if !Arc::ptr_eq(&self.producer(), stale) {
             return;
         }
-        match self
-            .settings
-            .producer_config()
-            .create_with_context(QuietLog::redacting(self.settings.redactor()))
-        {
+        match Producer::new(
+            &self.settings.producer_config(),
+            QuietLog::redacting(self.settings.redactor()),
+        ) {
             Ok(fresh) => {
                 let mut slot = self.producer.write().expect("producer lock");
                 if Arc::ptr_eq(&slot, stale) {
@@ -234,8 +237,10 @@ impl KafkaSink {
     async fn begin_transaction(&self, current: &Arc<Current>) -> Result<(), DeliveryError> {
         if !current.initialized.load(Ordering::Acquire) {
             let timeout = self.settings.message_timeout;
-            let initialized =
-                run_blocking(current, move |producer| producer.init_transactions(timeout)).await;
+            let initialized = run_blocking(current, move |producer| {
+                producer.base().init_transactions(timeout)
+            })
+            .await;
             if let Err(err) = initialized {
                 self.renew_producer_if_fatal(current);
                 return Err(self.transaction_error("cannot initialize Kafka transactions", &err));
@@ -243,7 +248,7 @@ impl KafkaSink {
             current.initialized.store(true, Ordering::Release);
             info!(transactional_id = ?self.settings.transactional_id, "Kafka transactions initialized; any earlier producer of this transactional id is fenced");
         }
-        current.producer.begin_transaction().map_err(|err| {
+        current.producer.base().begin_transaction().map_err(|err| {
             self.renew_producer_if_fatal(current);
             self.transaction_error("cannot begin a Kafka transaction", &err)
         })
@@ -263,7 +268,7 @@ impl KafkaSink {
             let committed = loop {
                 tries += 1;
                 match run_blocking(current, move |producer| {
-                    producer.commit_transaction(timeout)
+                    producer.base().commit_transaction(timeout)
                 })
                 .await
                 {
@@ -287,10 +292,12 @@ impl KafkaSink {
 
     async fn abort_transaction(&self, current: &Arc<Current>) {
         let timeout = self.settings.message_timeout;
-        if let Err(err) =
-            run_blocking(current, move |producer| producer.abort_transaction(timeout)).await
+        if let Err(err) = run_blocking(current, move |producer| {
+            producer.base().abort_transaction(timeout)
+        })
+        .await
         {
-            if current.producer.client().fatal_error().is_some() {
+            if current.producer.base().client().fatal_error().is_some() {
                 self.renew_producer_if_fatal(current);
             } else {
                 let reason = self.settings.redactor().redact(&err.to_string());
@@ -437,8 +444,26 @@ impl Sink for KafkaSink {
         Box::pin(self.publish_batch(messages))
     }
 
+    /// One metadata request on the admin client's open connections (the relay's health
+    /// probe asks every few seconds); only when it fails does a fresh client find out
+    /// why (refused TLS or SASL, an unreachable host) with [`KafkaSink::check_connection`].
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>> {
-        Box::pin(async move { Ok(self.check_connection(timeout).await?) })
+        Box::pin(async move {
+            let admin = self.admin.clone();
+            let answered = tokio::task::spawn_blocking(move || {
+                // One topic, not the whole cluster's metadata; whether it exists does not
+                // matter (the admin client never creates topics by asking).
+                admin
+                    .inner()
+                    .fetch_metadata(Some(HEALTH_TOPIC), timeout.min(CHECK_STEP))
+            })
+            .await
+            .expect("the metadata request does not panic");
+            if answered.is_ok() {
+                return Ok(());
+            }
+            Ok(self.check_connection(timeout).await?)
+        })
     }
 
     /// A newer producer of the transactional id fenced this sink since the last
@@ -503,15 +528,14 @@ impl KafkaSink {
                     value: Some(value),
                 });
             }
-            let mut record = FutureRecord::to(&message.topic)
-                .key(&message.key)
-                .headers(headers);
+            let (record, delivery) = Producer::record(&message.topic);
+            let mut record = record.key(message.key.as_slice()).headers(headers);
             if let Some(value) = &message.value {
-                record = record.payload(value);
+                record = record.payload(value.as_slice());
             }
             loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
+                match producer.base().send(record) {
+                    Ok(()) => {
                         entered[index] = true;
                         pending.push((index, delivery));
                         break;
@@ -551,10 +575,10 @@ impl KafkaSink {
             .into_iter()
             .map(|(index, delivery)| async move { (index, delivery.await) })
             .collect();
-        let mut record = |index: usize, result: Result<OwnedDeliveryResult, Canceled>| {
+        let mut record = |index: usize, result: Result<Result<(), KafkaError>, Canceled>| {
             outcomes[index] = Some(match result {
-                Ok(Ok(_)) => DeliveryOutcome::Delivered,
-                Ok(Err((err, _))) => {
+                Ok(Ok(())) => DeliveryOutcome::Delivered,
+                Ok(Err(err)) => {
                     self.forget_topic_if_missing(&err, &messages[index].topic);
                     DeliveryOutcome::Failed(delivery_error(&err))
                 }
@@ -575,7 +599,7 @@ impl KafkaSink {
                     // Withdraw what is still queued: those messages fail at once, and
                     // since a partition's queue is sent in order, what was delivered stays
                     // a prefix of each key's messages (no gap for a retry to fill later).
-                    producer.purge(PurgeConfig::default().queue());
+                    producer.base().purge(PurgeConfig::default().queue());
                     withdrawn = true;
                 }
                 _ = tokio::time::sleep_until(deadline + PURGE_GRACE), if withdrawn => {
@@ -672,13 +696,13 @@ impl KafkaSink {
 
 /// The producer in use.
 struct Current {
-    producer: FutureProducer<QuietLog>,
+    producer: Producer,
     /// With a transactional id: whether `init_transactions` succeeded for this producer.
     initialized: AtomicBool,
 }
 
 impl Current {
-    fn new(producer: FutureProducer<QuietLog>) -> Self {
+    fn new(producer: Producer) -> Self {
         Current {
             producer,
             initialized: AtomicBool::new(false),
@@ -702,7 +726,10 @@ fn send_now(current: &Arc<Current>, timeout: Duration) {
         // alive for the duration of the call; rd_kafka_flush is thread-safe and only
         // serves delivery reports, as the producer's own polling thread does.
         unsafe {
-            rdkafka::bindings::rd_kafka_flush(current.producer.client().native_ptr(), timeout_ms)
+            rdkafka::bindings::rd_kafka_flush(
+                current.producer.base().client().native_ptr(),
+                timeout_ms,
+            )
         };
     });
 }
@@ -710,7 +737,7 @@ fn send_now(current: &Arc<Current>, timeout: Duration) {
 /// Runs one of librdkafka's blocking transaction calls off the async threads.
 async fn run_blocking<T: Send + 'static>(
     current: &Arc<Current>,
-    call: impl FnOnce(&FutureProducer<QuietLog>) -> T + Send + 'static,
+    call: impl FnOnce(&Producer) -> T + Send + 'static,
 ) -> T {
     let current = current.clone();
     tokio::task::spawn_blocking(move || call(&current.producer))
