@@ -11,6 +11,7 @@ mod arrivals;
 mod db;
 mod load;
 mod plot;
+mod profile;
 mod report;
 mod results;
 mod session;
@@ -88,6 +89,10 @@ struct Args {
     /// Directory for report.json, RESULTS.md and plots/.
     #[arg(long)]
     out_dir: PathBuf,
+    /// Record a CPU profile (perf) of our relay while it drains its backlog, and draw it
+    /// as `<system>-round<n>.flamegraph.svg` next to the report.
+    #[arg(long)]
+    profile_relay: bool,
     /// Re-render RESULTS.md and the plots from an earlier report.json, measuring nothing.
     #[arg(long, value_name = "REPORT_JSON")]
     render: Option<PathBuf>,
@@ -176,6 +181,7 @@ async fn main() -> Result<()> {
             log_dir: &args.out_dir,
         },
         plan: &plan,
+        profile_dir: args.profile_relay.then_some(args.out_dir.as_path()),
         shape: Shape {
             writers: args.writers,
             payload_bytes: args.payload_bytes,

@@ -18,6 +18,8 @@ pub struct Context<'a> {
     pub launcher: Launcher<'a>,
     pub plan: &'a Plan,
     pub shape: Shape,
+    /// With `--profile-relay`: where our relay's flame graph of each backlog drain goes.
+    pub profile_dir: Option<&'a std::path::Path>,
 }
 
 pub async fn run(cx: &Context<'_>, system: System, round: usize) -> Result<Session> {
@@ -104,7 +106,13 @@ async fn measure(
     }
     let max_sustained = max_sustained(&steps, &probes, high, plan);
 
-    let backlog = backlog(cx, db, sut, &arrivals, plan.backlog_events).await?;
+    let profile = match cx.profile_dir {
+        Some(dir) if !system.is_debezium() => {
+            Some((dir, format!("{}-round{round}", system.name())))
+        }
+        _ => None,
+    };
+    let backlog = backlog(cx, db, sut, &arrivals, plan.backlog_events, profile).await?;
     eprintln!(
         "bench: {} backlog: {:.0} events/s ({:.2} s)",
         system.name(),
@@ -282,17 +290,26 @@ async fn backlog(
     sut: &mut Running,
     arrivals: &Arrivals,
     events: usize,
+    profile: Option<(&std::path::Path, String)>,
 ) -> Result<Backlog> {
     sut.pause();
     let written = load::closed_loop(&db.pool, cx.shape, events, 10).await;
     let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
     sut.take_sampled_peak_rss_mib();
+    let recording = match &profile {
+        Some((dir, name)) => Some(crate::profile::start(sut.pid(), dir, name)?),
+        None => None,
+    };
     let resumed = crate::now_micros();
     sut.resume();
     let written = written?;
     let settled = arrivals
         .settle(&written.commits, Duration::from_secs(600))
         .await;
+    if let Some(recording) = recording {
+        let svg = tokio::task::spawn_blocking(move || recording.finish()).await??;
+        eprintln!("bench: flame graph of the drain in {}", svg.display());
+    }
     let (cpu, pg) = (sut.cpu_seconds() - cpu, postgres_cpu_seconds() - pg);
     if settled.missing > 0 {
         bail!(
