@@ -130,10 +130,19 @@ impl ClientContext for QuietLog {
     }
 }
 
-/// For the connection probe ([`crate::check_connection`]), which sends nothing.
+/// The sink's producer (`producer.rs`) hands each message's report to its sender; the
+/// connection probe ([`crate::check_connection`]) sends nothing.
 impl rdkafka::producer::ProducerContext for QuietLog {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+    type DeliveryOpaque = crate::producer::DeliverySender;
+
+    fn delivery(
+        &self,
+        result: &rdkafka::message::DeliveryResult<'_>,
+        sender: Self::DeliveryOpaque,
+    ) {
+        // The receiver may be gone (a publish that gave up waiting): nothing to tell.
+        let _ = sender.send(result.as_ref().map(|_| ()).map_err(|(err, _)| err.clone()));
+    }
 }
 
 /// The audit's reader (`topic_reader.rs`) assigns partitions itself: no rebalances to

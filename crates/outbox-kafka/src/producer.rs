@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::producer::{BaseProducer, BaseRecord};
+use rdkafka::ClientConfig;
 
 use crate::context::QuietLog;
 
@@ -25,41 +24,20 @@ const POLL_PERIOD: Duration = Duration::from_secs(5);
 /// What the broker said about one message.
 pub(crate) type Delivery = oneshot::Receiver<Result<(), KafkaError>>;
 
+/// Where [`QuietLog`]'s delivery callback tells a [`Delivery`] what became of it.
+pub(crate) type DeliverySender = Box<oneshot::Sender<Result<(), KafkaError>>>;
+
 /// A message to send; it carries the sender of its [`Delivery`].
-pub(crate) type Record<'a> =
-    BaseRecord<'a, [u8], [u8], Box<oneshot::Sender<Result<(), KafkaError>>>>;
-
-/// [`QuietLog`], plus the delivery reports.
-pub(crate) struct Reporting(pub(crate) QuietLog);
-
-impl ClientContext for Reporting {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.0.log(level, facility, message)
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.0.error(error, reason)
-    }
-}
-
-impl ProducerContext for Reporting {
-    type DeliveryOpaque = Box<oneshot::Sender<Result<(), KafkaError>>>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, sender: Self::DeliveryOpaque) {
-        // The receiver may be gone (a publish that gave up waiting): nothing to tell.
-        let _ = sender.send(result.as_ref().map(|_| ()).map_err(|(err, _)| err.clone()));
-    }
-}
+pub(crate) type Record<'a> = BaseRecord<'a, [u8], [u8], DeliverySender>;
 
 pub(crate) struct Producer {
-    base: Arc<BaseProducer<Reporting>>,
+    base: Arc<BaseProducer<QuietLog>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Producer {
     pub(crate) fn new(config: &ClientConfig, context: QuietLog) -> KafkaResult<Producer> {
-        let base: Arc<BaseProducer<Reporting>> =
-            Arc::new(config.create_with_context(Reporting(context))?);
+        let base: Arc<BaseProducer<QuietLog>> = Arc::new(config.create_with_context(context)?);
         let stop = Arc::new(AtomicBool::new(false));
         let polled = (base.clone(), stop.clone());
         std::thread::Builder::new()
@@ -84,7 +62,7 @@ impl Producer {
     }
 
     /// The librdkafka producer: `send` a [`Record`], the transaction calls, purges.
-    pub(crate) fn base(&self) -> &BaseProducer<Reporting> {
+    pub(crate) fn base(&self) -> &BaseProducer<QuietLog> {
         &self.base
     }
 }

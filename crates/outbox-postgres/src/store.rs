@@ -282,14 +282,13 @@ impl PollingStore {
             }
         }
         let t = self.table.qualified();
-        let mut tx = conn.begin().await?;
         // Every statement below finds its rows by id. With a batch of ids the planner
         // may price a scan of the whole table below a thousand index probes (a table of
         // small rows), and then each batch reads every row ever written: a relay
-        // falling behind at a few thousand events per second. Only for this transaction.
-        sqlx::query("SELECT set_config('enable_seqscan', 'off', true)")
-            .execute(&mut *tx)
-            .await?;
+        // falling behind at a few thousand events per second. Only for this
+        // transaction, and sent with its BEGIN (no round trip of its own).
+        let mut tx =
+            sqlx::Connection::begin_with(conn, "BEGIN; SET LOCAL enable_seqscan = off").await?;
         if on_publish == OnPublish::Delete {
             mark_relay_delete(&mut tx).await?;
         }
