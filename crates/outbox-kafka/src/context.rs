@@ -142,6 +142,8 @@ impl rdkafka::producer::ProducerContext for QuietLog {
     ) {
         // The receiver may be gone (a publish that gave up waiting): nothing to tell.
         let _ = sender.send(result.as_ref().map(|_| ()).map_err(|(err, _)| err.clone()));
+        // Tests: the report told, its message not yet released (a slow delivery thread).
+        fail::fail_point!("kafka-delivery-report-held");
     }
 }
 

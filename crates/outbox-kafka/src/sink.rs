@@ -268,13 +268,11 @@ impl KafkaSink {
             let committed = loop {
                 tries += 1;
                 match run_blocking(current, move |producer| {
-                    producer.base().commit_transaction(timeout)
+                    producer.commit_transaction(timeout)
                 })
                 .await
                 {
-                    Err(KafkaError::Transaction(err)) if err.is_retriable() && tries < 3 => {
-                        continue
-                    }
+                    Err(err) if err.retriable && tries < 3 => continue,
                     other => break other,
                 }
             };
@@ -282,7 +280,11 @@ impl KafkaSink {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
-            let error = self.transaction_error("the Kafka transaction did not commit", &err);
+            let error = self.transaction_failure(
+                "the Kafka transaction did not commit",
+                Some(err.code),
+                &err.to_string(),
+            );
             self.abort_transaction(current).await;
             return Err(error);
         }
@@ -310,8 +312,17 @@ impl KafkaSink {
     /// A transaction that failed leaves the batch to be sent again; it says nothing about
     /// the messages, so it uses up no attempt.
     fn transaction_error(&self, context: &str, err: &KafkaError) -> DeliveryError {
-        let reason = self.settings.redactor().redact(&err.to_string());
-        let hint = match err.rdkafka_error_code() {
+        self.transaction_failure(context, err.rdkafka_error_code(), &err.to_string())
+    }
+
+    fn transaction_failure(
+        &self,
+        context: &str,
+        code: Option<RDKafkaErrorCode>,
+        reason: &str,
+    ) -> DeliveryError {
+        let reason = self.settings.redactor().redact(reason);
+        let hint = match code {
             Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => {
                 "; grant the relay's principal Write and Describe on its transactional id (README, \"Least privilege\"), or set kafka.transactions = false"
             }
