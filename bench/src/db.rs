@@ -31,7 +31,38 @@ impl BenchDb {
         system: System,
         pool_size: u32,
     ) -> Result<BenchDb> {
-        let name = format!("outbox_bench_{}", system.name().replace('-', "_"));
+        let mut db = BenchDb::create_named(
+            admin_url,
+            relay_bin,
+            &system.name().replace('-', "_"),
+            system == System::Cdc,
+            pool_size,
+        )
+        .await?;
+        let unique = &Uuid::now_v7().simple().to_string()[..12];
+        let prefix = format!("bench-{}-{unique}", system.name());
+        (db.template, db.topic) = if system.is_debezium() {
+            let topic = format!("{prefix}.outbox.event.order");
+            (prefix, topic)
+        } else {
+            (
+                format!("{prefix}.{{aggregatetype}}"),
+                format!("{prefix}.order"),
+            )
+        };
+        Ok(db)
+    }
+
+    /// Creates `outbox_bench_<name>`, migrated by `outbox migrate` (with `--cdc`, its
+    /// publication and slot too), with no topic of its own.
+    pub async fn create_named(
+        admin_url: &str,
+        relay_bin: &Path,
+        name: &str,
+        cdc: bool,
+        pool_size: u32,
+    ) -> Result<BenchDb> {
+        let name = format!("outbox_bench_{name}");
         let mut admin = PgConnection::connect(admin_url).await?;
         drop_slots(&mut admin, &name).await?;
         sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
@@ -50,7 +81,7 @@ impl BenchDb {
             .arg("migrate")
             .env("OUTBOX_DATABASE_URL", &url)
             .stdout(Stdio::null());
-        if system == System::Cdc {
+        if cdc {
             migrate.arg("--cdc");
         }
         if !migrate.status()?.success() {
@@ -60,23 +91,12 @@ impl BenchDb {
             .max_connections(pool_size)
             .connect(&url)
             .await?;
-        let unique = &Uuid::now_v7().simple().to_string()[..12];
-        let prefix = format!("bench-{}-{unique}", system.name());
-        let (template, topic) = if system.is_debezium() {
-            let topic = format!("{prefix}.outbox.event.order");
-            (prefix, topic)
-        } else {
-            (
-                format!("{prefix}.{{aggregatetype}}"),
-                format!("{prefix}.order"),
-            )
-        };
         Ok(BenchDb {
             name,
             url,
             pool,
-            template,
-            topic,
+            template: String::new(),
+            topic: String::new(),
             admin_url: admin_url.to_string(),
         })
     }

@@ -71,6 +71,9 @@ pub async fn closed_loop(
 
 type Commits = Vec<(Uuid, u64)>;
 
+/// Events per transaction of the backlog scenario (and of the limits measured beside it).
+pub const BACKLOG_EVENTS_PER_TX: usize = 10;
+
 /// `shape.writers` connections share the transactions; with an `interval`, transaction
 /// `i` waits until `i × interval` after the start.
 async fn write(

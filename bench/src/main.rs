@@ -9,6 +9,7 @@
 
 mod arrivals;
 mod db;
+mod limits;
 mod load;
 mod plot;
 mod profile;
@@ -93,6 +94,13 @@ struct Args {
     /// as `<system>-round<n>.flamegraph.svg` next to the report.
     #[arg(long)]
     profile_relay: bool,
+    /// Skip the machine's limits (Kafka alone, PostgreSQL alone, the replication stream
+    /// alone), measured at the start of every round.
+    #[arg(long, conflicts_with = "limits_only")]
+    no_limits: bool,
+    /// Measure the machine's limits only, no system.
+    #[arg(long)]
+    limits_only: bool,
     /// Re-render RESULTS.md and the plots from an earlier report.json, measuring nothing.
     #[arg(long, value_name = "REPORT_JSON")]
     render: Option<PathBuf>,
@@ -132,7 +140,11 @@ impl Args {
                 Profile::Full => "full",
             }
             .to_string(),
-            systems: self.systems.clone(),
+            systems: if self.limits_only {
+                Vec::new()
+            } else {
+                self.systems.clone()
+            },
             rounds: self.rounds.unwrap_or(rounds),
             steps,
             step_seconds: self.step_secs.unwrap_or(step_seconds),
@@ -194,8 +206,20 @@ async fn main() -> Result<()> {
         machine: machine(),
         plan: plan.clone(),
         sessions: Vec::new(),
+        limits: Vec::new(),
     };
     for round in 1..=plan.rounds {
+        if !args.no_limits {
+            eprintln!("bench: round {round}/{}: the machine's limits", plan.rounds);
+            let limits = limits::measure(&cx, round)
+                .await
+                .with_context(|| format!("measuring the machine's limits (round {round})"))?;
+            report.limits.push(limits);
+            write_outputs(&report, &args.out_dir)?;
+        }
+        if args.limits_only {
+            continue;
+        }
         for name in &plan.systems {
             let system = System::parse(name)?;
             eprintln!("bench: round {round}/{}: {name}", plan.rounds);

@@ -8,7 +8,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::report::{mean, Report, Session, Step};
+use crate::report::{mean, KafkaStep, Report, Session, Step};
 use crate::results::number;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -47,17 +47,33 @@ fn color(system: &str) -> RGBColor {
         "polling" => RGBColor(31, 119, 180),
         "cdc" => RGBColor(44, 160, 44),
         "debezium" => RGBColor(214, 39, 40),
-        _ => RGBColor(255, 127, 14),
+        "debezium-tuned" => RGBColor(255, 127, 14),
+        _ => LIMIT_COLOR,
     }
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-/// One bar per system, on a log scale when the values span more than a factor of 20.
-fn bars(area: &Area, title: &str, unit: &str, values: &[(&str, f64)]) -> Result<()> {
+/// A limit of the machine drawn across a panel: its label and value.
+type LimitLine = (String, f64);
+
+/// One bar per system, on a log scale when the values span more than a factor of 20,
+/// with the machine's `limits` as dashed lines across.
+fn bars(
+    area: &Area,
+    title: &str,
+    unit: &str,
+    values: &[(&str, f64)],
+    limits: &[LimitLine],
+) -> Result<()> {
+    let limits: Vec<&LimitLine> = limits
+        .iter()
+        .filter(|(_, v)| v.is_finite() && *v > 0.0)
+        .collect();
     let finite: Vec<f64> = values
         .iter()
         .map(|(_, v)| *v)
+        .chain(limits.iter().map(|(_, v)| *v))
         .filter(|v| v.is_finite() && *v > 0.0)
         .collect();
     let max = finite.iter().cloned().fold(0.0, f64::max).max(1e-9);
@@ -115,6 +131,9 @@ fn bars(area: &Area, title: &str, unit: &str, values: &[(&str, f64)]) -> Result<
                 .filter(|(_, (_, v))| v.is_finite())
                 .map(|(i, (_, v))| text(i, *v, *v * 1.3)),
         )?;
+        for (label, v) in &limits {
+            draw_limit(&mut chart, n, label, *v, *v * 1.08)?;
+        }
     } else {
         let mut chart = builder.build_cartesian_2d(-0.5..n - 0.5, 0.0..max * 1.15)?;
         chart
@@ -139,7 +158,41 @@ fn bars(area: &Area, title: &str, unit: &str, values: &[(&str, f64)]) -> Result<
                 .filter(|(_, (_, v))| v.is_finite())
                 .map(|(i, (_, v))| text(i, *v, *v + max * 0.05)),
         )?;
+        for (label, v) in &limits {
+            draw_limit(&mut chart, n, label, *v, *v + max * 0.06)?;
+        }
     }
+    Ok(())
+}
+
+const LIMIT_COLOR: RGBColor = RGBColor(110, 110, 110);
+
+/// A dashed line across a bar chart at `value`, labelled at height `label_at`.
+fn draw_limit<'a, Y>(
+    chart: &mut ChartContext<
+        'a,
+        BitMapBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
+    n: f64,
+    label: &str,
+    value: f64,
+    label_at: f64,
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    chart.draw_series(DashedLineSeries::new(
+        vec![(-0.5, value), (n - 0.5, value)],
+        8,
+        5,
+        LIMIT_COLOR.stroke_width(2),
+    ))?;
+    chart.draw_series(std::iter::once(Text::new(
+        format!("{label}: {}", number(value)),
+        (-0.45, label_at),
+        ("sans-serif", 14).into_font().color(&LIMIT_COLOR),
+    )))?;
     Ok(())
 }
 
@@ -160,9 +213,10 @@ fn step_lines(
     title: &str,
     unit: &str,
     figure: impl Fn(&Step) -> f64,
+    floor: Option<fn(&KafkaStep) -> f64>,
 ) -> Result<()> {
     let steps = &report.plan.steps;
-    let lines: Vec<(&str, Vec<(f64, f64)>)> = report
+    let mut lines: Vec<(&str, Vec<(f64, f64)>)> = report
         .by_system()
         .into_iter()
         .map(|(name, sessions)| {
@@ -183,6 +237,25 @@ fn step_lines(
             (name, points)
         })
         .collect();
+    if let Some(floor) = floor {
+        for (name, transactions) in [
+            ("Kafka alone", true),
+            ("Kafka alone, no transactions", false),
+        ] {
+            let points: Vec<(f64, f64)> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, rate)| {
+                    let v = report.limit(|l| l.kafka(transactions)?.step(*rate).map(floor));
+                    (i as f64, v)
+                })
+                .filter(|(_, v)| v.is_finite() && *v > 0.0)
+                .collect();
+            if !points.is_empty() {
+                lines.push((name, points));
+            }
+        }
+    }
     let all: Vec<f64> = lines
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
@@ -211,6 +284,22 @@ fn step_lines(
         .draw()?;
     for (name, points) in lines {
         let c = color(name);
+        if name.starts_with("Kafka alone") {
+            // The limits, dashed: what a system's line is read against.
+            let width = if name == "Kafka alone" { 3 } else { 1 };
+            chart
+                .draw_series(DashedLineSeries::new(
+                    points.clone(),
+                    8,
+                    5,
+                    c.stroke_width(width),
+                ))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+                });
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
             .label(name)
@@ -238,17 +327,37 @@ fn throughput(report: &Report, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));
+    let top_shape = report
+        .plan
+        .steps
+        .last()
+        .map(|rate| rate.div_ceil(report.plan.max_tx_per_sec).max(1) as usize)
+        .unwrap_or(1);
     bars(
         &panels[0],
         "Highest rate kept up with (open loop)",
         "events/s",
         &per_system(report, |s| Some(s.max_sustained.events_per_sec)),
+        &[(
+            format!("writers alone, {top_shape}/tx"),
+            report.limit(|l| l.writers_at(top_shape)),
+        )],
     )?;
     bars(
         &panels[1],
         "Backlog drain",
         "events/s",
         &per_system(report, |s| Some(s.backlog.events_per_sec)),
+        &[
+            (
+                "Kafka alone".into(),
+                report.limit(|l| l.kafka(true).map(|k| k.drain_events_per_sec)),
+            ),
+            (
+                "stream alone".into(),
+                report.limit(|l| Some(l.stream.events_per_sec)),
+            ),
+        ],
     )?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
@@ -265,9 +374,24 @@ fn latency(report: &Report, path: &Path) -> Result<()> {
         "Latency p50, commit → consume",
         "ms",
         |s| s.p50_ms,
+        Some(|s| s.p50_ms),
     )?;
-    step_lines(&panels[1], report, "Latency p99", "ms", |s| s.p99_ms)?;
-    step_lines(&panels[2], report, "Latency p99.9", "ms", |s| s.p999_ms)?;
+    step_lines(
+        &panels[1],
+        report,
+        "Latency p99",
+        "ms",
+        |s| s.p99_ms,
+        Some(|s| s.p99_ms),
+    )?;
+    step_lines(
+        &panels[2],
+        report,
+        "Latency p99.9",
+        "ms",
+        |s| s.p999_ms,
+        Some(|s| s.p999_ms),
+    )?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -282,6 +406,7 @@ fn resources(report: &Report, path: &Path) -> Result<()> {
         "Peak resident memory",
         "MiB",
         &per_system(report, |s| Some(s.peak_rss_mib)),
+        &[],
     )?;
     step_lines(
         &panels[1],
@@ -289,12 +414,14 @@ fn resources(report: &Report, path: &Path) -> Result<()> {
         "CPU per million events",
         "CPU-seconds",
         |s| s.cpu_seconds_per_million,
+        None,
     )?;
     bars(
         &panels[2],
         "CPU while idle",
         "% of a core",
         &per_system(report, |s| Some(s.idle.cpu_percent)),
+        &[],
     )?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;

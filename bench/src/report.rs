@@ -12,6 +12,10 @@ pub struct Report {
     pub plan: Plan,
     /// In the order they ran: round 1 of every system, then round 2, …
     pub sessions: Vec<Session>,
+    /// The machine's limits, measured at the start of each round (none in reports
+    /// written before they were measured).
+    #[serde(default)]
+    pub limits: Vec<Limits>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -161,5 +165,112 @@ pub fn mean(sessions: &[&Session], figure: impl Fn(&Session) -> Option<f64>) -> 
 impl Session {
     pub fn step(&self, rate: u32) -> Option<&Step> {
         self.steps.iter().find(|s| s.target_rate == rate)
+    }
+}
+
+/// What the parts under the systems allow, measured in the same run (`limits.rs`).
+#[derive(Serialize, Deserialize)]
+pub struct Limits {
+    pub round: usize,
+    /// The relay's producer with no database: with Kafka transactions (the relay's
+    /// default), then without.
+    pub kafka: Vec<KafkaAlone>,
+    pub postgres: PostgresAlone,
+    pub stream: StreamAlone,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct KafkaAlone {
+    pub transactions: bool,
+    /// Messages per publish at most (the relay's batch size).
+    pub batch_size: usize,
+    /// Open loop at the plan's rates: handed to the producer → consumed.
+    pub steps: Vec<KafkaStep>,
+    /// The backlog's number of messages, all at hand, published batch after batch.
+    pub drain_events: usize,
+    pub drain_seconds: f64,
+    pub drain_events_per_sec: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct KafkaStep {
+    pub target_rate: u32,
+    pub events: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The writers' commit rate with no system running.
+#[derive(Serialize, Deserialize)]
+pub struct PostgresAlone {
+    pub writers: Vec<WriterCeiling>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct WriterCeiling {
+    pub events_per_tx: usize,
+    pub events: usize,
+    pub events_per_sec: f64,
+}
+
+/// A backlog decoded from a slot by PostgreSQL (`pgoutput`) and read by
+/// `pg_recvlogical`, with nothing behind it.
+#[derive(Serialize, Deserialize)]
+pub struct StreamAlone {
+    pub events: usize,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+}
+
+impl Report {
+    /// The mean of a limit over the rounds that measured it (NaN when none did).
+    pub fn limit(&self, figure: impl Fn(&Limits) -> Option<f64>) -> f64 {
+        let values: Vec<f64> = self
+            .limits
+            .iter()
+            .filter_map(figure)
+            .filter(|v| v.is_finite())
+            .collect();
+        if values.is_empty() {
+            f64::NAN
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        }
+    }
+}
+
+impl Limits {
+    pub fn kafka(&self, transactions: bool) -> Option<&KafkaAlone> {
+        self.kafka.iter().find(|k| k.transactions == transactions)
+    }
+
+    /// The writers' ceiling at the largest measured shape not above `events_per_tx`
+    /// (more events per transaction only write faster).
+    pub fn writers_at(&self, events_per_tx: usize) -> Option<f64> {
+        self.postgres
+            .writers
+            .iter()
+            .filter(|w| w.events_per_tx <= events_per_tx)
+            .max_by_key(|w| w.events_per_tx)
+            .map(|w| w.events_per_sec)
+    }
+}
+
+impl KafkaAlone {
+    pub fn step(&self, rate: u32) -> Option<&KafkaStep> {
+        self.steps.iter().find(|s| s.target_rate == rate)
+    }
+}
+
+impl Session {
+    /// The step or probe whose achieved rate is the highest rate kept up with.
+    pub fn best_kept_up(&self) -> Option<&Step> {
+        self.steps
+            .iter()
+            .chain(&self.probes)
+            .filter(|s| s.verdict.kept_up())
+            .max_by(|a, b| a.achieved_rate.total_cmp(&b.achieved_rate))
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::report::{mean, Report, Session, Step, Verdict};
+use crate::report::{mean, Limits, Report, Session, Step, Verdict};
 
 type Figure = Box<dyn Fn(&Session) -> Option<f64>>;
 
@@ -153,6 +153,10 @@ pub fn markdown(report: &Report) -> String {
         if let Some(last) = sessions.last() {
             let _ = writeln!(out, "- {name}: {}", last.max_sustained.limited_by);
         }
+    }
+
+    if !report.limits.is_empty() {
+        limits_section(&mut out, report);
     }
 
     // Latency per step.
@@ -312,6 +316,149 @@ pub fn number(v: f64) -> String {
 fn ratio(ours: f64, peer: f64) -> String {
     if ours.is_finite() && peer.is_finite() && peer != 0.0 {
         format!("{}×", number(ours / peer))
+    } else {
+        "—".into()
+    }
+}
+
+/// The limits of the machine, and each system's figures as a share of them.
+fn limits_section(out: &mut String, report: &Report) {
+    let plan = &report.plan;
+    let systems = report.by_system();
+    let kafka = |tx: bool, f: fn(&crate::report::KafkaAlone) -> f64| {
+        report.limit(move |l| l.kafka(tx).map(f))
+    };
+    let _ = writeln!(
+        out,
+        "\n## The machine's limits (measured at the start of each round; mean of {} round(s))\n\n\
+         - **Kafka alone**: the relay's own producer (its Kafka sink, settings and batch size \
+         of {}) sends the same messages with no database. Latency is from handing a message \
+         to the producer to the consumer receiving it; the drain publishes the backlog's \
+         {} messages batch after batch.\n\
+         - **PostgreSQL alone**: the writers' commit rate, closed loop, with no system \
+         running.\n\
+         - **Replication stream alone**: the backlog's {} events written to a table with a \
+         slot, then decoded by PostgreSQL (`pgoutput`, the options our relay sends) and read \
+         by `pg_recvlogical` to the WAL position after the last commit, with nothing behind \
+         it.\n",
+        report.limits.len(),
+        report
+            .limits
+            .first()
+            .and_then(|l| l.kafka.first())
+            .map(|k| k.batch_size)
+            .unwrap_or(0),
+        plan.backlog_events,
+        plan.backlog_events,
+    );
+    out.push_str("| limit | events/s |\n| --- | ---: |\n");
+    for tx in [true, false] {
+        let _ = writeln!(
+            out,
+            "| Kafka alone, transactions {}: drain | {} |",
+            if tx {
+                "on (the relay's default)"
+            } else {
+                "off"
+            },
+            number(kafka(tx, |k| k.drain_events_per_sec))
+        );
+    }
+    let mut shapes: Vec<usize> = report
+        .limits
+        .iter()
+        .flat_map(|l| l.postgres.writers.iter().map(|w| w.events_per_tx))
+        .collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    for per_tx in &shapes {
+        let _ = writeln!(
+            out,
+            "| PostgreSQL alone: writers, {per_tx} event(s) per transaction | {} |",
+            number(report.limit(|l| {
+                l.postgres
+                    .writers
+                    .iter()
+                    .find(|w| w.events_per_tx == *per_tx)
+                    .map(|w| w.events_per_sec)
+            }))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| replication stream alone (`pg_recvlogical`) | {} |",
+        number(report.limit(|l| Some(l.stream.events_per_sec)))
+    );
+
+    let _ = writeln!(
+        out,
+        "\nLatency floor, Kafka alone (ms, p50 / p99 / p99.9):\n\n\
+         | target (events/s) | transactions on | transactions off |\n| ---: | --- | --- |"
+    );
+    for &rate in &plan.steps {
+        let cell = |tx: bool| {
+            let q = |f: fn(&crate::report::KafkaStep) -> f64| {
+                report.limit(move |l| l.kafka(tx).and_then(|k| k.step(rate)).map(f))
+            };
+            format!(
+                "{} / {} / {}",
+                number(q(|s| s.p50_ms)),
+                number(q(|s| s.p99_ms)),
+                number(q(|s| s.p999_ms))
+            )
+        };
+        let _ = writeln!(out, "| {rate} | {} | {} |", cell(true), cell(false));
+    }
+
+    // Each system against the limit that bounds it.
+    let first = plan.steps[0];
+    let _ = writeln!(
+        out,
+        "\nEach system against the limits (percent of the limit; latency as a multiple of \
+         Kafka alone's with transactions):\n\n\
+         | system | backlog drain ÷ Kafka alone | backlog drain ÷ stream alone | highest rate kept \
+         up ÷ writers alone (same events per transaction) | p50 at {first}/s ÷ Kafka alone's \
+         |\n| --- | ---: | ---: | ---: | ---: |"
+    );
+    for (name, sessions) in &systems {
+        let drain = mean(sessions, |s| Some(s.backlog.events_per_sec));
+        let kept_up = mean(sessions, |s| {
+            let best = s.best_kept_up()?;
+            let ceiling = limits_of(report, s.round)?.writers_at(best.events_per_tx)?;
+            Some(best.achieved_rate / ceiling * 100.0)
+        });
+        let p50 = mean(sessions, |s| {
+            let floor = limits_of(report, s.round)?.kafka(true)?.step(first)?.p50_ms;
+            Some(s.step(first)?.p50_ms / floor)
+        });
+        let reads_the_stream = *name != "polling";
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} |",
+            percent(drain / kafka(true, |k| k.drain_events_per_sec)),
+            if reads_the_stream {
+                percent(drain / report.limit(|l| Some(l.stream.events_per_sec)))
+            } else {
+                "—".into()
+            },
+            percent(kept_up / 100.0),
+            if p50.is_finite() {
+                format!("{}×", number(p50))
+            } else {
+                "—".into()
+            },
+        );
+    }
+}
+
+/// The limits measured at the start of a round.
+fn limits_of(report: &Report, round: usize) -> Option<&Limits> {
+    report.limits.iter().find(|l| l.round == round)
+}
+
+fn percent(fraction: f64) -> String {
+    if fraction.is_finite() {
+        format!("{}%", number(fraction * 100.0))
     } else {
         "—".into()
     }

@@ -293,7 +293,7 @@ async fn backlog(
     profile: Option<(&std::path::Path, String)>,
 ) -> Result<Backlog> {
     sut.pause();
-    let written = load::closed_loop(&db.pool, cx.shape, events, 10).await;
+    let written = load::closed_loop(&db.pool, cx.shape, events, load::BACKLOG_EVENTS_PER_TX).await;
     let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
     sut.take_sampled_peak_rss_mib();
     let recording = match &profile {
