@@ -370,6 +370,7 @@ async fn batch_statements_never_scan_the_whole_table() {
                 outbox_postgres::Fetch::Pending,
                 outbox_core::DeadLetterPolicy::Park,
                 1000,
+                u64::MAX,
             )
             .await
             .unwrap();
@@ -389,5 +390,49 @@ async fn batch_statements_never_scan_the_whole_table() {
         );
     }
     drop(conn);
+    db.drop_db().await;
+}
+
+/// A backlog of large events is fetched a bounded number of bytes at a time
+/// (`polling.max_batch_bytes`, 8 MiB by default), not `polling.batch_size` rows at once:
+/// 150 events of 900 KiB (132 MiB) waiting when the relay starts must not all be in its
+/// memory together. (Before the bound: 394 MiB. With it, this debug build peaks near
+/// 60 MiB: the batch, its messages and the producer's copy, beside the binary's own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_keep_polling_memory_bounded() {
+    const EVENTS: usize = 150;
+    const RSS_BOUND_MIB: f64 = 96.0;
+    let db = TestDb::new().await;
+    let pad = "x".repeat(900 * 1024);
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        let big = Event::new(
+            "order",
+            (n % 10).to_string(),
+            "Big",
+            serde_json::json!({ "n": n, "pad": pad }),
+        );
+        ids.push(big.id);
+        db.write(std::slice::from_ref(&big)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = spawn_relay(&db, &dir.path().join("relay.log"), &[]);
+    let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(180)).await;
+    let peak = peak_rss_mib(relay.id());
+    sigterm(&relay);
+    let _ = relay.wait();
+    eprintln!("relay peak RSS draining {EVENTS} events of 900 KiB: {peak:.1} MiB");
+    assert_eq!(
+        received
+            .iter()
+            .map(Received::id)
+            .collect::<HashSet<_>>()
+            .len(),
+        EVENTS
+    );
+    assert!(
+        peak < RSS_BOUND_MIB,
+        "relay peak RSS {peak:.1} MiB exceeds {RSS_BOUND_MIB} MiB while draining {EVENTS} events of 900 KiB"
+    );
     db.drop_db().await;
 }

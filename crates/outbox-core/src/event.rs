@@ -191,6 +191,15 @@ pub struct StoredEvent {
     pub retried_dead_letter: bool,
 }
 
+impl StoredEvent {
+    /// What the event weighs in a batch, in bytes: its payload and headers. Batches
+    /// are bounded by it, so that large events do not pile up in memory.
+    pub fn weight(&self) -> u64 {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.payload.as_ref().map_or(0, Vec::len) + headers) as u64
+    }
+}
+
 /// The message and its causes, for `main() -> Result<(), Box<dyn Error>>`.
 impl std::fmt::Debug for PayloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

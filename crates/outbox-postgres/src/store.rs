@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use std::collections::HashSet;
 
 use outbox_core::{Action, DeadLetterPolicy, StoredEvent, TableRef};
@@ -183,12 +184,19 @@ impl PollingStore {
     /// one with an event waiting for a retry and, with [`DeadLetterPolicy::Park`], one
     /// with a dead letter not yet retried or skipped. Its later events cannot overtake
     /// it; the other aggregates keep flowing.
+    ///
+    /// At most `limit` rows, and no more than `max_bytes` of them (by
+    /// [`StoredEvent::weight`]): rows are read as they arrive, and the batch ends with
+    /// the row that reaches `max_bytes` (so one row heavier than that still makes a
+    /// batch of its own). A prefix of the rows in `seq` order is as good a batch as all
+    /// of them: the next fetch finds the rest.
     pub async fn fetch(
         &self,
         conn: &mut PgConnection,
         which: Fetch,
         on_dead_letter: DeadLetterPolicy,
         limit: i64,
+        max_bytes: u64,
     ) -> Result<Vec<StoredEvent>, Error> {
         let index = match (which, on_dead_letter) {
             (Fetch::Pending, DeadLetterPolicy::Park) => 0,
@@ -196,11 +204,22 @@ impl PollingStore {
             (Fetch::Waiting, DeadLetterPolicy::Park) => 2,
             (Fetch::Waiting, DeadLetterPolicy::Skip) => 3,
         };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql[index])))
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql[index])))
             .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
-        rows.iter().map(stored_event).collect()
+            .fetch(&mut *conn);
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.try_next().await? {
+            let event = stored_event(&row)?;
+            bytes += event.weight();
+            events.push(event);
+            if bytes >= max_bytes {
+                // The rows left unread are read and dropped by the connection before
+                // its next statement, one at a time.
+                break;
+            }
+        }
+        Ok(events)
     }
 
     /// CDC: the next rows after `after_seq` that a replication slot may not hold, in

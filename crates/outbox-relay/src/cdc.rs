@@ -716,7 +716,7 @@ impl Source for CdcSource<'_, '_> {
                         if self.batch.is_empty() {
                             self.batch_started = Some(Instant::now());
                         }
-                        self.batch_bytes += event_bytes(&row);
+                        self.batch_bytes += row.weight();
                         self.batch.push(row)
                     }
                     CdcEvent::Commit { end_lsn } => {
@@ -804,12 +804,6 @@ impl Source for CdcSource<'_, '_> {
             None => unreachable!("record follows next_batch"),
         }
     }
-}
-
-/// What an event weighs in a batch: its payload and headers.
-fn event_bytes(event: &StoredEvent) -> u64 {
-    let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    (event.payload.as_ref().map_or(0, Vec::len) + headers) as u64
 }
 
 /// The CDC objects of an outbox table after [`set_up`].

@@ -150,6 +150,9 @@ pub struct PollingSection {
     /// Fallback poll interval when no insert notification arrives.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// A fetch ends once its rows add up to this many bytes (payload and headers), even
+    /// before `batch_size` rows: with large events, memory stays bounded by bytes.
+    pub max_batch_bytes: u64,
 }
 
 impl Default for PollingSection {
@@ -157,6 +160,7 @@ impl Default for PollingSection {
         PollingSection {
             batch_size: 1000,
             interval: Duration::from_secs(1),
+            max_batch_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -561,11 +565,15 @@ impl Config {
                 humantime_serde::re::humantime::format_duration(self.delivery.initial_backoff),
             )));
         }
-        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.cdc.max_batch_bytes) {
-            return Err(RelayError::Config(format!(
-                "cdc.max_batch_bytes is {}; set it between 65536 (64 KiB) and 1073741824 (1 GiB) (8388608 is the default)",
-                self.cdc.max_batch_bytes
-            )));
+        for (setting, value) in [
+            ("polling.max_batch_bytes", self.polling.max_batch_bytes),
+            ("cdc.max_batch_bytes", self.cdc.max_batch_bytes),
+        ] {
+            if !(64 * 1024..=1024 * 1024 * 1024).contains(&value) {
+                return Err(RelayError::Config(format!(
+                    "{setting} is {value}; set it between 65536 (64 KiB) and 1073741824 (1 GiB) (8388608 is the default)",
+                )));
+            }
         }
         if !(1..=100).contains(&self.postgres.keepalive_count) {
             return Err(RelayError::Config(format!(
@@ -620,6 +628,7 @@ impl Config {
             mode: self.mode,
             table,
             batch_size: self.polling.batch_size,
+            max_batch_bytes: self.polling.max_batch_bytes,
             poll_interval: self.polling.interval,
             on_publish: self.delivery.on_publish,
             retention: self.delivery.retention,
@@ -856,6 +865,8 @@ pub struct RelayConfig {
     pub mode: Mode,
     pub table: TableRef,
     pub batch_size: u32,
+    /// Polling (and CDC's rows waiting in the table): bytes after which a fetch ends.
+    pub max_batch_bytes: u64,
     pub poll_interval: Duration,
     pub on_publish: OnPublish,
     pub retention: Duration,
@@ -1009,7 +1020,7 @@ mod tests {
             assert_eq!(
                 text,
                 format!(
-                    "bad configuration in config file {} at key `polling.batch_sise`: unknown key; the keys here are batch_size, interval; remove or correct it (in the environment the same key is OUTBOX_POLLING__BATCH_SISE)",
+                    "bad configuration in config file {} at key `polling.batch_sise`: unknown key; the keys here are batch_size, interval, max_batch_bytes; remove or correct it (in the environment the same key is OUTBOX_POLLING__BATCH_SISE)",
                     path.display()
                 )
             );
@@ -1020,7 +1031,7 @@ mod tests {
             let err = load(jail, None, &ConfigOverrides::default()).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                "bad configuration in the environment variable OUTBOX_POLLING__BATCHSIZE at key `polling.batchsize`: unknown key; the keys here are batch_size, interval; unset or rename OUTBOX_POLLING__BATCHSIZE"
+                "bad configuration in the environment variable OUTBOX_POLLING__BATCHSIZE at key `polling.batchsize`: unknown key; the keys here are batch_size, interval, max_batch_bytes; unset or rename OUTBOX_POLLING__BATCHSIZE"
             );
             Ok(())
         });

@@ -13,6 +13,7 @@
 //! at any point leaves it to be published again: duplicates, never loss. Maintenance
 //! (the purge) runs beside the loop, as its own task.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,7 @@ pub async fn run_with_metrics(
         health,
         pool: pool.clone(),
         cdc,
+        heaviest_fetched_row: AtomicU64::new(0),
     };
     let result = relay.run(connect, &shutdown).await;
     shutdown.cancel();
@@ -244,6 +246,9 @@ pub(crate) struct Relay<'a> {
     pub(crate) pool: PgPool,
     /// Set in CDC mode: the publication and slot read from.
     pub(crate) cdc: Option<CdcNames>,
+    /// The weight of the heaviest row of the last fetch from the table that returned
+    /// any (0 before the first): how many rows the next fetch asks for.
+    pub(crate) heaviest_fetched_row: AtomicU64,
 }
 
 /// Why leading stopped.

@@ -2,6 +2,8 @@
 //! the table's replication stream (CDC, in `cdc.rs`). The engine's loop is the same for
 //! both: take a batch, publish it through the sink, let the source record the outcome.
 
+use std::sync::atomic::Ordering;
+
 use outbox_core::{Action, DeliveryOutcome, StoredEvent};
 use outbox_postgres::{Fetch, OnPublish};
 use sqlx::postgres::PgListener;
@@ -130,14 +132,25 @@ impl Relay<'_> {
         conn: &mut PgConnection,
         which: Fetch,
     ) -> Result<Vec<StoredEvent>, outbox_postgres::Error> {
-        self.store
+        let limit = fetch_limit(
+            self.config.batch_size,
+            self.config.max_batch_bytes,
+            self.heaviest_fetched_row.load(Ordering::Relaxed),
+        );
+        let events = self
+            .store
             .fetch(
                 conn,
                 which,
                 self.config.on_dead_letter,
-                self.config.batch_size as i64,
+                limit,
+                self.config.max_batch_bytes,
             )
-            .await
+            .await?;
+        if let Some(heaviest) = events.iter().map(StoredEvent::weight).max() {
+            self.heaviest_fetched_row.store(heaviest, Ordering::Relaxed);
+        }
+        Ok(events)
     }
 
     /// Records the outcome of a batch of table rows, in one transaction.
@@ -157,5 +170,40 @@ impl Relay<'_> {
             .apply(conn, actions, on_publish)
             .await
             .map(|_| ())
+    }
+}
+
+/// How many rows a fetch asks for: `batch_size`, or fewer when rows are heavy. A fetch
+/// ends at `max_batch_bytes` whatever its limit, but the server renders every row the
+/// limit lets through, and the connection reads past the bytes bound to the end of the
+/// result; so the limit follows the heaviest row of the last fetch (one row more than
+/// fit, to see whether they still weigh as much). Before any row was seen, rows are
+/// taken to weigh a 64th of the bound.
+fn fetch_limit(batch_size: u32, max_batch_bytes: u64, heaviest_row: u64) -> i64 {
+    let heaviest = if heaviest_row == 0 {
+        max_batch_bytes / 64
+    } else {
+        heaviest_row
+    };
+    (max_batch_bytes / heaviest.max(1) + 1).clamp(1, u64::from(batch_size)) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fetch_limit;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn small_rows_fetch_a_whole_batch() {
+        assert_eq!(fetch_limit(1000, 8 * MIB, 1024), 1000);
+        assert_eq!(fetch_limit(1000, 8 * MIB, 0), 65);
+    }
+
+    #[test]
+    fn heavy_rows_fetch_what_the_bytes_bound_lets_through() {
+        assert_eq!(fetch_limit(1000, 8 * MIB, MIB), 9);
+        assert_eq!(fetch_limit(1000, 8 * MIB, 100 * MIB), 1);
+        assert_eq!(fetch_limit(5, 8 * MIB, MIB), 5);
     }
 }
