@@ -74,6 +74,10 @@ struct Args {
     /// Events of the backlog scenario (overrides the profile).
     #[arg(long)]
     backlog_events: Option<usize>,
+    /// MiB of large (960 KiB) events in our relay's large-event backlog; 0 skips it
+    /// (overrides the profile: 128 quick, 2048 full).
+    #[arg(long)]
+    large_backlog_mib: Option<usize>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     payload_bytes: usize,
@@ -114,9 +118,9 @@ enum Profile {
 
 impl Args {
     fn plan(&self) -> Result<Plan> {
-        let (rounds, steps, step_seconds, idle_seconds, probes, probe_seconds, backlog) =
+        let (rounds, steps, step_seconds, idle_seconds, probes, probe_seconds, backlog, large) =
             match self.profile {
-                Profile::Quick => (1, vec![1000, 5000], 8.0, 5.0, 1, 6.0, 20_000),
+                Profile::Quick => (1, vec![1000, 5000], 8.0, 5.0, 1, 6.0, 20_000, 128),
                 Profile::Full => (
                     2,
                     vec![1000, 2000, 5000, 10_000, 20_000],
@@ -125,6 +129,7 @@ impl Args {
                     3,
                     15.0,
                     100_000,
+                    2048,
                 ),
             };
         for system in &self.systems {
@@ -152,6 +157,7 @@ impl Args {
             probes,
             probe_seconds,
             backlog_events: self.backlog_events.unwrap_or(backlog),
+            large_backlog_mib: self.large_backlog_mib.unwrap_or(large),
             payload_bytes: self.payload_bytes,
             writers: self.writers,
             max_tx_per_sec: self.max_tx_per_sec,

@@ -38,6 +38,9 @@ pub struct Plan {
     pub probes: usize,
     pub probe_seconds: f64,
     pub backlog_events: usize,
+    /// The large-event backlog of our relay's sessions, MiB (0: none).
+    #[serde(default)]
+    pub large_backlog_mib: usize,
     pub payload_bytes: usize,
     pub writers: usize,
     pub max_tx_per_sec: u32,
@@ -59,7 +62,10 @@ pub struct Session {
     pub probes: Vec<Step>,
     pub max_sustained: MaxSustained,
     pub backlog: Backlog,
-    /// VmHWM at the end of the session.
+    /// Our relay only: a backlog of large events, drained with its memory watched.
+    #[serde(default)]
+    pub large_backlog: Option<LargeBacklog>,
+    /// VmHWM before the large-event backlog (the same phases for every system).
     pub peak_rss_mib: f64,
     pub duplicates: u64,
 }
@@ -130,6 +136,20 @@ pub struct Backlog {
     pub events_per_sec: f64,
     pub cpu_seconds_per_million: f64,
     pub postgres_cpu_seconds_per_million: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// The system paused, a backlog of large events written, the system resumed: how fast
+/// it drains, and how much memory it takes meanwhile.
+#[derive(Serialize, Deserialize)]
+pub struct LargeBacklog {
+    pub events: usize,
+    /// Each event's payload, bytes.
+    pub event_bytes: usize,
+    pub drain_seconds: f64,
+    pub events_per_sec: f64,
+    pub mib_per_sec: f64,
+    /// Highest VmRSS sampled (every 50 ms) from the resume to the last arrival.
     pub peak_rss_mib: f64,
 }
 

@@ -158,6 +158,7 @@ pub fn markdown(report: &Report) -> String {
     if !report.limits.is_empty() {
         limits_section(&mut out, report);
     }
+    large_events_section(&mut out, report);
 
     // Latency per step.
     let _ = writeln!(
@@ -461,5 +462,42 @@ fn percent(fraction: f64) -> String {
         format!("{}%", number(fraction * 100.0))
     } else {
         "—".into()
+    }
+}
+
+/// Our relay's drain of a backlog of large events, and its memory meanwhile.
+fn large_events_section(out: &mut String, report: &Report) {
+    let sessions: Vec<&Session> = report
+        .sessions
+        .iter()
+        .filter(|s| s.large_backlog.is_some())
+        .collect();
+    let Some(first) = sessions.first().and_then(|s| s.large_backlog.as_ref()) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n## Large events (our relay only)\n\n\
+         The system paused, {} MiB of events of {} KiB (random hex in a JSON string) \
+         written 10 per transaction in plain SQL, the system resumed: the drain, and the \
+         highest resident memory sampled meanwhile (every 50 ms). Debezium is not run \
+         here.\n\n\
+         | system | round | events | drain (MiB/s) | drain (events/s) | peak RSS while draining (MiB) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |",
+        report.plan.large_backlog_mib,
+        first.event_bytes / 1024,
+    );
+    for s in sessions {
+        let large = s.large_backlog.as_ref().expect("filtered");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            s.system,
+            s.round,
+            large.events,
+            number(large.mib_per_sec),
+            number(large.events_per_sec),
+            number(large.peak_rss_mib),
+        );
     }
 }

@@ -10,7 +10,7 @@ use outbox::Event;
 use crate::arrivals::Arrivals;
 use crate::db::BenchDb;
 use crate::load::{self, Shape, Written};
-use crate::report::{Backlog, Idle, MaxSustained, Plan, Session, Step, Verdict};
+use crate::report::{Backlog, Idle, LargeBacklog, MaxSustained, Plan, Session, Step, Verdict};
 use crate::system::{postgres_cpu_seconds, Launcher, Running, System};
 
 pub struct Context<'a> {
@@ -120,6 +120,22 @@ async fn measure(
         backlog.drain_seconds
     );
     sut.check_alive()?;
+    // Before the large events, which only our relay's sessions drain.
+    let peak_rss_mib = sut.peak_rss_mib();
+    let large_backlog = if system.is_debezium() || plan.large_backlog_mib == 0 {
+        None
+    } else {
+        let large = large_backlog(db, sut, &arrivals, plan.large_backlog_mib).await?;
+        eprintln!(
+            "bench: {} large-event backlog: {:.0} MiB/s ({} events), peak RSS {:.1} MiB",
+            system.name(),
+            large.mib_per_sec,
+            large.events,
+            large.peak_rss_mib
+        );
+        sut.check_alive()?;
+        Some(large)
+    };
     let duplicates = arrivals.duplicates();
     arrivals.stop();
     Ok(Session {
@@ -131,7 +147,8 @@ async fn measure(
         probes,
         max_sustained,
         backlog,
-        peak_rss_mib: sut.peak_rss_mib(),
+        large_backlog,
+        peak_rss_mib,
         duplicates,
     })
 }
@@ -325,5 +342,70 @@ async fn backlog(
         cpu_seconds_per_million: cpu / events as f64 * 1e6,
         postgres_cpu_seconds_per_million: pg / events as f64 * 1e6,
         peak_rss_mib: sut.take_sampled_peak_rss_mib(),
+    })
+}
+
+/// Payload of the large-event backlog: under librdkafka's default `message.max.bytes`
+/// (1,000,000) with its JSON and headers, so it needs no setting changed.
+const LARGE_EVENT_BYTES: usize = 960 * 1024;
+
+/// Pauses the system, writes `mib` MiB of events of [`LARGE_EVENT_BYTES`] (random hex,
+/// which PostgreSQL cannot compress much), resumes it and times the drain, sampling its
+/// memory meanwhile.
+async fn large_backlog(
+    db: &BenchDb,
+    sut: &mut Running,
+    arrivals: &Arrivals,
+    mib: usize,
+) -> Result<LargeBacklog> {
+    let events = (mib * 1024 * 1024).div_ceil(LARGE_EVENT_BYTES);
+    let data: String = {
+        use std::fmt::Write;
+        let mut hex = String::with_capacity(LARGE_EVENT_BYTES);
+        while hex.len() < LARGE_EVENT_BYTES - 64 {
+            let _ = write!(hex, "{:032x}", uuid::Uuid::new_v4().as_u128());
+        }
+        hex
+    };
+    sut.pause();
+    let mut commits = Vec::with_capacity(events);
+    let per_tx = load::BACKLOG_EVENTS_PER_TX;
+    for first in (0..events).step_by(per_tx) {
+        let last = (first + per_tx).min(events) - 1;
+        // Plain SQL, as a writer in any language would; one payload sent per transaction.
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
+             SELECT gen_random_uuid(), 'order', (n % 1000)::text, 'BenchLarge',
+                    jsonb_build_object('n', n, 'data', $1::text)
+             FROM generate_series($2::int, $3::int) AS n
+             RETURNING id",
+        )
+        .bind(&data)
+        .bind(first as i32)
+        .bind(last as i32)
+        .fetch_all(&db.pool)
+        .await?;
+        let at = crate::now_micros();
+        commits.extend(ids.into_iter().map(|id| (id, at)));
+    }
+    sut.take_sampled_peak_rss_mib();
+    let resumed = crate::now_micros();
+    sut.resume();
+    let settled = arrivals.settle(&commits, Duration::from_secs(600)).await;
+    let peak_rss_mib = sut.take_sampled_peak_rss_mib();
+    if settled.missing > 0 {
+        bail!(
+            "large-event backlog: {} of {events} events never arrived within 10 minutes",
+            settled.missing
+        );
+    }
+    let drain_seconds = settled.last_arrival.saturating_sub(resumed) as f64 / 1e6;
+    Ok(LargeBacklog {
+        events,
+        event_bytes: LARGE_EVENT_BYTES,
+        drain_seconds,
+        events_per_sec: events as f64 / drain_seconds,
+        mib_per_sec: (events * LARGE_EVENT_BYTES) as f64 / 1024.0 / 1024.0 / drain_seconds,
+        peak_rss_mib,
     })
 }

@@ -152,6 +152,7 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 }
 
 fn main() -> ExitCode {
+    return_large_blocks_to_the_system();
     let cli = Cli::parse();
     // Crash points of the fault tests; nothing in a release build.
     let _failpoints = outbox_relay::failpoints::setup();
@@ -257,3 +258,20 @@ async fn relay(config: RelayConfig) -> Result<(), RelayError> {
     info!(table = %config.table, sink = config.sink.type_name(), to = %config.sink.target(), database = %config.database_url, "starting relay");
     outbox_relay::run(config, shutdown).await
 }
+
+/// Gives every large allocation (a large event's payload, its message, a produce
+/// request) a mapping of its own, returned to the system when freed. By default glibc
+/// raises that threshold to the largest block freed so far, then serves such blocks
+/// from per-thread heaps that keep what they free: draining 960 KiB events, the relay's
+/// peak memory was 69 MiB in CDC mode and 50 MiB polling, against 53 and 48 MiB with
+/// the threshold fixed (bench, large-event backlog); small events are not affected.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_large_blocks_to_the_system() {
+    // SAFETY: mallopt only tunes the allocator, and runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_large_blocks_to_the_system() {}
