@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, default_value = "bench/debezium/run-connect")]
     debezium_script: PathBuf,
     /// quick: one round of two short steps (under five minutes); full: two alternated
-    /// rounds of five 20 s steps.
+    /// rounds of six 20 s steps.
     #[arg(long, value_enum, default_value = "full")]
     profile: Profile,
     /// Systems to measure, in this order within each round.
@@ -123,7 +123,7 @@ impl Args {
                 Profile::Quick => (1, vec![1000, 5000], 8.0, 5.0, 1, 6.0, 20_000, 128),
                 Profile::Full => (
                     2,
-                    vec![1000, 2000, 5000, 10_000, 20_000],
+                    vec![1000, 2000, 5000, 10_000, 20_000, 50_000],
                     20.0,
                     30.0,
                     3,
