@@ -170,11 +170,12 @@ impl Report {
 
 /// The mean of a figure over the rounds (NaN when no round has it).
 pub fn mean(sessions: &[&Session], figure: impl Fn(&Session) -> Option<f64>) -> f64 {
-    let values: Vec<f64> = sessions
-        .iter()
-        .filter_map(|s| figure(s))
-        .filter(|v| v.is_finite())
-        .collect();
+    mean_of_finite(sessions.iter().filter_map(|s| figure(s)))
+}
+
+/// The mean of the finite values (NaN when there is none).
+fn mean_of_finite(values: impl Iterator<Item = f64>) -> f64 {
+    let values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
     if values.is_empty() {
         f64::NAN
     } else {
@@ -247,17 +248,7 @@ pub struct StreamAlone {
 impl Report {
     /// The mean of a limit over the rounds that measured it (NaN when none did).
     pub fn limit(&self, figure: impl Fn(&Limits) -> Option<f64>) -> f64 {
-        let values: Vec<f64> = self
-            .limits
-            .iter()
-            .filter_map(figure)
-            .filter(|v| v.is_finite())
-            .collect();
-        if values.is_empty() {
-            f64::NAN
-        } else {
-            values.iter().sum::<f64>() / values.len() as f64
-        }
+        mean_of_finite(self.limits.iter().filter_map(figure))
     }
 }
 

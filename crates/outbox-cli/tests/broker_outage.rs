@@ -262,18 +262,8 @@ async fn large_events_during_an_outage_keep_cdc_memory_bounded() {
     tokio::task::spawn_blocking(|| services(&["stop", "kafka"]))
         .await
         .unwrap();
-    let pad = "x".repeat(900 * 1024);
     let mut ids = vec![warmup.id];
-    for n in 0..EVENTS {
-        let big = Event::new(
-            "order",
-            (n % 10).to_string(),
-            "Big",
-            serde_json::json!({ "n": n, "pad": pad }),
-        );
-        ids.push(big.id);
-        db.write(std::slice::from_ref(&big)).await;
-    }
+    ids.extend(write_large_events(&db, EVENTS).await);
     // The relay reads the stream while the broker is down.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let peak_during_outage = peak_rss_mib(relay.id());

@@ -403,18 +403,7 @@ async fn large_events_keep_polling_memory_bounded() {
     const EVENTS: usize = 150;
     const RSS_BOUND_MIB: f64 = 96.0;
     let db = TestDb::new().await;
-    let pad = "x".repeat(900 * 1024);
-    let mut ids = Vec::new();
-    for n in 0..EVENTS {
-        let big = Event::new(
-            "order",
-            (n % 10).to_string(),
-            "Big",
-            serde_json::json!({ "n": n, "pad": pad }),
-        );
-        ids.push(big.id);
-        db.write(std::slice::from_ref(&big)).await;
-    }
+    let ids = write_large_events(&db, EVENTS).await;
     let dir = tempfile::tempdir().unwrap();
     let mut relay = spawn_relay(&db, &dir.path().join("relay.log"), &[]);
     let received = consume_ids(vec![db.topic("order")], &ids, Duration::from_secs(180)).await;

@@ -485,6 +485,24 @@ pub fn services(args: &[&str]) {
     assert!(status.success(), "scripts/services {args:?} failed");
 }
 
+/// Writes `count` events of about 900 KiB (type `order`, ten aggregates), one per
+/// transaction; returns their ids in the order written.
+pub async fn write_large_events(db: &TestDb, count: usize) -> Vec<Uuid> {
+    let pad = "x".repeat(900 * 1024);
+    let mut ids = Vec::with_capacity(count);
+    for n in 0..count {
+        let big = Event::new(
+            "order",
+            (n % 10).to_string(),
+            "Big",
+            serde_json::json!({ "n": n, "pad": pad }),
+        );
+        ids.push(big.id);
+        db.write(std::slice::from_ref(&big)).await;
+    }
+    ids
+}
+
 /// An `OrderCreated`-like event with a JSON payload carrying its sequence number.
 pub fn event(aggregate_type: &str, aggregate_id: &str, n: usize) -> Event {
     Event::new(
