@@ -31,10 +31,34 @@ pub struct Arrivals {
 /// How a set of written events arrived.
 pub struct Settled {
     pub missing: usize,
+    /// How many were waited for.
+    pub expected: usize,
+    /// How long they were waited for at most.
+    pub waited: Duration,
     /// When the last of them arrived, µs (0 when none did).
     pub last_arrival: u64,
     /// Commit → arrival, µs.
     pub latency: Histogram<u64>,
+}
+
+impl Settled {
+    /// A drain's result: fails, naming `what`, unless every event arrived.
+    pub fn drained(&self, what: &str) -> Result<()> {
+        if self.missing > 0 {
+            bail!(
+                "{what}: {} of {} events never arrived within {:?}",
+                self.missing,
+                self.expected,
+                self.waited
+            );
+        }
+        Ok(())
+    }
+
+    /// Seconds from `since` (µs since the epoch) to the last arrival.
+    pub fn seconds_since(&self, since: u64) -> f64 {
+        self.last_arrival.saturating_sub(since) as f64 / 1e6
+    }
 }
 
 impl Arrivals {
@@ -133,6 +157,8 @@ impl Arrivals {
         }
         Settled {
             missing: waiting.len(),
+            expected: commits.len(),
+            waited: timeout,
             last_arrival,
             latency,
         }

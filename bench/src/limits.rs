@@ -30,7 +30,7 @@ use crate::report::{KafkaAlone, KafkaStep, Limits, PostgresAlone, StreamAlone, W
 use crate::session::Context;
 
 pub async fn measure(cx: &Context<'_>, round: usize) -> Result<Limits> {
-    let settings = relay_kafka_settings(cx)?;
+    let (settings, batch) = relay_producer(cx)?;
     let mut kafka = Vec::new();
     for transactions in [true, false] {
         let mut settings = settings.clone();
@@ -40,7 +40,7 @@ pub async fn measure(cx: &Context<'_>, round: usize) -> Result<Limits> {
             // Configured off (kafka.transactions = false): there is nothing to compare.
             continue;
         }
-        let alone = kafka_alone(cx, settings)
+        let alone = kafka_alone(cx, settings, batch)
             .await
             .with_context(|| format!("Kafka alone (transactions {})", on_off(transactions)))?;
         for s in &alone.steps {
@@ -90,9 +90,9 @@ fn on_off(on: bool) -> &'static str {
     }
 }
 
-/// The producer settings the relay would run with, from the same file and environment
-/// the harness gives it.
-fn relay_kafka_settings(cx: &Context<'_>) -> Result<KafkaSettings> {
+/// The producer settings and batch size (`polling.batch_size`; CDC batches as many)
+/// the relay would run with, from the same file and environment the harness gives it.
+fn relay_producer(cx: &Context<'_>) -> Result<(KafkaSettings, usize)> {
     let overrides = ConfigOverrides {
         database_url: Some(cx.admin_url.to_string()),
         kafka_brokers: Some(cx.launcher.kafka_brokers.to_string()),
@@ -106,24 +106,16 @@ fn relay_kafka_settings(cx: &Context<'_>) -> Result<KafkaSettings> {
     if settings.transactional_id.is_some() {
         settings.transactional_id = Some(format!("outbox-bench/{}", Uuid::now_v7()));
     }
-    Ok(settings)
+    Ok((settings, config.batch_size as usize))
 }
 
-/// The relay's batch size (polling.batch_size; CDC batches as many).
-fn relay_batch_size(cx: &Context<'_>) -> Result<usize> {
-    let overrides = ConfigOverrides {
-        database_url: Some(cx.admin_url.to_string()),
-        ..Default::default()
-    };
-    Ok(Config::load(cx.launcher.kafka_config, &overrides)?
-        .resolve()?
-        .batch_size as usize)
-}
-
-async fn kafka_alone(cx: &Context<'_>, settings: KafkaSettings) -> Result<KafkaAlone> {
+async fn kafka_alone(
+    cx: &Context<'_>,
+    settings: KafkaSettings,
+    batch: usize,
+) -> Result<KafkaAlone> {
     let plan = cx.plan;
     let transactions = settings.transactional_id.is_some();
-    let batch = relay_batch_size(cx)?;
     let unique = &Uuid::now_v7().simple().to_string()[..12];
     let topic = format!("bench-kafka-alone-{unique}.order");
     let sink: Arc<dyn Sink> = Arc::new(KafkaSink::new(settings)?);
@@ -157,9 +149,7 @@ async fn kafka_alone(cx: &Context<'_>, settings: KafkaSettings) -> Result<KafkaA
         let commits = open_loop(&sink, &topic, batch, rate, events, n, plan.payload_bytes).await?;
         n += events;
         let settled = arrivals.settle(&commits, Duration::from_secs(120)).await;
-        if settled.missing > 0 {
-            bail!("{} of {events} messages never arrived", settled.missing);
-        }
+        settled.drained(&format!("the step at {rate}/s"))?;
         let ms = |q: f64| settled.latency.value_at_quantile(q) as f64 / 1000.0;
         steps.push(KafkaStep {
             target_rate: rate,
@@ -186,13 +176,8 @@ async fn kafka_alone(cx: &Context<'_>, settings: KafkaSettings) -> Result<KafkaA
     }
     let settled = arrivals.settle(&commits, Duration::from_secs(300)).await;
     arrivals.stop();
-    if settled.missing > 0 {
-        bail!(
-            "drain: {} of {events} messages never arrived",
-            settled.missing
-        );
-    }
-    let seconds = settled.last_arrival.saturating_sub(started) as f64 / 1e6;
+    settled.drained("the drain")?;
+    let seconds = settled.seconds_since(started);
     Ok(KafkaAlone {
         transactions,
         batch_size: batch,
@@ -342,9 +327,14 @@ async fn stream_alone(cx: &Context<'_>) -> Result<StreamAlone> {
         let started = Instant::now();
         // The options our relay's replication client sends.
         let status = tokio::task::spawn_blocking({
-            let (url, end) = (db.url.clone(), end.clone());
+            let (end, (url, password)) = (end.clone(), url_without_password(&db.url)?);
             move || {
-                Command::new("pg_recvlogical")
+                let mut recvlogical = Command::new("pg_recvlogical");
+                // A password goes in the environment: a command line is public.
+                if let Some(password) = password {
+                    recvlogical.env("PGPASSWORD", password);
+                }
+                recvlogical
                     .args(["--no-loop", "--start", "-f", "-"])
                     .args(["-d", &url, "-S", &slot, "-E", &end])
                     .args(["-o", "proto_version=1", "-o", "messages=true"])
@@ -381,4 +371,16 @@ async fn stream_alone(cx: &Context<'_>) -> Result<StreamAlone> {
     .await;
     db.drop().await?;
     result
+}
+
+/// The URL without its password, and the password (percent-decoded).
+fn url_without_password(url: &str) -> Result<(String, Option<String>)> {
+    let mut url = url::Url::parse(url).context("the database URL is not a URL")?;
+    let password = url.password().map(|p| {
+        percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
+    let _ = url.set_password(None);
+    Ok((url.to_string(), password))
 }
