@@ -206,7 +206,7 @@ pub(crate) async fn after_slot_creation(
     .await
 }
 
-fn parse_lsn(text: &str) -> Result<Lsn, sqlx::Error> {
+pub(crate) fn parse_lsn(text: &str) -> Result<Lsn, sqlx::Error> {
     Lsn::parse(text).map_err(|e| sqlx::Error::Protocol(format!("LSN {text:?}: {e}")))
 }
 

@@ -5,6 +5,7 @@
 //! - [`slot`]: the publication and the slot (create, inspect).
 //! - [`checkpoint`]: the relay's durable position, to recover from a vanished slot.
 //! - [`pgoutput`]: the decoder of pgoutput's messages.
+//! - [`standby`]: what the synchronous standbys have flushed, which a batch waits for.
 //! - [`stream`]: [`CdcStream`], which turns the replication stream into [`CdcEvent`]s:
 //!   outbox rows in commit order, commit boundaries with their LSNs, idle positions.
 //!
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod pgoutput;
 pub mod slot;
+pub mod standby;
 pub mod stream;
 
 pub use pgwire_replication::Lsn;

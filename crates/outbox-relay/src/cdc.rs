@@ -26,6 +26,7 @@ use outbox_postgres_cdc::checkpoint::{self, Backfill, Checkpoint, Probe};
 use outbox_postgres_cdc::slot::{
     ensure_publication, ensure_slot, slot_status, SetupError, SlotCreation,
 };
+use outbox_postgres_cdc::standby::{synchronous_standbys, SynchronousStandbys};
 use outbox_postgres_cdc::{CdcError, CdcEvent, CdcNames, CdcStream, Lsn};
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,13 @@ const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// How often the active relay moves its durable checkpoint (a probe, then one small
 /// upsert once the relay confirmed past it). It bounds what a vanished slot republishes.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// With no synchronous standby configured, how long until the relay looks again
+/// (`synchronous_standby_names` changes with a reload, not per transaction).
+const STANDBYS_RECHECK: Duration = Duration::from_secs(1);
+/// The longest pause between two looks at the standbys while a batch waits for them.
+const STANDBY_WAIT_STEP: Duration = Duration::from_millis(20);
+/// A batch held this long by the standbys is worth a warning.
+const STANDBY_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// Moves the checkpoint: a probe is taken every [`CHECKPOINT_INTERVAL`] and written
 /// once the relay has confirmed a position at or past it.
@@ -121,6 +129,7 @@ impl Relay<'_> {
             in_flight: None,
             retry: Vec::new(),
             retry_at: None,
+            standbys_unconfigured_until: None,
         };
         let end = self.pump(&mut source, shutdown).await;
         // A stream that still works reports its last confirmed position before it ends
@@ -529,6 +538,8 @@ pub(crate) struct CdcSource<'r, 'c> {
     /// Its events to try again, and when.
     retry: Vec<StoredEvent>,
     retry_at: Option<Instant>,
+    /// No synchronous standby was configured at the last look: none is awaited until.
+    standbys_unconfigured_until: Option<Instant>,
 }
 
 impl CdcSource<'_, '_> {
@@ -549,6 +560,71 @@ impl CdcSource<'_, '_> {
 
     fn lost_store(err: impl Into<RelayError>) -> LeadEnd {
         LeadEnd::Lost(err.into())
+    }
+
+    /// Holds a batch until every synchronous standby has flushed it (see
+    /// `outbox_postgres_cdc::standby`). `through` is the end of the batch's last
+    /// transaction, or `None` when the batch ends inside one: its commit position is
+    /// not known yet, but the primary's flushed position is past it.
+    async fn wait_for_synchronous_standbys(
+        &mut self,
+        through: Option<Lsn>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LeadEnd> {
+        let relay = self.relay;
+        if !relay.config.cdc_wait_for_synchronous_standbys
+            || self
+                .standbys_unconfigured_until
+                .is_some_and(|until| Instant::now() < until)
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut target = through;
+        let mut pause = Duration::from_millis(1);
+        let mut warned = false;
+        loop {
+            let standbys = synchronous_standbys(self.conn, &self.names.slot)
+                .await
+                .map_err(|err| LeadEnd::Lost(RelayError::Store(err.into())))?;
+            let (flushed, target) = match standbys {
+                SynchronousStandbys::NotConfigured => {
+                    self.standbys_unconfigured_until = Some(Instant::now() + STANDBYS_RECHECK);
+                    return Ok(());
+                }
+                SynchronousStandbys::Hidden => {
+                    return Err(LeadEnd::Fatal(RelayError::Config(
+                        "the server has synchronous standbys (synchronous_standby_names), and the relay's role cannot see how far they are (pg_stat_replication's positions), so it cannot tell when a failover would keep a transaction; grant the role pg_monitor (GRANT pg_monitor TO <role>), or set cdc.wait_for_synchronous_standbys = false to publish without waiting for them (see README, \"Synchronous standbys\")".into(),
+                    )));
+                }
+                SynchronousStandbys::Configured {
+                    flushed,
+                    local_flush,
+                } => (flushed, *target.get_or_insert(local_flush)),
+            };
+            self.standbys_unconfigured_until = None;
+            if flushed.is_some_and(|flushed| flushed >= target) {
+                relay
+                    .metrics
+                    .standby_wait
+                    .observe(started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            if !warned && started.elapsed() >= STANDBY_WARN_AFTER {
+                warned = true;
+                warn!(
+                    waiting_for = %target,
+                    standbys_flushed = ?flushed.map(|lsn| lsn.to_string()),
+                    "a batch has waited {}s for the synchronous standbys to flush it; the writers' commits wait for them too: check that the standbys named in synchronous_standby_names are connected (pg_stat_replication)",
+                    STANDBY_WARN_AFTER.as_secs()
+                );
+            }
+            sleep_or_shutdown(pause, shutdown).await;
+            if shutdown.is_cancelled() {
+                return Err(LeadEnd::Shutdown);
+            }
+            pause = (pause * 2).min(STANDBY_WAIT_STEP);
+        }
     }
 
     /// Re-reads the parked aggregates from the table: one whose rows have all gone out
@@ -772,6 +848,9 @@ impl Source for CdcSource<'_, '_> {
                     }
                     continue;
                 }
+                let through = if self.in_transaction { None } else { lsn };
+                self.wait_for_synchronous_standbys(through, shutdown)
+                    .await?;
                 self.in_flight = Some(InFlight::Stream(lsn));
                 return Ok(Some(events));
             }

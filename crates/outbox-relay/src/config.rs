@@ -93,6 +93,11 @@ pub struct CdcSection {
     /// bytes (payload and headers), even before `polling.batch_size` events: with large
     /// events, memory stays bounded by bytes, during a broker outage too.
     pub max_batch_bytes: u64,
+    /// With synchronous standbys configured on the server, a batch is published only
+    /// once they have flushed its transactions, so a failover to one of them cannot
+    /// lose what the broker already has (PostgreSQL's logical walsender does not wait
+    /// for them before version 17's `synchronized_standby_slots`).
+    pub wait_for_synchronous_standbys: bool,
 }
 
 impl Default for CdcSection {
@@ -100,6 +105,7 @@ impl Default for CdcSection {
         CdcSection {
             heartbeat: Duration::from_secs(10),
             max_batch_bytes: 8 * 1024 * 1024,
+            wait_for_synchronous_standbys: true,
         }
     }
 }
@@ -644,6 +650,7 @@ impl Config {
             standby_interval: Duration::from_secs(1),
             cdc_heartbeat: self.cdc.heartbeat,
             cdc_max_batch_bytes: self.cdc.max_batch_bytes,
+            cdc_wait_for_synchronous_standbys: self.cdc.wait_for_synchronous_standbys,
             postgres: PostgresSettings {
                 connect_timeout: self.postgres.connect_timeout,
                 keepalive_idle: self.postgres.keepalive_idle,
@@ -883,6 +890,8 @@ pub struct RelayConfig {
     pub cdc_heartbeat: Duration,
     /// CDC: bytes of events after which a batch is published.
     pub cdc_max_batch_bytes: u64,
+    /// CDC: hold a batch until the synchronous standbys have flushed it.
+    pub cdc_wait_for_synchronous_standbys: bool,
     pub postgres: PostgresSettings,
 }
 

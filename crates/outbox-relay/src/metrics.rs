@@ -19,6 +19,7 @@ pub const REJECTED_UPDATES_TOTAL: &str = "outbox_cdc_rejected_updates_total";
 pub const SLOT_LAG: &str = "outbox_cdc_slot_lag_bytes";
 pub const SLOT_WAL_STATUS: &str = "outbox_cdc_slot_wal_status";
 pub const SLOTS_RECREATED_TOTAL: &str = "outbox_cdc_slots_recreated_total";
+pub const STANDBY_WAIT: &str = "outbox_cdc_standby_wait_seconds";
 
 /// The relay's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct Metrics {
     /// CDC: times the slot had vanished (dropped, or lost in a failover) and was made
     /// again, with the rows after the last checkpoint republished.
     pub slots_recreated: IntCounter,
+    /// CDC: how long batches waited for the synchronous standbys to flush them.
+    pub standby_wait: Histogram,
 }
 
 impl Metrics {
@@ -128,6 +131,19 @@ impl Metrics {
         registry
             .register(Box::new(batch_duration.clone()))
             .expect("unique metric");
+        let standby_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                STANDBY_WAIT,
+                "CDC: time a batch waited for the synchronous standbys to flush its transactions (only with synchronous_standby_names set).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(standby_wait.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             published,
@@ -144,6 +160,7 @@ impl Metrics {
             slot_lag,
             slot_wal_status,
             slots_recreated,
+            standby_wait,
         }
     }
 
@@ -179,6 +196,7 @@ mod tests {
             PENDING,
             OLDEST_PENDING_AGE,
             BATCH_DURATION,
+            STANDBY_WAIT,
             ACTIVE,
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

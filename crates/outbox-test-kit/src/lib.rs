@@ -12,6 +12,7 @@ use uuid::Uuid;
 pub mod database;
 pub mod kafka;
 mod proxy;
+pub mod replicated;
 mod sinks;
 
 pub use proxy::FaultProxy;
