@@ -8,6 +8,7 @@
 //! rounds. Output: `report.json`, `RESULTS.md` and PNG plots in `--out-dir`.
 
 mod arrivals;
+mod big_table;
 mod db;
 mod limits;
 mod load;
@@ -78,6 +79,11 @@ struct Args {
     /// (overrides the profile: 128 quick, 2048 full).
     #[arg(long)]
     large_backlog_mib: Option<usize>,
+    /// Published rows kept in the table for polling's big-table phase (the step and the
+    /// drain again, then a step during the purge); 0 skips it (overrides the profile: 0
+    /// quick, 5,000,000 full).
+    #[arg(long)]
+    big_table_rows: Option<u64>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     payload_bytes: usize,
@@ -132,6 +138,10 @@ impl Args {
                     2048,
                 ),
             };
+        let big_table = match self.profile {
+            Profile::Quick => 0,
+            Profile::Full => 5_000_000,
+        };
         for system in &self.systems {
             System::parse(system)?;
         }
@@ -158,6 +168,7 @@ impl Args {
             probe_seconds,
             backlog_events: self.backlog_events.unwrap_or(backlog),
             large_backlog_mib: self.large_backlog_mib.unwrap_or(large),
+            big_table_rows: self.big_table_rows.unwrap_or(big_table),
             payload_bytes: self.payload_bytes,
             writers: self.writers,
             max_tx_per_sec: self.max_tx_per_sec,

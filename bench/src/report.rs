@@ -41,6 +41,9 @@ pub struct Plan {
     /// The large-event backlog of our relay's sessions, MiB (0: none).
     #[serde(default)]
     pub large_backlog_mib: usize,
+    /// Published rows kept in the table for polling's big-table phase (0: none).
+    #[serde(default)]
+    pub big_table_rows: u64,
     pub payload_bytes: usize,
     pub writers: usize,
     pub max_tx_per_sec: u32,
@@ -65,6 +68,10 @@ pub struct Session {
     /// Our relay only: a backlog of large events, drained with its memory watched.
     #[serde(default)]
     pub large_backlog: Option<LargeBacklog>,
+    /// Polling only (`--big-table-rows`): the step and the drain again with millions of
+    /// retained rows in the table, and a step during the purge.
+    #[serde(default)]
+    pub big_table: Option<BigTable>,
     /// VmHWM before the large-event backlog (the same phases for every system).
     pub peak_rss_mib: f64,
     pub duplicates: u64,
@@ -125,6 +132,25 @@ pub struct MaxSustained {
     pub events_per_sec: f64,
     /// Why it is not higher.
     pub limited_by: String,
+}
+
+/// Polling with a table that keeps `retained_rows` published rows.
+#[derive(Serialize, Deserialize)]
+pub struct BigTable {
+    pub retained_rows: u64,
+    /// Writing them (plain SQL) and `VACUUM (ANALYZE)`, seconds.
+    pub fill_seconds: f64,
+    /// The session's compared step again (the same target rate).
+    pub step: Step,
+    /// The backlog drain again.
+    pub backlog: Backlog,
+    /// Rows past the retention added for the purge.
+    pub purge_rows: u64,
+    /// The same step while the relay purged them.
+    pub purge_step: Step,
+    pub purged_during_step: u64,
+    /// 0 means the purge may have ended before the step did.
+    pub purge_rows_left_after_step: u64,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -159,6 +159,7 @@ pub fn markdown(report: &Report) -> String {
         limits_section(&mut out, report);
     }
     large_events_section(&mut out, report);
+    big_table_section(&mut out, report);
 
     // Latency per step.
     let _ = writeln!(
@@ -498,6 +499,66 @@ fn large_events_section(out: &mut String, report: &Report) {
             number(large.mib_per_sec),
             number(large.events_per_sec),
             number(large.peak_rss_mib),
+        );
+    }
+}
+
+/// Polling with millions of retained rows against the same session's fresh table, and
+/// during the purge of rows past the retention.
+fn big_table_section(out: &mut String, report: &Report) {
+    let sessions: Vec<&Session> = report
+        .sessions
+        .iter()
+        .filter(|s| s.big_table.is_some())
+        .collect();
+    if sessions.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## A big table (polling)\n\n\
+         After its other phases, the table of a polling session gets {} published rows \
+         (1 KiB payloads, published within the last day, written in plain SQL, then \
+         `VACUUM (ANALYZE)`), and the session's highest step up to 10k events/s and its \
+         backlog drain run again. Then a fifth as many rows published 30 days ago are \
+         added, and once the relay's purge (every minute, 1,000 rows per statement) has \
+         begun on them, the step runs a third time. Compared with the same session's \
+         fresh table (its own rows only).\n\n\
+         | round | rate (events/s) | p50 / p99 fresh (ms) | p50 / p99 big (ms) | p50 / p99 during the purge (ms) | rows purged during that step | drain fresh → big (events/s) | big ÷ fresh: p99, drain |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        number(report.plan.big_table_rows as f64),
+    );
+    for s in sessions {
+        let big = s.big_table.as_ref().expect("filtered");
+        let rate = big.step.target_rate;
+        let fresh = s.step(rate);
+        let pair = |step: Option<&Step>| match step {
+            Some(x) => format!("{} / {}", number(x.p50_ms), number(x.p99_ms)),
+            None => "—".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {}{} | {} → {} | {}, {} |",
+            s.round,
+            rate,
+            pair(fresh),
+            pair(Some(&big.step)),
+            pair(Some(&big.purge_step)),
+            number(big.purged_during_step as f64),
+            if big.purge_rows_left_after_step == 0 {
+                " (the purge ended during the step)"
+            } else {
+                ""
+            },
+            number(s.backlog.events_per_sec),
+            number(big.backlog.events_per_sec),
+            fresh
+                .map(|f| format!("{:.2}×", big.step.p99_ms / f.p99_ms))
+                .unwrap_or_else(|| "—".into()),
+            format_args!(
+                "{:.2}×",
+                big.backlog.events_per_sec / s.backlog.events_per_sec
+            ),
         );
     }
 }

@@ -136,6 +136,15 @@ async fn measure(
         sut.check_alive()?;
         Some(large)
     };
+    let big_table = match crate::big_table::compared_rate(&steps) {
+        Some(rate) if system == System::Polling && plan.big_table_rows > 0 => {
+            let big = crate::big_table::measure(cx, db, sut, &arrivals, rate, plan.big_table_rows)
+                .await?;
+            sut.check_alive()?;
+            Some(big)
+        }
+        _ => None,
+    };
     let duplicates = arrivals.duplicates();
     arrivals.stop();
     Ok(Session {
@@ -148,15 +157,19 @@ async fn measure(
         max_sustained,
         backlog,
         large_backlog,
+        big_table,
         peak_rss_mib,
         duplicates,
     })
 }
 
 fn report_step(system: System, what: &str, s: &Step) {
+    report_step_named(system.name(), what, s)
+}
+
+pub(crate) fn report_step_named(name: &str, what: &str, s: &Step) {
     eprintln!(
-        "bench: {} {what} {}/s: wrote {:.0}/s, p50 {:.1} p99 {:.1} p99.9 {:.1} ms, lag {:.2} s, {:?}",
-        system.name(),
+        "bench: {name} {what} {}/s: wrote {:.0}/s, p50 {:.1} p99 {:.1} p99.9 {:.1} ms, lag {:.2} s, {:?}",
         s.target_rate,
         s.achieved_rate,
         s.p50_ms,
@@ -254,7 +267,7 @@ fn settle_timeout(written: &Written) -> Duration {
     )
 }
 
-async fn step(
+pub(crate) async fn step(
     cx: &Context<'_>,
     db: &BenchDb,
     sut: &mut Running,
@@ -301,7 +314,7 @@ async fn step(
 
 /// Pauses the system, writes a backlog as fast as the writers go, resumes it and times
 /// the drain: the system's own ceiling, without its start-up.
-async fn backlog(
+pub(crate) async fn backlog(
     cx: &Context<'_>,
     db: &BenchDb,
     sut: &mut Running,
