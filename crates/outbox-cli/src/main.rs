@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use outbox_postgres::{CreatedWindow, PayloadType};
 use outbox_relay::config::HttpOverride;
 use outbox_relay::{Config, ConfigOverrides, Mode, RelayConfig, RelayError};
@@ -98,6 +98,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the completion script of a shell, such as
+    /// `outbox completions bash > /etc/bash_completion.d/outbox`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), such as
+    /// `outbox man > /usr/local/share/man/man1/outbox.1`; with --dir, write one page per
+    /// command there (outbox.1, outbox-relay.1, ...).
+    Man {
+        /// Write outbox.1 and a page per subcommand into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +168,19 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 fn main() -> ExitCode {
     return_large_blocks_to_the_system();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "outbox",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => return man_pages(dir.as_deref()),
+        _ => {}
+    }
     // Crash points of the fault tests; nothing in a release build.
     let _failpoints = outbox_relay::failpoints::setup();
     tracing_subscriber::fmt()
@@ -171,6 +198,21 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// The manual page of `outbox` on standard output, or one page per command in `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
+    let written = match dir {
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock()),
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: writing the manual pages: {err}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -198,6 +240,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, RelayError> {
             migrate::migrate(&config, payload_type, cdc).await
         }
         Command::Relay { .. } => relay(config).await,
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("answered in main"),
         Command::Status { json } => status::status(&config, json).await,
         Command::DeadLetters(DeadLetterCommand::List { limit, json }) => {
             dead_letters::list(&config, limit, json).await

@@ -149,7 +149,10 @@ async fn a_transaction_larger_than_a_tls_record_does_not_wait_for_a_delayed_ack(
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    assert!(tls, "the test database's connections are meant to use TLS (sslmode=prefer)");
+    assert!(
+        tls,
+        "the test database's connections are meant to use TLS (sslmode=prefer)"
+    );
     let pad = "p".repeat(1000);
     let mut took = Vec::new();
     for round in 0..21 {

@@ -21,6 +21,26 @@ pub const SLOT_WAL_STATUS: &str = "outbox_cdc_slot_wal_status";
 pub const SLOTS_RECREATED_TOTAL: &str = "outbox_cdc_slots_recreated_total";
 pub const STANDBY_WAIT: &str = "outbox_cdc_standby_wait_seconds";
 
+/// Every metric the relay exports (the dashboard and alert rules in `deploy/` are
+/// checked against it).
+pub const ALL: &[&str] = &[
+    PUBLISHED_TOTAL,
+    DELIVERY_FAILURES_TOTAL,
+    DEAD_LETTERED_TOTAL,
+    PENDING,
+    OLDEST_PENDING_AGE,
+    RETRYING,
+    DEAD_LETTERS,
+    PARKED_AGGREGATES,
+    BATCH_DURATION,
+    ACTIVE,
+    REJECTED_UPDATES_TOTAL,
+    SLOT_LAG,
+    SLOT_WAL_STATUS,
+    SLOTS_RECREATED_TOTAL,
+    STANDBY_WAIT,
+];
+
 /// The relay's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -188,19 +208,20 @@ mod tests {
     fn renders_every_metric_by_name() {
         let metrics = Metrics::new();
         metrics.published.inc_by(3);
+        // A labelled gauge has no series until a label value is set.
+        metrics
+            .slot_wal_status
+            .with_label_values(&["reserved"])
+            .set(1);
         let text = metrics.render();
-        for name in [
-            PUBLISHED_TOTAL,
-            DELIVERY_FAILURES_TOTAL,
-            DEAD_LETTERED_TOTAL,
-            PENDING,
-            OLDEST_PENDING_AGE,
-            BATCH_DURATION,
-            STANDBY_WAIT,
-            ACTIVE,
-        ] {
-            assert!(text.contains(name), "{name} missing from:\n{text}");
+        for name in ALL {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
         }
+        let exported = text.matches("# TYPE ").count();
+        assert_eq!(exported, ALL.len(), "metrics::ALL misses one of:\n{text}");
         assert!(text.contains("outbox_events_published_total 3"));
     }
 }
