@@ -117,7 +117,8 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "## Summary (mean of {} round(s); ↑ higher is better, ↓ lower is better)\n",
-        plan.rounds
+        // The rounds that ran: an interrupted run has fewer than its plan.
+        report.sessions.iter().map(|s| s.round).max().unwrap_or(0)
     );
     out.push_str("| figure |");
     for (name, _) in &systems {
