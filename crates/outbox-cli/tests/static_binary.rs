@@ -41,18 +41,8 @@ async fn the_static_binary_has_no_dynamic_dependencies_and_publishes_in_both_mod
         let db = TestDb::for_mode(mode).await;
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("relay.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut relay = Command::new(&binary)
-            .arg("relay")
-            .env("OUTBOX_DATABASE_URL", &db.url)
+        let mut relay = relay_command(&binary, &db.url, &db.template, &log_path)
             .env("OUTBOX_MODE", mode_name(mode))
-            .env("OUTBOX_KAFKA_BROKERS", brokers())
-            .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
-            .env("OUTBOX_HTTP__LISTEN", "off")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
             .spawn()
             .unwrap();
         let events: Vec<_> = (0..200)

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -59,18 +59,8 @@ async fn outbox_database(pair: &ReplicatedPostgres) -> (String, String, sqlx::Pg
 
 /// `outbox relay` in CDC mode on `url`, publishing to `template`, its output in `log`.
 fn spawn_cdc_relay(url: &str, template: &str, log: &std::path::Path) -> std::process::Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .arg("relay")
-        .env("OUTBOX_DATABASE_URL", url)
+    relay_command(Path::new(env!("CARGO_BIN_EXE_outbox")), url, template, log)
         .env("OUTBOX_MODE", "cdc")
-        .env("OUTBOX_KAFKA_BROKERS", brokers())
-        .env("OUTBOX_TOPICS__TEMPLATE", template)
-        .env("OUTBOX_HTTP__LISTEN", "off")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
         .spawn()
         .unwrap()
 }

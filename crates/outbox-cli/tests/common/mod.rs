@@ -393,26 +393,43 @@ impl Audit {
 
 /// The real `outbox` binary relaying `db`.
 pub fn spawn_relay(db: &TestDb, log: &std::path::Path, extra_env: &[(&str, &str)]) -> Child {
+    let mut command = relay_command(
+        std::path::Path::new(env!("CARGO_BIN_EXE_outbox")),
+        &db.url,
+        &db.template,
+        log,
+    );
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the outbox binary starts")
+}
+
+/// `binary relay` on `database_url`, publishing to the test Kafka under `template`,
+/// without its HTTP server, its output appended to `log`.
+pub fn relay_command(
+    binary: &std::path::Path,
+    database_url: &str,
+    template: &str,
+    log: &std::path::Path,
+) -> Command {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    let mut command = Command::new(binary);
     command
         .arg("relay")
-        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env("OUTBOX_DATABASE_URL", database_url)
         .env("OUTBOX_KAFKA_BROKERS", brokers())
-        .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
+        .env("OUTBOX_TOPICS__TEMPLATE", template)
         .env("OUTBOX_HTTP__LISTEN", "off")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    command.spawn().expect("the outbox binary starts")
+    command
 }
 
 /// The `outbox relay` binary on this database, publishing to `sink` (its settings in a
