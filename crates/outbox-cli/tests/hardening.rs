@@ -20,12 +20,13 @@ for_each_mode!(
     a_retried_dead_letter_is_marked_and_counted_by_verify,
     health_recovers_after_a_transient_database_error,
     maintenance_never_blocks_publishing,
+    a_dead_letter_holds_back_its_aggregate_in_the_batch_fetched_behind_it,
 );
 
 /// Inserts one event with plain SQL (as a writer in any language would) into `table`,
-/// with `headers` as jsonb text.
-async fn insert_raw(
-    pool: &sqlx::PgPool,
+/// with `headers` as jsonb text, on a pool or in a transaction.
+async fn insert_raw<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     table: &TableRef,
     aggregate_id: &str,
     headers: Option<&str>,
@@ -39,7 +40,7 @@ async fn insert_raw(
     .bind(id)
     .bind(aggregate_id)
     .bind(headers)
-    .execute(pool)
+    .execute(executor)
     .await
     .unwrap();
     id
@@ -781,5 +782,61 @@ async fn a_vanished_slot_with_deleting_writers_stops_the_relay() {
         "exit 3: {err}"
     );
     assert!(err.to_string().contains("deleted by writers"), "{err}");
+    db.drop_db().await;
+}
+
+/// Polling fetches the next batch while one is being published (the pipeline). When an
+/// event of that batch is dead-lettered, the next batch, already fetched, holds its
+/// aggregate's later events: with `on_dead_letter = "park"` (the default) none of them
+/// may reach the broker. Batches of 10; the dead letter is the last row of the first
+/// batch, and its aggregate's next rows are the first of the second.
+async fn a_dead_letter_holds_back_its_aggregate_in_the_batch_fetched_behind_it(mode: Mode) {
+    let db = TestDb::for_mode(mode).await;
+    let table = TableRef::default();
+    let mut tx = db.pool.begin().await.unwrap();
+    let (mut flowing, mut held) = (Vec::new(), Vec::new());
+    let mut poison = None;
+    for n in 0..40 {
+        let (aggregate, headers) = match n {
+            9 => ("x", r#"{"n": 1e400}"#),
+            10 | 11 | 25 => ("x", r#"{"ok": "yes"}"#),
+            _ => (["a", "b", "c"][n % 3], r#"{"ok": "yes"}"#),
+        };
+        let id = insert_raw(&mut *tx, &table, aggregate, Some(headers)).await;
+        match (n, aggregate) {
+            (9, _) => poison = Some(id),
+            (_, "x") => held.push(id),
+            _ => flowing.push(id),
+        }
+    }
+    tx.commit().await.unwrap();
+    let relay = InProcessRelay::start(db.relay_config_for(mode, "[polling]\nbatch_size = 10\n"));
+    consume_ids(vec![db.topic("order")], &flowing, WAIT).await;
+    let (_, error) = dead_letter(&db, poison.unwrap()).await;
+    assert!(error.contains("headers"), "{error}");
+    // The whole topic, a while after the others arrived: the broker, not the log.
+    let everything =
+        consume_until(vec![db.topic("order")], Duration::from_secs(5), |_| false).await;
+    relay.stop().await;
+    let published: HashSet<Uuid> = everything.iter().map(Received::id).collect();
+    let overtook: Vec<&Uuid> = held.iter().filter(|id| published.contains(id)).collect();
+    assert!(
+        overtook.is_empty(),
+        "{} of the parked aggregate's later events were published past its dead letter",
+        overtook.len()
+    );
+    let pending: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
+        "SELECT count(*) FROM {} WHERE id = ANY($1) AND published_at IS NULL AND dead_lettered_at IS NULL",
+        table.qualified()
+    ))))
+    .bind(&held)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        pending,
+        held.len() as i64,
+        "the held events wait in the table"
+    );
     db.drop_db().await;
 }

@@ -198,6 +198,22 @@ impl PollingStore {
         limit: i64,
         max_bytes: u64,
     ) -> Result<Vec<StoredEvent>, Error> {
+        self.fetch_excluding(conn, which, on_dead_letter, limit, max_bytes, &[])
+            .await
+    }
+
+    /// [`fetch`](Self::fetch), leaving out the rows whose `seq` is in `in_flight`: the
+    /// relay's pipeline fetches the next batch while the last one, still pending in the
+    /// table, is being published.
+    pub async fn fetch_excluding(
+        &self,
+        conn: &mut PgConnection,
+        which: Fetch,
+        on_dead_letter: DeadLetterPolicy,
+        limit: i64,
+        max_bytes: u64,
+        in_flight: &[i64],
+    ) -> Result<Vec<StoredEvent>, Error> {
         let index = match (which, on_dead_letter) {
             (Fetch::Pending, DeadLetterPolicy::Park) => 0,
             (Fetch::Pending, DeadLetterPolicy::Skip) => 1,
@@ -206,6 +222,7 @@ impl PollingStore {
         };
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.fetch_sql[index])))
             .bind(limit)
+            .bind(seq_multirange(in_flight))
             .fetch(&mut *conn);
         let mut events = Vec::new();
         let mut bytes = 0;
@@ -779,9 +796,31 @@ fn fetch_sql(
            AND NOT EXISTS (SELECT 1 FROM blocked b
                            WHERE b.aggregatetype = o.aggregatetype
                              AND b.aggregateid = o.aggregateid)
+           AND NOT ($2::text::int8multirange @> o.seq)
          ORDER BY o.seq
          LIMIT $1"
     )
+}
+
+/// `seqs` as the text of an `int8multirange`: one range per run of consecutive values,
+/// so the rows of a batch in flight (mostly one run) cost one range test per row.
+fn seq_multirange(seqs: &[i64]) -> String {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut text = String::from("{");
+    let mut runs = sorted
+        .chunk_by(|a, b| a.checked_add(1) == Some(*b))
+        .peekable();
+    while let Some(run) = runs.next() {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        text.push_str(&format!("[{first},{last}]"));
+        if runs.peek().is_some() {
+            text.push(',');
+        }
+    }
+    text.push('}');
+    text
 }
 
 /// A fetched row as an event. `headers` comes as text and is parsed here, row by row,
@@ -908,6 +947,16 @@ mod tests {
         assert_eq!(
             header_entries(serde_json::json!([1, 2])),
             vec![("headers".to_string(), "[1,2]".to_string())]
+        );
+    }
+
+    #[test]
+    fn seqs_in_flight_become_one_range_per_run() {
+        assert_eq!(seq_multirange(&[]), "{}");
+        assert_eq!(seq_multirange(&[7]), "{[7,7]}");
+        assert_eq!(
+            seq_multirange(&[3, 1, 2, 2, 9, 10, 5]),
+            "{[1,3],[5,5],[9,10]}"
         );
     }
 }

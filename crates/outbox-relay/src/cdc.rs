@@ -728,8 +728,8 @@ impl Source for CdcSource<'_, '_> {
             }
             let idle = self.batch.is_empty() && self.confirm_after.is_none();
             if idle && !self.parked.is_empty() && Instant::now() >= self.next_drain {
-                let waiting = relay
-                    .fetch_from_table(self.conn, Fetch::Waiting)
+                let (waiting, _) = relay
+                    .fetch_from_table(self.conn, Fetch::Waiting, &[], relay.config.max_batch_bytes)
                     .await
                     .map_err(Self::lost_store)?;
                 if !waiting.is_empty() {

@@ -383,7 +383,7 @@ impl Relay<'_> {
         let end = match &self.cdc {
             Some(names) => self.lead_cdc(conn, names, shutdown).await,
             None => match PollingSource::start(self, conn).await {
-                Ok(mut source) => self.pump(&mut source, shutdown).await,
+                Ok(mut source) => self.pump_pipelined(&mut source, shutdown).await,
                 Err(end) => end,
             },
         };

@@ -4,7 +4,8 @@
 //! - [`config`]: settings from a TOML file, `OUTBOX_*` variables and flags, validated
 //!   into a [`RelayConfig`].
 //! - [`engine`]: leadership (one active relay per table) and the loop over a source
-//!   (`source.rs`: polling; [`cdc`]: the replication stream) and the sink ([`sinks`]).
+//!   (`source.rs`: polling; [`cdc`]: the replication stream) and the sink ([`sinks`]);
+//!   `pipeline.rs`: polling's loop, which fetches and records while it publishes.
 //! - [`metrics`] and the HTTP endpoint (`/metrics`, `/healthz`).
 
 /// Crash points: with the `failpoints` feature (test builds only) and
@@ -49,6 +50,7 @@ pub mod engine;
 mod error;
 mod http;
 pub mod metrics;
+mod pipeline;
 pub mod read_back;
 pub mod sinks;
 mod source;

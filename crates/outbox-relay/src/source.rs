@@ -2,7 +2,9 @@
 //! the table's replication stream (CDC, in `cdc.rs`). The engine's loop is the same for
 //! both: take a batch, publish it through the sink, let the source record the outcome.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use outbox_core::{Action, DeliveryOutcome, StoredEvent};
 use outbox_postgres::{Fetch, OnPublish};
@@ -13,6 +15,10 @@ use tracing::debug;
 
 use crate::engine::{LeadEnd, Relay};
 use crate::RelayError;
+
+/// The most insert notifications read at once before a fetch (each is one committed
+/// transaction); the rest wait for the next.
+const MAX_NOTIFICATIONS_READ: usize = 10_000;
 
 /// A source of events for the active relay.
 ///
@@ -42,6 +48,18 @@ pub(crate) trait Source {
     ) -> Result<(), LeadEnd>;
 }
 
+/// A source that can give its next batch while the last one is still being published:
+/// the engine's pipeline (`pipeline.rs`).
+pub(crate) trait Prefetch: Source {
+    /// The next events to publish, at most `max_bytes` of them, without waiting (an
+    /// empty batch when there are none now), leaving out every event given out and
+    /// neither recorded nor given back.
+    async fn next_batch_now(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd>;
+
+    /// Events given out that will not be published now: they are given again later.
+    fn give_back(&mut self, events: &[StoredEvent]);
+}
+
 /// Polling: pending rows in `seq` order, fetched on the connection that holds the
 /// leadership lock (so a relay that lost it cannot mark anything); outcomes recorded in
 /// one transaction. Woken by the table's insert notification, or every
@@ -50,6 +68,11 @@ pub(crate) struct PollingSource<'r, 'c> {
     relay: &'r Relay<'r>,
     conn: &'c mut PgConnection,
     listener: PgListener,
+    /// The `seq` of every row given out and not yet recorded or given back: still
+    /// pending in the table, so every fetch leaves them out.
+    given_out: HashSet<i64>,
+    /// The last fetch was cut short by its limit: more rows may be pending.
+    maybe_more: bool,
 }
 
 impl<'r, 'c> PollingSource<'r, 'c> {
@@ -67,7 +90,41 @@ impl<'r, 'c> PollingSource<'r, 'c> {
             relay,
             conn,
             listener,
+            given_out: HashSet::new(),
+            maybe_more: false,
         })
+    }
+
+    /// One fetch of pending rows, leaving out those given out. The insert notifications
+    /// received before it are read first: they are for rows it finds.
+    async fn fetch(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd> {
+        let relay = self.relay;
+        self.take_notifications().await;
+        let in_flight: Vec<i64> = self.given_out.iter().copied().collect();
+        let (events, full) = relay
+            .fetch_from_table(self.conn, Fetch::Pending, &in_flight, max_bytes)
+            .await
+            .map_err(|err| self.lost(err.into()))?;
+        relay.health.database.ok(relay.health.started());
+        self.given_out.extend(events.iter().map(|event| event.seq));
+        self.maybe_more = full;
+        Ok(events)
+    }
+
+    /// Reads the insert notifications that have arrived, without waiting: a busy relay
+    /// rarely waits on the listener, and they would pile up on the server, each one
+    /// waking the idle relay later for a row already published.
+    async fn take_notifications(&mut self) {
+        for _ in 0..MAX_NOTIFICATIONS_READ {
+            match tokio::time::timeout(Duration::ZERO, self.listener.recv()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    debug!(%err, "notification listener reconnecting");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     fn lost(&self, err: RelayError) -> LeadEnd {
@@ -86,11 +143,7 @@ impl Source for PollingSource<'_, '_> {
             if shutdown.is_cancelled() {
                 return Ok(None);
             }
-            let events = relay
-                .fetch_from_table(self.conn, Fetch::Pending)
-                .await
-                .map_err(|err| self.lost(err.into()))?;
-            relay.health.database.ok(relay.health.started());
+            let events = self.fetch(relay.config.max_batch_bytes).await?;
             if !events.is_empty() {
                 return Ok(Some(events));
             }
@@ -110,7 +163,7 @@ impl Source for PollingSource<'_, '_> {
 
     async fn record(
         &mut self,
-        _events: Vec<StoredEvent>,
+        events: Vec<StoredEvent>,
         actions: &[Action],
         _outcomes: &[DeliveryOutcome],
         _shutdown: &CancellationToken,
@@ -119,38 +172,68 @@ impl Source for PollingSource<'_, '_> {
         relay
             .record_in_table(self.conn, actions, relay.config.on_publish)
             .await
-            .map_err(|err| self.lost(err.into()))
+            .map_err(|err| self.lost(err.into()))?;
+        self.give_back(&events);
+        Ok(())
+    }
+}
+
+impl Prefetch for PollingSource<'_, '_> {
+    /// Fetches only when the last fetch was full (a backlog) and a row fits in
+    /// `max_bytes`. Below a backlog, a fetch beside each publish would find a few rows
+    /// at a time, each costing the database a query and the broker a round trip.
+    async fn next_batch_now(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd> {
+        // Not even a row as heavy as the last fetch's heaviest fits: wait for the publish.
+        let heaviest = self.relay.heaviest_fetched_row.load(Ordering::Relaxed);
+        if !self.maybe_more || max_bytes < heaviest.max(1) {
+            return Ok(Vec::new());
+        }
+        self.fetch(max_bytes).await
+    }
+
+    fn give_back(&mut self, events: &[StoredEvent]) {
+        for event in events {
+            self.given_out.remove(&event.seq);
+        }
     }
 }
 
 /// What both sources do with rows they take from the table: polling all of them, CDC
 /// those a parked aggregate keeps waiting there.
 impl Relay<'_> {
-    /// The next rows of `which` to publish, parked aggregates left out.
+    /// The next rows of `which` to publish, at most `max_bytes` of them (the row that
+    /// reaches it included), parked aggregates and the rows whose `seq` is `in_flight`
+    /// left out; and whether the fetch was cut short by its limit (more rows may be
+    /// there).
     pub(crate) async fn fetch_from_table(
         &self,
         conn: &mut PgConnection,
         which: Fetch,
-    ) -> Result<Vec<StoredEvent>, outbox_postgres::Error> {
+        in_flight: &[i64],
+        max_bytes: u64,
+    ) -> Result<(Vec<StoredEvent>, bool), outbox_postgres::Error> {
         let limit = fetch_limit(
             self.config.batch_size,
-            self.config.max_batch_bytes,
+            max_bytes,
             self.heaviest_fetched_row.load(Ordering::Relaxed),
         );
         let events = self
             .store
-            .fetch(
+            .fetch_excluding(
                 conn,
                 which,
                 self.config.on_dead_letter,
                 limit,
-                self.config.max_batch_bytes,
+                max_bytes,
+                in_flight,
             )
             .await?;
         if let Some(heaviest) = events.iter().map(StoredEvent::weight).max() {
             self.heaviest_fetched_row.store(heaviest, Ordering::Relaxed);
         }
-        Ok(events)
+        let bytes: u64 = events.iter().map(StoredEvent::weight).sum();
+        let full = events.len() as i64 >= limit || bytes >= max_bytes;
+        Ok((events, full))
     }
 
     /// Records the outcome of a batch of table rows, in one transaction.
