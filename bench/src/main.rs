@@ -97,6 +97,12 @@ struct Args {
     /// writers' last commit.
     #[arg(long, default_value_t = 2.0)]
     max_lag_secs: f64,
+    /// Round-trip time added between the systems under test (our relay, Debezium) and
+    /// PostgreSQL, ms, as a database on another host would add: they connect through a
+    /// Toxiproxy on loopback (`scripts/services start toxiproxy`); the writers and the
+    /// consumer connect directly. 0: no proxy
+    #[arg(long, default_value_t = 0)]
+    database_rtt_ms: u64,
     /// Directory for report.json, RESULTS.md and plots/.
     #[arg(long)]
     out_dir: PathBuf,
@@ -173,6 +179,7 @@ impl Args {
             writers: self.writers,
             max_tx_per_sec: self.max_tx_per_sec,
             max_lag_seconds: self.max_lag_secs,
+            database_rtt_ms: self.database_rtt_ms,
         })
     }
 }
@@ -196,6 +203,10 @@ async fn main() -> Result<()> {
         );
     }
     let plan = args.plan()?;
+    let database_port = match plan.database_rtt_ms {
+        0 => None,
+        rtt => Some(database_proxy(&args.database_url, rtt).await?),
+    };
     let cx = session::Context {
         admin_url: &args.database_url,
         launcher: Launcher {
@@ -208,6 +219,7 @@ async fn main() -> Result<()> {
                 None => Default::default(),
             },
             log_dir: &args.out_dir,
+            database_port,
         },
         plan: &plan,
         profile_dir: args.profile_relay.then_some(args.out_dir.as_path()),
@@ -250,6 +262,37 @@ async fn main() -> Result<()> {
     }
     println!("{}", results::markdown(&report));
     Ok(())
+}
+
+/// Where the systems under test reach PostgreSQL when `--database-rtt-ms` is set.
+const DATABASE_PROXY_PORT: u16 = 25433;
+
+/// Puts a Toxiproxy in front of PostgreSQL that adds `rtt_ms` to every round trip (half
+/// each way), and returns the port the systems connect to.
+async fn database_proxy(admin_url: &str, rtt_ms: u64) -> Result<u16> {
+    use outbox_test_kit::toxiproxy::{Toxic, Toxiproxy};
+    let url = url::Url::parse(admin_url).context("parsing --database-url")?;
+    let upstream = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    );
+    let toxiproxy = Toxiproxy::new();
+    toxiproxy.check().await?;
+    let name = "bench_postgres";
+    let listen = format!("127.0.0.1:{DATABASE_PROXY_PORT}");
+    toxiproxy.proxy(name, &listen, &upstream).await?;
+    toxiproxy
+        .add(
+            name,
+            Toxic::Latency {
+                latency_ms: rtt_ms / 2,
+                jitter_ms: 0,
+            },
+        )
+        .await?;
+    eprintln!("bench: the systems reach PostgreSQL through {listen}, {rtt_ms} ms round trip added");
+    Ok(DATABASE_PROXY_PORT)
 }
 
 fn write_outputs(report: &Report, dir: &Path) -> Result<()> {

@@ -50,6 +50,9 @@ pub struct Plan {
     /// A step is kept up with when its last event arrived at most this long after the
     /// writers' last commit.
     pub max_lag_seconds: f64,
+    /// Round-trip time added between the systems and PostgreSQL, ms (0: direct).
+    #[serde(default)]
+    pub database_rtt_ms: u64,
 }
 
 /// One system, started once, measured through every phase, stopped.

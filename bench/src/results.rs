@@ -31,7 +31,7 @@ pub fn markdown(report: &Report) -> String {
          resumed and the drain is timed. {} round(s), the systems alternating within each \
          round. Latency is the writer's COMMIT returning → the consumer receiving the message. \
          CPU and memory come from /proc: the system's process (Kafka Connect's JVM for \
-         Debezium), and all PostgreSQL processes.\n",
+         Debezium), and all PostgreSQL processes.{}\n",
         report.started_at,
         plan.profile,
         report.command,
@@ -49,6 +49,14 @@ pub fn markdown(report: &Report) -> String {
         plan.probe_seconds,
         plan.backlog_events,
         plan.rounds,
+        match plan.database_rtt_ms {
+            0 => String::new(),
+            rtt => format!(
+                " The systems reach PostgreSQL through a Toxiproxy that adds {rtt} ms to every \
+                 round trip (a database on another host); the writers and the consumer connect \
+                 directly."
+            ),
+        },
     );
 
     // Summary.
@@ -520,7 +528,7 @@ fn big_table_section(out: &mut String, report: &Report) {
         "\n## A big table (polling)\n\n\
          After its other phases, the table of a polling session gets {} published rows \
          (1 KiB payloads, published within the last day, written in plain SQL, then \
-         `VACUUM (ANALYZE)`), and the session's highest step up to 10k events/s and its \
+         `VACUUM (ANALYZE)` and `CHECKPOINT`), and the session's highest step up to 10k events/s and its \
          backlog drain run again. Then a fifth as many rows published 30 days ago are \
          added, and once the relay's purge (every minute, 1,000 rows per statement) has \
          begun on them, the step runs a third time. Compared with the same session's \

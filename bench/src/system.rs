@@ -75,12 +75,30 @@ pub struct Launcher<'a> {
     /// Where each relay's log goes (`<database>.log`); its level is `BENCH_RELAY_LOG`
     /// (a `RUST_LOG` filter, `warn` by default).
     pub log_dir: &'a Path,
+    /// The PostgreSQL port the systems connect to, when not the harness's own (the
+    /// latency proxy of `--database-rtt-ms`).
+    pub database_port: Option<u16>,
 }
 
 impl Launcher<'_> {
+    /// `url`, on the systems' port.
+    fn database_url(&self, url: &str) -> Result<String> {
+        let Some(port) = self.database_port else {
+            return Ok(url.to_string());
+        };
+        let mut url = url::Url::parse(url).context("parsing the database URL")?;
+        url.set_port(Some(port))
+            .map_err(|()| anyhow::anyhow!("cannot set the port of the database URL"))?;
+        Ok(url.to_string())
+    }
+
     pub fn start(&self, system: System, db: &BenchDb) -> Result<Running> {
         let child = if system.is_debezium() {
-            Command::new(self.debezium_script)
+            let mut connect = Command::new(self.debezium_script);
+            if let Some(port) = self.database_port {
+                connect.env("BENCH_PG_PORT", port.to_string());
+            }
+            connect
                 .arg(&db.name)
                 .arg(&db.template)
                 .env("OUTBOX_KAFKA_BROKERS", self.kafka_brokers)
@@ -108,7 +126,7 @@ impl Launcher<'_> {
             relay
                 .arg("relay")
                 .env("OUTBOX_MODE", system.name())
-                .env("OUTBOX_DATABASE_URL", &db.url)
+                .env("OUTBOX_DATABASE_URL", self.database_url(&db.url)?)
                 .env("OUTBOX_KAFKA_BROKERS", self.kafka_brokers)
                 .env("OUTBOX_TOPICS__TEMPLATE", &db.template)
                 .env("OUTBOX_HTTP__LISTEN", "off")

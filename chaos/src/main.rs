@@ -8,7 +8,6 @@ mod blackhole;
 mod scenarios;
 mod score;
 mod standby;
-mod toxiproxy;
 mod world;
 mod writers;
 
@@ -236,7 +235,7 @@ async fn environment(args: &Args, intensity: Intensity) -> Result<Env> {
     }
     let pg_address = format!("{host}:{}", parsed.port().unwrap_or(5432));
     let root = std::env::current_dir()?;
-    let toxiproxy = toxiproxy::Toxiproxy::new();
+    let toxiproxy = outbox_test_kit::toxiproxy::Toxiproxy::new();
     toxiproxy.check().await?;
     Ok(Env {
         admin_url,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::blackhole::{self, Blackhole};
-use crate::toxiproxy::Toxic;
 use crate::world::World;
 use crate::Mode;
+use outbox_test_kit::toxiproxy::Toxic;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {

@@ -19,8 +19,8 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::score::{Arrival, CommitTime, CommittedRow};
-use crate::toxiproxy::Toxiproxy;
 use crate::Mode;
+use outbox_test_kit::toxiproxy::Toxiproxy;
 
 /// The aggregate types the writers use; each is a topic.
 pub const AGGREGATE_TYPES: [&str; 2] = ["order", "user"];

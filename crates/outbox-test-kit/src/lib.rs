@@ -1,6 +1,7 @@
 //! What the integration tests of the workspace share: a message as a test reads it back
 //! from any sink's broker ([`Received`]), the readers ([`kafka`], [`TestSink`] for every
-//! sink), and a loopback proxy that turns into a black hole ([`FaultProxy`]).
+//! sink), a loopback proxy that turns into a black hole ([`FaultProxy`]), and a client of
+//! Toxiproxy's API ([`toxiproxy`]) for the chaos runs and the bench.
 //!
 //! Everything runs against the real services of `scripts/services`; the webhook
 //! receiver is an HTTP server of the test's own.
@@ -14,6 +15,7 @@ pub mod kafka;
 mod proxy;
 pub mod replicated;
 mod sinks;
+pub mod toxiproxy;
 
 pub use proxy::FaultProxy;
 pub use sinks::{Poison, SinkKind, TestSink, FLAKY_FAILURES, WEBHOOK_FLAKY};

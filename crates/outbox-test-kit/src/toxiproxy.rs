@@ -70,6 +70,12 @@ impl Toxic {
     }
 }
 
+impl Default for Toxiproxy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Toxiproxy {
     pub fn new() -> Self {
         Toxiproxy {
