@@ -260,12 +260,20 @@ async fn main() -> Result<()> {
             write_outputs(&report, &args.out_dir)?;
         }
     }
+    if database_port.is_some() {
+        outbox_test_kit::toxiproxy::Toxiproxy::new()
+            .delete(DATABASE_PROXY)
+            .await?;
+    }
     println!("{}", results::markdown(&report));
     Ok(())
 }
 
-/// Where the systems under test reach PostgreSQL when `--database-rtt-ms` is set.
-const DATABASE_PROXY_PORT: u16 = 25433;
+/// Where the systems under test reach PostgreSQL when `--database-rtt-ms` is set: away
+/// from the chaos runs' proxies (25432 and up).
+const DATABASE_PROXY_PORT: u16 = 26432;
+/// The Toxiproxy proxy of `--database-rtt-ms`, removed at the end of the run.
+const DATABASE_PROXY: &str = "bench_postgres";
 
 /// Puts a Toxiproxy in front of PostgreSQL that adds `rtt_ms` to every round trip (half
 /// each way), and returns the port the systems connect to.
@@ -279,7 +287,7 @@ async fn database_proxy(admin_url: &str, rtt_ms: u64) -> Result<u16> {
     );
     let toxiproxy = Toxiproxy::new();
     toxiproxy.check().await?;
-    let name = "bench_postgres";
+    let name = DATABASE_PROXY;
     let listen = format!("127.0.0.1:{DATABASE_PROXY_PORT}");
     toxiproxy.proxy(name, &listen, &upstream).await?;
     toxiproxy
