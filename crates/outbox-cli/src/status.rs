@@ -12,7 +12,15 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
         .parked_aggregates(&mut conn, config.on_dead_letter)
         .await?
         .len();
-    let holder = LeaderLock::new(&config.table).holder(&mut conn).await?;
+    let lock = LeaderLock::new(&config.table);
+    let holder = lock.holder(&mut conn).await?;
+    let standbys: Vec<_> = lock
+        .relays(&mut conn)
+        .await?
+        .into_iter()
+        .filter(|relay| !relay.active)
+        .map(|relay| relay.session)
+        .collect();
     let database = outbox_postgres_cdc::slot::current_database(&mut conn)
         .await
         .map_err(|e| RelayError::Store(e.into()))?;
@@ -34,6 +42,14 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
                 "lag_bytes": slot.lag_bytes,
             })
         };
+        let session_json = |h: &outbox_postgres::LockHolder| {
+            serde_json::json!({
+                "pid": h.pid,
+                "application_name": h.application_name,
+                "client_addr": h.client_addr,
+                "since": h.since.map(|t| t.to_rfc3339()),
+            })
+        };
         let value = serde_json::json!({
             "table": config.table.to_string(),
             "pending": stats.pending,
@@ -41,12 +57,8 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
             "retrying": stats.retrying,
             "dead_lettered": stats.dead_lettered,
             "parked_aggregates": parked,
-            "active_relay": holder.as_ref().map(|h| serde_json::json!({
-                "pid": h.pid,
-                "application_name": h.application_name,
-                "client_addr": h.client_addr,
-                "since": h.since.map(|t| t.to_rfc3339()),
-            })),
+            "active_relay": holder.as_ref().map(session_json),
+            "standby_relays": standbys.iter().map(session_json).collect::<Vec<_>>(),
             "cdc_slot": slots.iter().find(|(name, _)| *name == own_slot).map(|(name, slot)| slot_json(name, slot)),
             "outbox_slots": slots.iter().map(|(name, slot)| slot_json(name, slot)).collect::<Vec<_>>(),
         });
@@ -85,6 +97,15 @@ pub(crate) async fn status(config: &RelayConfig, json: bool) -> Result<(), Relay
             h.since.map(|t| t.to_rfc3339()).unwrap_or_default()
         ),
         None => println!("  active relay:  none"),
+    }
+    for h in &standbys {
+        println!(
+            "  standby relay: backend pid {} ({}, {}) since {}",
+            h.pid,
+            h.application_name,
+            h.client_addr.as_deref().unwrap_or("local socket"),
+            h.since.map(|t| t.to_rfc3339()).unwrap_or_default()
+        );
     }
     if slots.is_empty() {
         println!("replication slots of outbox tables in database {database:?}: none");

@@ -134,3 +134,45 @@ async fn settle(db: &TestDb, mode: Mode, topics: &[String]) {
         }
     }
 }
+
+/// The backend holding the leadership lock of `db`'s table, read from `pg_locks` of
+/// that database only.
+async fn leader_pid(db: &TestDb) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'
+               AND classid = x'6f757462'::int4::oid
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no relay became active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Advisory locks belong to a database: `outbox status` names the relay of its own
+/// database, never the relay of a table of the same name in another database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_relay_of_its_own_database_only() {
+    let (a, b) = (TestDb::new().await, TestDb::new().await);
+    let relay_a = InProcessRelay::start(a.relay_config(""));
+    let relay_b = InProcessRelay::start(b.relay_config(""));
+    let (pid_a, pid_b) = (leader_pid(&a).await, leader_pid(&b).await);
+    for (db, pid) in [(&a, pid_a), (&b, pid_b)] {
+        let status: serde_json::Value =
+            serde_json::from_str(&cli(db, &["status", "--json"])).unwrap();
+        assert_eq!(status["active_relay"]["pid"], pid, "{status}");
+        assert_eq!(status["standby_relays"], serde_json::json!([]), "{status}");
+    }
+    relay_a.stop().await;
+    relay_b.stop().await;
+    a.drop_db().await;
+    b.drop_db().await;
+}

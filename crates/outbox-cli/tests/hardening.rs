@@ -23,29 +23,6 @@ for_each_mode!(
     a_dead_letter_holds_back_its_aggregate_in_the_batch_fetched_behind_it,
 );
 
-/// Inserts one event with plain SQL (as a writer in any language would) into `table`,
-/// with `headers` as jsonb text, on a pool or in a transaction.
-async fn insert_raw<'e>(
-    executor: impl sqlx::PgExecutor<'e>,
-    table: &TableRef,
-    aggregate_id: &str,
-    headers: Option<&str>,
-) -> Uuid {
-    let id = Uuid::now_v7();
-    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
-        "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, headers)
-         VALUES ($1, 'order', $2, 'Tested', '{{\"n\": 1}}', $3::jsonb)",
-        table.qualified()
-    ))))
-    .bind(id)
-    .bind(aggregate_id)
-    .bind(headers)
-    .execute(executor)
-    .await
-    .unwrap();
-    id
-}
-
 /// jsonb accepts numbers and nesting that serde_json refuses. Such a row is dead-lettered
 /// with the reason; the rows after it, of other aggregates and (with `on_dead_letter =
 /// "skip"`) of its own, keep flowing.

@@ -27,11 +27,11 @@ pub use database_url::{
     connection_tls, describe_ssl_mode, redact_text, refused_connection_hint, DatabaseUrl, UrlError,
 };
 pub use error::Error;
-pub use leader::{LeaderLock, LockHolder};
+pub use leader::{LeaderLock, LockHolder, RelaySession};
 pub use schema::{migrate, schema_version, PayloadType, LATEST_VERSION};
 pub use store::{
     check_cdc_privileges, header_entries, parse_headers, writer_deletes_since, Aggregate,
-    DeadLetter, Fetch, OnPublish, OutboxStats, PollingStore, Waiting, WrittenBy,
+    DeadLetter, Fetch, OnPublish, OutboxStats, PollingStore, RetryingEvent, Waiting, WrittenBy,
 };
 pub use writer::{write, write_all, OutboxWriter};
 

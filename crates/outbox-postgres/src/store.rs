@@ -78,6 +78,27 @@ pub struct DeadLetter {
     pub skipped_at: Option<DateTime<Utc>>,
 }
 
+/// A pending event that waits in the table: for a retry after a failed delivery, or
+/// (CDC) behind an earlier event of its aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryingEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// The `aggregatetype` column.
+    pub aggregate_type: String,
+    /// The `aggregateid` column.
+    pub aggregate_id: String,
+    /// The `type` column.
+    pub event_type: String,
+    /// Delivery attempts made.
+    pub attempts: i32,
+    /// The last delivery error; `None` for an event that only waits behind its
+    /// aggregate.
+    pub last_error: Option<String>,
+    /// When the relay tries it next (or looks again).
+    pub next_attempt_at: DateTime<Utc>,
+}
+
 /// A row to keep waiting in the table (CDC): an event of a parked aggregate, or one
 /// whose delivery failed.
 #[derive(Debug, Clone, Copy)]
@@ -678,6 +699,36 @@ impl PollingStore {
                     created_at: row.try_get("created_at")?,
                     dead_lettered_at: row.try_get("dead_lettered_at")?,
                     skipped_at: row.try_get("dead_letter_skipped_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Pending events waiting in the table for their next attempt, in `seq` order.
+    pub async fn retrying(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<RetryingEvent>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+            "SELECT id, aggregatetype, aggregateid, type, attempts, last_error, next_attempt_at
+             FROM {} WHERE {PENDING} AND next_attempt_at IS NOT NULL
+             ORDER BY seq LIMIT $1",
+            self.table.qualified()
+        ))))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RetryingEvent {
+                    id: row.try_get("id")?,
+                    aggregate_type: row.try_get("aggregatetype")?,
+                    aggregate_id: row.try_get("aggregateid")?,
+                    event_type: row.try_get("type")?,
+                    attempts: row.try_get("attempts")?,
+                    last_error: row.try_get("last_error")?,
+                    next_attempt_at: row.try_get("next_attempt_at")?,
                 })
             })
             .collect()

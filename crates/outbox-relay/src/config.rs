@@ -335,13 +335,57 @@ impl Default for KafkaSection {
 pub struct HttpSection {
     /// Address of `/metrics` and `/healthz`, or `off`. Port 0 picks a free port.
     pub listen: String,
+    /// Serve the status page at `/status` on the same address. Off by default: it
+    /// shows event ids, aggregates and delivery errors to whoever reaches the address.
+    pub status_page: bool,
+    /// The token the status page's "retry" button must send for a dead letter to be
+    /// queued again (a string, `{ file = "..." }` or `{ env = "VAR" }`). Without it the
+    /// page is read-only.
+    pub status_token: Option<PropertyValue>,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             listen: "127.0.0.1:9464".into(),
+            status_page: false,
+            status_token: None,
         }
+    }
+}
+
+/// The status page's settings, when it is on.
+#[derive(Debug, Clone)]
+pub struct StatusPageSettings {
+    /// Retrying dead letters from the page takes this token; `None`: read-only page.
+    pub token: Option<StatusToken>,
+}
+
+/// The status page's token, never shown (its `Debug` hides it).
+#[derive(Clone)]
+pub struct StatusToken(String);
+
+impl StatusToken {
+    /// A token to check requests against.
+    pub fn new(token: impl Into<String>) -> Self {
+        StatusToken(token.into())
+    }
+
+    /// True when `given` is the token. Takes the same time wherever the two differ, so
+    /// that timing tells an attacker nothing about the token.
+    pub fn matches(&self, given: &str) -> bool {
+        let (ours, theirs) = (self.0.as_bytes(), given.as_bytes());
+        let differences = ours
+            .iter()
+            .zip(theirs)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        differences == 0 && ours.len() == theirs.len()
+    }
+}
+
+impl fmt::Debug for StatusToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StatusToken(<hidden>)")
     }
 }
 
@@ -595,6 +639,34 @@ impl Config {
                 ))
             })?),
         };
+        let status_page = match (self.http.status_page, self.http.status_token) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(RelayError::Config(
+                    "http.status_token is set but http.status_page is off; set http.status_page = true (OUTBOX_HTTP__STATUS_PAGE=true), or remove the token".into(),
+                ))
+            }
+            (true, token) => {
+                if http_listen.is_none() {
+                    return Err(RelayError::Config(
+                        "http.status_page is on but http.listen is \"off\"; the page is served on http.listen, so set an address such as 127.0.0.1:9464".into(),
+                    ));
+                }
+                let token = token
+                    .map(|value| value.resolve("http.status_token"))
+                    .transpose()?;
+                if let Some(token) = &token {
+                    if token.len() < 16 {
+                        return Err(RelayError::Config(
+                            "http.status_token is shorter than 16 characters; use a long random one, such as the output of `openssl rand -hex 24`".into(),
+                        ));
+                    }
+                }
+                Some(StatusPageSettings {
+                    token: token.map(StatusToken),
+                })
+            }
+        };
         let sink_type = self.sink.type_name();
         if sink_type != "kafka" {
             for (given, what) in [
@@ -647,6 +719,7 @@ impl Config {
             router: Router::new(template).with_rule(rule),
             sink,
             http_listen,
+            status_page,
             standby_interval: Duration::from_secs(1),
             cdc_heartbeat: self.cdc.heartbeat,
             cdc_max_batch_bytes: self.cdc.max_batch_bytes,
@@ -884,6 +957,8 @@ pub struct RelayConfig {
     /// The broker and its settings.
     pub sink: SinkSettings,
     pub http_listen: Option<SocketAddr>,
+    /// The status page at `/status`, when on.
+    pub status_page: Option<StatusPageSettings>,
     /// How often a standby tries to take the leadership lock.
     pub standby_interval: Duration,
     /// CDC: heartbeat interval of an idle relay.
@@ -1121,6 +1196,17 @@ mod tests {
         assert!(err.contains("OUTBOX_DATABASE_URL"), "{err}");
     }
 
+    /// Each file of `cases` is refused with a configuration error that says the text
+    /// given beside it, and never shows the secret `hunter2`.
+    fn assert_config_errors(jail: &mut Jail, cases: &[(&str, &str)]) {
+        for (toml, wanted) in cases {
+            let err = resolve_file(jail, toml).unwrap_err();
+            assert!(err.is_config(), "{toml}: {err}");
+            assert!(err.to_string().contains(wanted), "{toml}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
     fn resolve_file(jail: &mut Jail, toml: &str) -> Result<RelayConfig, RelayError> {
         jail.create_file(
             "outbox.toml",
@@ -1272,12 +1358,54 @@ mod tests {
                 ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\nack_timeout = \"0s\"\n", "sink.ack_timeout is 0s"),
                 ("[sink]\ntype = \"nats\"\nurl = \"nats://x\"\nstream_subjects = [\"a.>\"]\n", "without sink.stream"),
             ];
-            for (toml, wanted) in cases {
-                let err = resolve_file(jail, toml).unwrap_err();
-                assert!(err.is_config(), "{toml}: {err}");
-                assert!(err.to_string().contains(wanted), "{toml}: {err}");
-                assert!(!err.to_string().contains("hunter2"), "{err}");
-            }
+            assert_config_errors(jail, &cases);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_status_page_is_off_unless_asked_and_its_token_stays_hidden() {
+        Jail::expect_with(|jail| {
+            assert!(resolve_file(jail, "").unwrap().status_page.is_none());
+            jail.set_env("PAGE_TOKEN", "a-long-enough-token-0123456789");
+            let config = resolve_file(
+                jail,
+                "[http]\nstatus_page = true\nstatus_token = { env = \"PAGE_TOKEN\" }\n",
+            )
+            .unwrap();
+            let page = config.status_page.as_ref().expect("on");
+            assert!(page
+                .token
+                .as_ref()
+                .unwrap()
+                .matches("a-long-enough-token-0123456789"));
+            assert!(
+                !format!("{config:?}").contains("a-long-enough"),
+                "hidden in Debug"
+            );
+            jail.set_env("OUTBOX_DATABASE_URL", "postgres://localhost/db");
+            jail.set_env("OUTBOX_HTTP__STATUS_PAGE", "true");
+            let read_only = Config::load(None, &ConfigOverrides::default())
+                .unwrap()
+                .resolve()
+                .unwrap();
+            assert!(read_only.status_page.unwrap().token.is_none());
+            jail.clear_env();
+            let cases = [
+                (
+                    "[http]\nstatus_token = \"0123456789abcdef-hunter2\"\n",
+                    "http.status_page is off",
+                ),
+                (
+                    "[http]\nstatus_page = true\nstatus_token = \"hunter2\"\n",
+                    "shorter than 16 characters",
+                ),
+                (
+                    "[http]\nlisten = \"off\"\nstatus_page = true\n",
+                    "http.listen is \"off\"",
+                ),
+            ];
+            assert_config_errors(jail, &cases);
             Ok(())
         });
     }

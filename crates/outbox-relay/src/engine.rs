@@ -32,6 +32,7 @@ use crate::config::{Mode, RelayConfig};
 use crate::http::{self, Health, Role};
 use crate::metrics::Metrics;
 use crate::source::{PollingSource, Source};
+use crate::status_page::StatusPage;
 use crate::RelayError;
 
 /// How often pending counts and ages are refreshed for the metrics.
@@ -95,10 +96,6 @@ pub async fn run_with_metrics(
     let health = Arc::new(Health::new(config.mode == Mode::Cdc, sink.name()));
     health.database.ok(health.started());
     health.sink.ok(health.started());
-    if let Some(addr) = config.http_listen {
-        http::serve(addr, metrics.clone(), health.clone(), shutdown.clone()).await?;
-    }
-
     let cdc = match config.mode {
         Mode::Polling => None,
         Mode::Cdc => {
@@ -112,6 +109,28 @@ pub async fn run_with_metrics(
             Some(CdcNames::for_table(&database, &config.table))
         }
     };
+    if let Some(addr) = config.http_listen {
+        let status_page = config.status_page.as_ref().map(|settings| {
+            StatusPage::new(
+                pool.clone(),
+                store.clone(),
+                config.database_url.clone(),
+                cdc.clone(),
+                config.on_dead_letter,
+                settings.token.clone(),
+                metrics.clone(),
+                health.clone(),
+            )
+        });
+        http::serve(
+            addr,
+            metrics.clone(),
+            health.clone(),
+            status_page,
+            shutdown.clone(),
+        )
+        .await?;
+    }
     let monitor_task = tokio::spawn(monitor(
         pool.clone(),
         store.clone(),
@@ -290,7 +309,13 @@ impl Relay<'_> {
                     continue;
                 }
             };
-            match lock.try_acquire(&mut conn).await {
+            // Listed as a relay of the table (active or standby) for as long as this
+            // connection lives: the status page shows the standbys.
+            let acquired = match lock.announce(&mut conn).await {
+                Ok(()) => lock.try_acquire(&mut conn).await,
+                Err(err) => Err(err),
+            };
+            match acquired {
                 Ok(true) => {}
                 Ok(false) => {
                     self.health.set_role(Role::Standby);

@@ -1,4 +1,5 @@
-//! `/metrics` (Prometheus text format) and `/healthz`.
+//! `/metrics` (Prometheus text format), `/healthz` and, when on, the status page
+//! (`status_page.rs`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::metrics::Metrics;
+use crate::status_page::StatusPage;
 use crate::RelayError;
 
 /// What `/healthz` reports: the relay's role and, per dependency, whether its last
@@ -106,7 +108,7 @@ impl Health {
     }
 
     /// The role, and each dependency's state: `Ok` or why it is unhealthy.
-    fn describe(&self) -> (&'static str, Vec<(&'static str, Option<String>)>) {
+    pub(crate) fn describe(&self) -> (&'static str, Vec<(&'static str, Option<String>)>) {
         let role = match self.role.load(Ordering::Relaxed) {
             1 => "standby",
             2 => "active",
@@ -137,6 +139,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    status_page: Option<Arc<StatusPage>>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, RelayError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|err| {
@@ -145,11 +148,18 @@ pub(crate) async fn serve(
         ))
     })?;
     let bound = listener.local_addr().map_err(RelayError::Http)?;
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
         .with_state(AppState { metrics, health });
-    info!(address = %bound, "serving /metrics and /healthz");
+    match status_page {
+        Some(page) => {
+            tokio::spawn(page.clone().sample(shutdown.clone()));
+            app = app.merge(crate::status_page::routes(page));
+            info!(address = %bound, "serving /metrics, /healthz and the status page at /status");
+        }
+        None => info!(address = %bound, "serving /metrics and /healthz"),
+    }
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -54,6 +54,7 @@ mod pipeline;
 pub mod read_back;
 pub mod sinks;
 mod source;
+mod status_page;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};
 pub use engine::run;

@@ -1,6 +1,7 @@
 //! What the integration tests of the workspace share: a message as a test reads it back
 //! from any sink's broker ([`Received`]), the readers ([`kafka`], [`TestSink`] for every
-//! sink), a loopback proxy that turns into a black hole ([`FaultProxy`]), and a client of
+//! sink), a loopback proxy that turns into a black hole ([`FaultProxy`]), headless
+//! Chromium for the status page ([`browser`]), and a client of
 //! Toxiproxy's API ([`toxiproxy`]) for the chaos runs and the bench.
 //!
 //! Everything runs against the real services of `scripts/services`; the webhook
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
+pub mod browser;
 pub mod database;
 pub mod kafka;
 mod proxy;

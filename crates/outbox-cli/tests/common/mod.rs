@@ -581,13 +581,19 @@ pub async fn dead_letter(db: &TestDb, id: Uuid) -> (i32, String) {
 
 /// A plain HTTP GET of the relay's endpoint: the whole response, status line included.
 pub async fn http_get(port: u16, path: &str) -> String {
+    http_request(port, "GET", path, "").await
+}
+
+/// A plain HTTP request with `headers` (each line ending in `\r\n`) and no body: the
+/// whole response, status line included.
+pub async fn http_request(port: u16, method: &str, path: &str, headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await
@@ -856,4 +862,27 @@ impl std::io::Write for CapturedLogs {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Inserts one event with plain SQL (as a writer in any language would) into `table`,
+/// with `headers` as jsonb text, on a pool or in a transaction.
+pub async fn insert_raw<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    table: &TableRef,
+    aggregate_id: &str,
+    headers: Option<&str>,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
+        "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, headers)
+         VALUES ($1, 'order', $2, 'Tested', '{{\"n\": 1}}', $3::jsonb)",
+        table.qualified()
+    ))))
+    .bind(id)
+    .bind(aggregate_id)
+    .bind(headers)
+    .execute(executor)
+    .await
+    .unwrap();
+    id
 }
