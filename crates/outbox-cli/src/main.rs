@@ -192,8 +192,25 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Traces (the relay only): set up before the runtime, since the exporter's HTTP
+    // client runs on a thread of its own.
+    let telemetry = match &cli.command {
+        Command::Relay { .. } => match outbox_relay::telemetry::Telemetry::from_env() {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(err.exit_code());
+            }
+        },
+        _ => None,
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(execute(cli)) {
+    let result = runtime.block_on(execute(cli));
+    drop(runtime);
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");

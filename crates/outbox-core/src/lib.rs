@@ -8,6 +8,7 @@
 //! - [`Sink`]: the contract every broker sink implements, and [`DeliveryOutcome`].
 //! - [`RetryPolicy`] and [`plan_batch`]: what the relay does with each outcome.
 //! - [`TableRef`]: a schema-qualified, always-quoted table name.
+//! - [`TraceParent`]: the W3C `traceparent` header events carry.
 //! - [`audit_report`]: `outbox verify`'s comparison of outbox rows with the messages
 //!   read back from their topics.
 
@@ -20,6 +21,7 @@ mod report;
 mod routing;
 mod sink;
 mod table;
+mod trace_context;
 
 pub use audit::{
     audit_report, audit_topics, AuditPolicy, AuditReport, AuditRow, DuplicateExample, LostEvent,
@@ -37,3 +39,4 @@ pub use sink::{
     publish_per_aggregate, BoxFuture, CheckError, DeliveryError, DeliveryOutcome, ErrorKind, Sink,
 };
 pub use table::{quote_ident, TableRef, TableRefError};
+pub use trace_context::{TraceParent, TRACEPARENT, TRACESTATE};

@@ -253,9 +253,14 @@ impl Engine {
             let _ = tx.rollback().await;
             return Ok(Attempt::Duplicate);
         }
-        let handled = AssertUnwindSafe(self.handler.handle(&mut tx, message))
-            .catch_unwind()
-            .await;
+        // The handler runs in a span of the trace the message carries (its
+        // `traceparent`), with nothing to do on the application's side.
+        let span = handler_span(message, &self.settings.consumer);
+        let handled = opentelemetry::trace::FutureExt::with_context(
+            AssertUnwindSafe(self.handler.handle(&mut tx, message)).catch_unwind(),
+            span.clone(),
+        )
+        .await;
         let failure = match handled {
             Ok(Ok(())) => None,
             Ok(Err(err)) => Some(err),
@@ -264,6 +269,14 @@ impl Engine {
                 panic_text(panic.as_ref())
             ))),
         };
+        {
+            use opentelemetry::trace::{Status, TraceContextExt};
+            let span = span.span();
+            if let Some(err) = &failure {
+                span.set_status(Status::error(err.to_string()));
+            }
+            span.end();
+        }
         if let Some(err) = failure {
             let _ = tx.rollback().await;
             return Err(AttemptError::Handler(err));
@@ -391,4 +404,30 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
     } else {
         "(not a string)"
     }
+}
+
+/// A span for one handler run, child of the message's `traceparent` (a root span when
+/// it has none). Costs nothing when the application installed no tracer provider.
+fn handler_span(message: &InboxMessage, consumer: &str) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+    use opentelemetry::KeyValue;
+    use outbox_core::{TraceParent, TRACEPARENT, TRACESTATE};
+    let parent = message
+        .header_str(TRACEPARENT)
+        .and_then(TraceParent::parse)
+        .map(|p| p.to_context(message.header_str(TRACESTATE)))
+        .unwrap_or_default();
+    let tracer = opentelemetry::global::tracer("outbox-inbox");
+    let span = tracer
+        .span_builder(format!("process {}", message.topic))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", message.topic.clone()),
+            KeyValue::new("messaging.consumer.group.name", consumer.to_string()),
+            KeyValue::new("messaging.message.id", message.id.to_string()),
+        ])
+        .start_with_context(&tracer, &parent);
+    parent.with_span(span)
 }

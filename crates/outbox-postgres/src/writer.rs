@@ -1,11 +1,17 @@
 //! Writing events inside the application's own transaction.
 
-use outbox_core::{Event, TableRef};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use outbox_core::{Event, TableRef, TraceParent, TRACEPARENT, TRACESTATE};
 use sqlx::types::Json;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::{Error, PayloadType};
+
+/// An event's headers, as the `headers` column takes them.
+type Headers = BTreeMap<String, String>;
 
 /// Writes events into an outbox table with the caller's executor.
 ///
@@ -99,14 +105,19 @@ impl OutboxWriter {
         let mut aggregate_types: Vec<&str> = Vec::with_capacity(n);
         let mut aggregate_ids: Vec<&str> = Vec::with_capacity(n);
         let mut types: Vec<&str> = Vec::with_capacity(n);
-        let mut headers: Vec<Option<Json<&std::collections::BTreeMap<String, String>>>> =
-            Vec::with_capacity(n);
+        let mut headers: Vec<Option<Json<Cow<'_, Headers>>>> = Vec::with_capacity(n);
+        let trace = current_trace_headers();
         for event in events {
             ids.push(event.id);
             aggregate_types.push(&event.aggregate_type);
             aggregate_ids.push(&event.aggregate_id);
             types.push(&event.event_type);
-            headers.push((!event.headers.is_empty()).then_some(Json(&event.headers)));
+            let mut these = Cow::Borrowed(&event.headers);
+            // The caller's trace, unless the event names one itself.
+            if !trace.is_empty() && !event.headers.contains_key(TRACEPARENT) {
+                these.to_mut().extend(trace.iter().cloned());
+            }
+            headers.push((!these.is_empty()).then_some(Json(these)));
         }
         let query = sqlx::query(sqlx::AssertSqlSafe(String::from(&self.insert_many)))
             .bind(ids)
@@ -186,4 +197,21 @@ where
 fn default_writer() -> &'static OutboxWriter {
     static WRITER: std::sync::OnceLock<OutboxWriter> = std::sync::OnceLock::new();
     WRITER.get_or_init(OutboxWriter::default)
+}
+
+/// The `traceparent` (and `tracestate`) of the caller's current OpenTelemetry span, or
+/// nothing when there is none: the events of one write continue the trace of the code
+/// that wrote them, with no call of the application's own.
+fn current_trace_headers() -> Vec<(String, String)> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = opentelemetry::Context::current();
+    let Some(parent) = TraceParent::of_context(&context) else {
+        return Vec::new();
+    };
+    let mut headers = vec![(TRACEPARENT.to_string(), parent.to_string())];
+    let state = context.span().span_context().trace_state().header();
+    if !state.is_empty() {
+        headers.push((TRACESTATE.to_string(), state));
+    }
+    headers
 }

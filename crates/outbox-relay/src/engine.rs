@@ -488,7 +488,12 @@ impl Relay<'_> {
             }
         }
         if !messages.is_empty() {
+            let trace =
+                crate::telemetry::start_publish(events, &sent, &mut messages, self.sink.name());
             let delivered = self.sink.publish(messages).await;
+            if let Some(trace) = trace {
+                trace.end(&delivered);
+            }
             if delivered.contains(&DeliveryOutcome::Delivered) {
                 self.health.sink.ok(self.health.started());
             } else if let Some(DeliveryOutcome::Failed(err)) = delivered.iter().find(

@@ -55,6 +55,7 @@ pub mod read_back;
 pub mod sinks;
 mod source;
 mod status_page;
+pub mod telemetry;
 
 pub use config::{Config, ConfigOverrides, DatabaseUrl, Mode, RelayConfig};
 pub use engine::run;
