@@ -224,29 +224,6 @@ async fn metrics_and_health_endpoints_report_the_relay() {
     db.drop_db().await;
 }
 
-async fn create_topic(topic: &str) {
-    create_topic_with(topic, &[]).await
-}
-
-async fn create_topic_with(topic: &str, config: &[(&str, &str)]) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[config.iter().fold(
-                NewTopic::new(topic, 3, TopicReplication::Fixed(1)),
-                |topic, (key, value)| topic.set(key, value),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    results[0].as_ref().unwrap();
-}
-
 /// A topic deleted while the relay runs is created again, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_topic_is_recreated() {

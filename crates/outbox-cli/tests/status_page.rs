@@ -1,6 +1,6 @@
 //! The status page, as an operator sees it: headless Chromium loads `/status` from a
-//! running relay (a standby beside it) while events flow, then after a dead letter,
-//! then retries the dead letter with the page's button. Screenshots of each moment go
+//! running relay (a standby beside it) while events flow, while an event retries, then
+//! after a dead letter, then retries the dead letter with the page's button. Screenshots of each moment go
 //! to `target/status-page/`.
 
 mod common;
@@ -36,7 +36,10 @@ fn free_port() -> u16 {
 async fn the_status_page_shows_a_running_relay_and_retries_a_dead_letter(mode: Mode) {
     let db = TestDb::for_mode(mode).await;
     let port = free_port();
-    let mut config = db.relay_config_for(mode, "");
+    // Topics are not created on demand, so an aggregate whose topic is missing retries.
+    let settings = "[topics]\ncreate = false\n";
+    create_topic(&db.topic("order")).await;
+    let mut config = db.relay_config_for(mode, settings);
     config.http_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     config.status_page = Some(StatusPageSettings {
         token: Some(StatusToken::new(TOKEN)),
@@ -44,7 +47,7 @@ async fn the_status_page_shows_a_running_relay_and_retries_a_dead_letter(mode: M
     let relay = InProcessRelay::start(config);
     // The page's relay leads; a second one waits beside it as a standby.
     wait_until_active(port).await;
-    let standby = InProcessRelay::start(db.relay_config_for(mode, ""));
+    let standby = InProcessRelay::start(db.relay_config_for(mode, settings));
 
     let mut browser = Browser::open(&format!("http://127.0.0.1:{port}/status"))
         .await
@@ -115,6 +118,65 @@ async fn the_status_page_shows_a_running_relay_and_retries_a_dead_letter(mode: M
             .unwrap());
     }
     consume_ids(vec![db.topic("order")], &ids, WAIT).await;
+
+    // An event whose topic does not exist is not delivered: the page says why. Polling
+    // also lists it as retrying (it waits in the table for its next attempt; CDC
+    // retries it in memory).
+    let stuck = event("missing", "m", 0);
+    let stuck_id = stuck.id;
+    db.write(&[stuck]).await;
+    browser
+        .wait_for(
+            "document.getElementById('delivery-reason').textContent.includes('does not exist and topics.create = false')",
+            WAIT,
+            "document.getElementById('relays').parentElement.innerText",
+        )
+        .await
+        .unwrap();
+    assert!(browser
+        .text("#delivery")
+        .await
+        .unwrap()
+        .starts_with("failing since"));
+    let delivery = browser.text("#delivery-reason").await.unwrap();
+    assert!(delivery.contains(&db.topic("missing")), "{delivery}");
+    if mode == Mode::Polling {
+        let row = format!("#retrying tr[data-id='{stuck_id}']");
+        browser
+            .wait_for(
+                &format!("document.querySelector(\"{row} td.reason\") !== null && document.getElementById('retrying-count').textContent !== '0'"),
+                WAIT,
+                "document.getElementById('retrying').innerText",
+            )
+            .await
+            .unwrap();
+        let shown = browser.text(&format!("{row} td.reason")).await.unwrap();
+        let recorded: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+                .bind(stuck_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(Some(shown), recorded, "the page shows the recorded error");
+    }
+    browser
+        .screenshot(&screenshot_path(mode, "retrying"))
+        .await
+        .unwrap();
+    create_topic(&db.topic("missing")).await;
+    consume_ids(vec![db.topic("missing")], &[stuck_id], WAIT).await;
+    browser
+        .wait_for(
+            "document.getElementById('retrying-count').textContent === '0' && document.getElementById('delivery').textContent === 'ok'",
+            WAIT,
+            "document.getElementById('retrying').innerText + ' | delivery ' + document.getElementById('delivery').textContent",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        browser.text("#retrying tbody td").await.unwrap(),
+        "nothing retrying"
+    );
 
     // A row whose headers the relay cannot read becomes a dead letter and parks its
     // aggregate.
@@ -193,7 +255,7 @@ async fn the_status_page_shows_a_running_relay_and_retries_a_dead_letter(mode: M
         .screenshot(&screenshot_path(mode, "retried"))
         .await
         .unwrap();
-    for moment in ["flowing", "dead-letter", "retried"] {
+    for moment in ["flowing", "retrying", "dead-letter", "retried"] {
         let png = std::fs::read(screenshot_path(mode, moment)).unwrap();
         assert!(
             png.starts_with(b"\x89PNG") && png.len() > 10_000,

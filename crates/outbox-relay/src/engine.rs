@@ -509,6 +509,13 @@ impl Relay<'_> {
             .into_iter()
             .map(|o| o.expect("every event has an outcome"))
             .collect();
+        let mut failures = outcomes.iter().filter_map(|outcome| match outcome {
+            DeliveryOutcome::Failed(err) => Some(err.reason.as_str()),
+            DeliveryOutcome::Delivered => None,
+        });
+        let first = failures.next();
+        let failed = first.map_or(0, |_| 1 + failures.count());
+        self.health.record_delivery(failed, outcomes.len(), first);
         let actions = plan_batch(&self.config.retry, events, &outcomes);
         (actions, outcomes)
     }

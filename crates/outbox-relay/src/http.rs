@@ -31,6 +31,19 @@ pub(crate) struct Health {
     /// CDC, active relay only: the replication stream, updated by the stream itself.
     pub(crate) replication: Dependency,
     cdc: bool,
+    /// The last batch's delivery failures (any mode; CDC retries them in memory).
+    delivery: Mutex<Option<DeliveryProblem>>,
+}
+
+/// Events of the last batch the broker did not take.
+#[derive(Clone, Debug)]
+pub(crate) struct DeliveryProblem {
+    /// When the batches began to fail (the first of the failing run).
+    pub(crate) since: std::time::SystemTime,
+    pub(crate) failed: usize,
+    pub(crate) sent: usize,
+    /// The first failure's reason.
+    pub(crate) reason: String,
 }
 
 /// How recent a dependency's last good round trip must be for `/healthz` to count it
@@ -96,7 +109,31 @@ impl Health {
             sink_name,
             replication: Dependency::default(),
             cdc,
+            delivery: Mutex::new(None),
         }
+    }
+
+    /// Notes the outcome of a batch: `failed` of `sent` events not delivered, the
+    /// first failure's reason. The status page shows it while it lasts.
+    pub(crate) fn record_delivery(&self, failed: usize, sent: usize, reason: Option<&str>) {
+        let mut delivery = self.delivery.lock().expect("health lock");
+        *delivery = match (failed, reason) {
+            (0, _) | (_, None) => None,
+            (failed, Some(reason)) => Some(DeliveryProblem {
+                since: delivery
+                    .as_ref()
+                    .map(|p| p.since)
+                    .unwrap_or_else(std::time::SystemTime::now),
+                failed,
+                sent,
+                reason: reason.to_string(),
+            }),
+        };
+    }
+
+    /// The last batch's failures, if it had any.
+    pub(crate) fn delivery_problem(&self) -> Option<DeliveryProblem> {
+        self.delivery.lock().expect("health lock").clone()
     }
 
     pub(crate) fn set_role(&self, role: Role) {

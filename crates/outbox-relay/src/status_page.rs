@@ -175,12 +175,21 @@ impl StatusPage {
             }
         };
         let (role, checks) = self.health.describe();
+        let delivery = self.health.delivery_problem().map(|problem| {
+            json!({
+                "since_ms": problem.since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                "failed": problem.failed,
+                "batch": problem.sent,
+                "reason": problem.reason,
+            })
+        });
         Ok(json!({
             "table": table.to_string(),
             "mode": if self.cdc.is_some() { "cdc" } else { "polling" },
             "this_relay": {
                 "role": role,
                 "uptime_seconds": self.health.started().elapsed().as_secs(),
+                "delivery_problem": delivery,
                 "checks": checks.iter().map(|(name, problem)| json!({
                     "name": name, "ok": problem.is_none(), "problem": problem,
                 })).collect::<Vec<_>>(),

@@ -886,3 +886,28 @@ pub async fn insert_raw<'e>(
     .unwrap();
     id
 }
+
+/// Creates a Kafka topic of three partitions.
+pub async fn create_topic(topic: &str) {
+    create_topic_with(topic, &[]).await
+}
+
+/// Creates a Kafka topic of three partitions with topic-level `config`.
+pub async fn create_topic_with(topic: &str, config: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[config.iter().fold(
+                NewTopic::new(topic, 3, TopicReplication::Fixed(1)),
+                |topic, (key, value)| topic.set(key, value),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results[0].as_ref().unwrap();
+}
