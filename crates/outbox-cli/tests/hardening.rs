@@ -762,6 +762,64 @@ async fn a_vanished_slot_with_deleting_writers_stops_the_relay() {
     db.drop_db().await;
 }
 
+/// Below a backlog, polling fetches the rows committed while a batch was published
+/// before it records that batch, and publishes them beside the record. A dead letter
+/// of that batch is not in the table yet when they are fetched: its aggregate's rows
+/// among them must still wait. The real binary, its Kafka delivery thread slowed by a
+/// fault point (each report held 400 ms, so a batch's transaction takes that long to
+/// commit), so the second transaction commits while the first batch is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_holds_back_its_aggregate_in_rows_committed_while_it_was_published() {
+    let db = TestDb::new().await;
+    let table = TableRef::default();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("relay.log");
+    let mut relay = spawn_relay(
+        &db,
+        &log,
+        &[("FAILPOINTS", "kafka-delivery-report-held=sleep(400)")],
+    );
+    // The topic exists and the relay is idle before the batch under test.
+    let warmup = insert_raw(&db.pool, &table, "w", None).await;
+    consume_ids(vec![db.topic("order")], &[warmup], WAIT).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let first = insert_raw(&mut *tx, &table, "a", None).await;
+    let poison = insert_raw(&mut *tx, &table, "x", Some(r#"{"n": 1e400}"#)).await;
+    tx.commit().await.unwrap();
+    // The relay wakes on the insert's notification within milliseconds; its batch then
+    // takes at least 400 ms to publish.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let held = insert_raw(&mut *tx, &table, "x", None).await;
+    let flowing = insert_raw(&mut *tx, &table, "b", None).await;
+    tx.commit().await.unwrap();
+
+    consume_ids(vec![db.topic("order")], &[first, flowing], WAIT).await;
+    let (_, error) = dead_letter(&db, poison).await;
+    assert!(error.contains("headers"), "{error}");
+    // The whole topic, a while after the others arrived: the broker, not the log.
+    let everything =
+        consume_until(vec![db.topic("order")], Duration::from_secs(5), |_| false).await;
+    sigterm(&relay);
+    assert!(relay.wait().unwrap().success());
+    let published: HashSet<Uuid> = everything.iter().map(Received::id).collect();
+    assert!(
+        !published.contains(&held),
+        "the parked aggregate's later event was published past its dead letter:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let pending: bool = sqlx::query_scalar(
+        "SELECT published_at IS NULL AND dead_lettered_at IS NULL FROM outbox WHERE id = $1",
+    )
+    .bind(held)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(pending, "the held event waits in the table");
+    db.drop_db().await;
+}
+
 /// Polling fetches the next batch while one is being published (the pipeline). When an
 /// event of that batch is dead-lettered, the next batch, already fetched, holds its
 /// aggregate's later events: with `on_dead_letter = "park"` (the default) none of them

@@ -2,7 +2,10 @@
 //! the next one fetched, so a busy relay's batch takes the longer of publishing and of
 //! its database work, not their sum (bench/README.md, "The pipeline"). The two batches
 //! with payloads in memory keep to `polling.max_batch_bytes` together (give or take the
-//! last row): the next batch gets what the one being published leaves of it.
+//! last row): the next batch gets what the one being published leaves of it. Below a
+//! backlog nothing is fetched beside a publish (each small batch would cost a query and
+//! a Kafka transaction); but the rows announced while a batch was published are fetched
+//! before it is recorded, and go out beside its record.
 //!
 //! Publishing stays one batch at a time, in order. A batch goes to the sink only once
 //! the one before it has its outcomes, and without the events of every aggregate that
@@ -44,6 +47,21 @@ impl Relay<'_> {
         let mut ahead: Vec<StoredEvent> = Vec::new();
         let mut unrecorded: Option<Delivered> = None;
         loop {
+            if ahead.is_empty() && !shutdown.is_cancelled() {
+                // Rows committed while the last batch was published go out now, its
+                // record beside them: the record is not on the path of the next events.
+                if let Some(done) = &unrecorded {
+                    ahead = match source
+                        .next_batch_announced(self.config.max_batch_bytes)
+                        .await
+                    {
+                        Ok(events) => events,
+                        Err(end) => return end,
+                    };
+                    let held = hold_back(&done.events, &done.actions, &mut ahead);
+                    source.give_back(&held);
+                }
+            }
             let events = if ahead.is_empty() || shutdown.is_cancelled() {
                 source.give_back(&std::mem::take(&mut ahead));
                 // Nothing to publish at once: record what is out before waiting.

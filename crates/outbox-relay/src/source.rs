@@ -56,6 +56,11 @@ pub(crate) trait Prefetch: Source {
     /// neither recorded nor given back.
     async fn next_batch_now(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd>;
 
+    /// The next events to publish, at most `max_bytes` of them, without waiting, if
+    /// any were announced since the last look (an empty batch otherwise), leaving out
+    /// every event given out and neither recorded nor given back.
+    async fn next_batch_announced(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd>;
+
     /// Events given out that will not be published now: they are given again later.
     fn give_back(&mut self, events: &[StoredEvent]);
 }
@@ -114,17 +119,19 @@ impl<'r, 'c> PollingSource<'r, 'c> {
     /// Reads the insert notifications that have arrived, without waiting: a busy relay
     /// rarely waits on the listener, and they would pile up on the server, each one
     /// waking the idle relay later for a row already published.
-    async fn take_notifications(&mut self) {
-        for _ in 0..MAX_NOTIFICATIONS_READ {
+    /// Returns how many were read.
+    async fn take_notifications(&mut self) -> usize {
+        for read in 0..MAX_NOTIFICATIONS_READ {
             match tokio::time::timeout(Duration::ZERO, self.listener.recv()).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
                     debug!(%err, "notification listener reconnecting");
-                    return;
+                    return read;
                 }
-                Err(_) => return,
+                Err(_) => return read,
             }
         }
+        MAX_NOTIFICATIONS_READ
     }
 
     fn lost(&self, err: RelayError) -> LeadEnd {
@@ -186,6 +193,15 @@ impl Prefetch for PollingSource<'_, '_> {
         // Not even a row as heavy as the last fetch's heaviest fits: wait for the publish.
         let heaviest = self.relay.heaviest_fetched_row.load(Ordering::Relaxed);
         if !self.maybe_more || max_bytes < heaviest.max(1) {
+            return Ok(Vec::new());
+        }
+        self.fetch(max_bytes).await
+    }
+
+    /// Fetches when the last fetch was full or an insert was announced since: a quiet
+    /// table costs no query.
+    async fn next_batch_announced(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd> {
+        if self.take_notifications().await == 0 && !self.maybe_more {
             return Ok(Vec::new());
         }
         self.fetch(max_bytes).await
