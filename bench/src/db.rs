@@ -19,6 +19,8 @@ pub struct BenchDb {
     pub template: String,
     /// Where the events of aggregate type `order` land.
     pub topic: String,
+    /// What every topic of this session's system is named after (`bench-<system>-<id>`).
+    pub topic_prefix: String,
     admin_url: String,
 }
 
@@ -42,14 +44,14 @@ impl BenchDb {
         let unique = &Uuid::now_v7().simple().to_string()[..12];
         let prefix = format!("bench-{}-{unique}", system.name());
         (db.template, db.topic) = if system.is_debezium() {
-            let topic = format!("{prefix}.outbox.event.order");
-            (prefix, topic)
+            (prefix.clone(), format!("{prefix}.outbox.event.order"))
         } else {
             (
                 format!("{prefix}.{{aggregatetype}}"),
                 format!("{prefix}.order"),
             )
         };
+        db.topic_prefix = prefix;
         Ok(db)
     }
 
@@ -97,6 +99,7 @@ impl BenchDb {
             pool,
             template: String::new(),
             topic: String::new(),
+            topic_prefix: String::new(),
             admin_url: admin_url.to_string(),
         })
     }

@@ -114,18 +114,29 @@ async fn kafka_alone(
     settings: KafkaSettings,
     batch: usize,
 ) -> Result<KafkaAlone> {
-    let plan = cx.plan;
-    let transactions = settings.transactional_id.is_some();
     let unique = &Uuid::now_v7().simple().to_string()[..12];
     let topic = format!("bench-kafka-alone-{unique}.order");
+    let result = kafka_alone_on(cx, settings, batch, &topic).await;
+    cx.topics.delete(&[topic]).await?;
+    result
+}
+
+async fn kafka_alone_on(
+    cx: &Context<'_>,
+    settings: KafkaSettings,
+    batch: usize,
+    topic: &str,
+) -> Result<KafkaAlone> {
+    let plan = cx.plan;
+    let transactions = settings.transactional_id.is_some();
     let sink: Arc<dyn Sink> = Arc::new(KafkaSink::new(settings)?);
     sink.lead();
     // The first publish creates the topic (and initializes the transactions).
-    publish_all(&*sink, vec![message(&topic, 0, plan.payload_bytes).1]).await?;
+    publish_all(&*sink, vec![message(topic, 0, plan.payload_bytes).1]).await?;
     let arrivals = Arrivals::start(
         cx.launcher.kafka_brokers,
         &cx.launcher.kafka_properties,
-        &topic,
+        topic,
     )?;
     // Warm-up at the first rate, unmeasured: the first transactions of a new
     // transactional id and topic are slower (a p50 of 33–40 ms at 1k/s where the next
@@ -133,7 +144,7 @@ async fn kafka_alone(
     let warm_up = plan.steps[0] as usize * 2;
     let commits = open_loop(
         &sink,
-        &topic,
+        topic,
         batch,
         plan.steps[0],
         warm_up,
@@ -146,7 +157,7 @@ async fn kafka_alone(
     let mut n = 1 + warm_up;
     for &rate in &plan.steps {
         let events = (rate as f64 * plan.step_seconds).round() as usize;
-        let commits = open_loop(&sink, &topic, batch, rate, events, n, plan.payload_bytes).await?;
+        let commits = open_loop(&sink, topic, batch, rate, events, n, plan.payload_bytes).await?;
         n += events;
         let settled = arrivals.settle(&commits, Duration::from_secs(120)).await;
         settled.drained(&format!("the step at {rate}/s"))?;
@@ -165,7 +176,7 @@ async fn kafka_alone(
     // the database, publishes them one batch after the other.
     let events = plan.backlog_events;
     let messages: Vec<(Uuid, Message)> = (n..n + events)
-        .map(|i| message(&topic, i, plan.payload_bytes))
+        .map(|i| message(topic, i, plan.payload_bytes))
         .collect();
     let started = now_micros();
     let commits: Vec<(Uuid, u64)> = messages.iter().map(|(id, _)| (*id, started)).collect();

@@ -18,6 +18,7 @@ mod report;
 mod results;
 mod session;
 mod system;
+mod topics;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -207,6 +208,15 @@ async fn main() -> Result<()> {
         0 => None,
         rtt => Some(database_proxy(&args.database_url, rtt).await?),
     };
+    let kafka_properties = match &args.kafka_config {
+        Some(path) => outbox_relay::config::kafka_properties_from_file(path)?,
+        None => Default::default(),
+    };
+    let topics = topics::Topics::connect(&args.kafka_brokers, &kafka_properties)?;
+    let leftovers = topics.delete_leftovers().await?;
+    if leftovers > 0 {
+        eprintln!("bench: deleted {leftovers} topics an earlier run left behind");
+    }
     let cx = session::Context {
         admin_url: &args.database_url,
         launcher: Launcher {
@@ -214,15 +224,13 @@ async fn main() -> Result<()> {
             debezium_script: &args.debezium_script,
             kafka_brokers: &args.kafka_brokers,
             kafka_config: args.kafka_config.as_deref(),
-            kafka_properties: match &args.kafka_config {
-                Some(path) => outbox_relay::config::kafka_properties_from_file(path)?,
-                None => Default::default(),
-            },
+            kafka_properties,
             log_dir: &args.out_dir,
             database_port,
         },
         plan: &plan,
         profile_dir: args.profile_relay.then_some(args.out_dir.as_path()),
+        topics: &topics,
         shape: Shape {
             writers: args.writers,
             payload_bytes: args.payload_bytes,

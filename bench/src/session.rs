@@ -12,6 +12,7 @@ use crate::db::BenchDb;
 use crate::load::{self, Shape, Written};
 use crate::report::{Backlog, Idle, LargeBacklog, MaxSustained, Plan, Session, Step, Verdict};
 use crate::system::{postgres_cpu_seconds, Launcher, Running, System};
+use crate::topics::Topics;
 
 pub struct Context<'a> {
     pub admin_url: &'a str,
@@ -20,6 +21,7 @@ pub struct Context<'a> {
     pub shape: Shape,
     /// With `--profile-relay`: where our relay's flame graph of each backlog drain goes.
     pub profile_dir: Option<&'a std::path::Path>,
+    pub topics: &'a Topics,
 }
 
 pub async fn run(cx: &Context<'_>, system: System, round: usize) -> Result<Session> {
@@ -34,7 +36,9 @@ pub async fn run(cx: &Context<'_>, system: System, round: usize) -> Result<Sessi
     let mut sut = cx.launcher.start(system, &db)?;
     let result = measure(cx, system, round, &db, &mut sut, started).await;
     sut.stop();
+    let prefix = db.topic_prefix.clone();
     db.drop().await?;
+    cx.topics.delete_with_prefix(&prefix).await?;
     result
 }
 
