@@ -209,7 +209,11 @@ impl KafkaSettings {
             // later one of its key was still queued would leave a gap, and the later one
             // could be written first. The sink bounds the wait itself (message_timeout).
             .set("message.timeout.ms", "0")
-            .set("compression.type", &self.compression);
+            .set("compression.type", &self.compression)
+            // The producer also answers the metadata requests (a topic's existence, the
+            // health probe): asking must never create a topic with the broker's defaults.
+            // Topics are created through the admin API, with `topics.partitions`.
+            .set("allow.auto.create.topics", "false");
         if let Some(id) = &self.transactional_id {
             config
                 .set("transactional.id", id)
@@ -269,6 +273,7 @@ mod tests {
         assert_eq!(config.get("partitioner"), Some("murmur2_random"));
         assert_eq!(config.get("linger.ms"), Some("5"));
         assert_eq!(config.get("message.timeout.ms"), Some("0"));
+        assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
     }
 
     #[test]

@@ -131,7 +131,6 @@ const MISMATCH_AFTER: Duration = Duration::from_secs(3);
 pub struct KafkaSink {
     settings: KafkaSettings,
     producer: RwLock<Arc<Current>>,
-    admin: Arc<AdminClient<QuietLog>>,
     /// Topics known to exist, so the admin API is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
     /// A newer producer of our transactional id fenced us: publish nothing (above all,
@@ -141,8 +140,13 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// Builds the producer and admin client. Does not contact the brokers; see
+    /// Builds the producer. Does not contact the brokers; see
     /// [`KafkaSink::check_connection`].
+    ///
+    /// No admin client is kept beside it: each librdkafka client has threads of its own
+    /// that wake while the relay is idle (rust-rdkafka's admin client polls ten times a
+    /// second), a fifth of an idle relay's CPU. Metadata requests go through the
+    /// producer; an admin client is made for a topic creation and dropped after it.
     pub fn new(settings: KafkaSettings) -> Result<Self, ConnectError> {
         settings.validate()?;
         if settings.brokers.trim().is_empty() {
@@ -155,16 +159,9 @@ impl KafkaSink {
             QuietLog::redacting(redactor.clone()),
         )
         .map_err(refused)?;
-        let mut admin_config = settings.client_config();
-        // Asking whether a topic exists must not create it (with topics.create = false).
-        admin_config.set("allow.auto.create.topics", "false");
-        let admin = admin_config
-            .create_with_context(QuietLog::redacting(redactor.clone()))
-            .map_err(refused)?;
         Ok(KafkaSink {
             settings,
             producer: RwLock::new(Arc::new(Current::new(producer))),
-            admin: Arc::new(admin),
             known_topics: Mutex::new(HashSet::new()),
             fenced: AtomicBool::new(false),
         })
@@ -341,11 +338,15 @@ impl KafkaSink {
     async fn check_topics_exist(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
         let mut failed = HashMap::new();
         for topic in topics {
-            let admin = self.admin.clone();
+            let current = self.producer();
             let name = topic.to_string();
             let timeout = self.settings.message_timeout.min(Duration::from_secs(10));
             let metadata = tokio::task::spawn_blocking(move || {
-                admin.inner().fetch_metadata(Some(&name), timeout)
+                current
+                    .producer
+                    .base()
+                    .client()
+                    .fetch_metadata(Some(&name), timeout)
             })
             .await
             .expect("the metadata request does not panic");
@@ -405,7 +406,24 @@ impl KafkaSink {
         let options = AdminOptions::new()
             .operation_timeout(Some(Duration::from_secs(10)))
             .request_timeout(Some(self.settings.message_timeout));
-        match self.admin.create_topics(&new_topics, &options).await {
+        let admin = match self.admin() {
+            Ok(admin) => admin,
+            Err(reason) => {
+                for topic in missing {
+                    failed.insert(
+                        topic.to_string(),
+                        DeliveryError::unavailable(format!(
+                            "cannot create topic {topic:?}: {reason}"
+                        )),
+                    );
+                }
+                return failed;
+            }
+        };
+        let created = admin.create_topics(&new_topics, &options).await;
+        // Dropping an admin client joins its polling thread (up to 100 ms): not here.
+        tokio::task::spawn_blocking(move || drop(admin));
+        match created {
             Ok(results) => {
                 for result in results {
                     match result {
@@ -455,17 +473,19 @@ impl Sink for KafkaSink {
         Box::pin(self.publish_batch(messages))
     }
 
-    /// One metadata request on the admin client's open connections (the relay's health
+    /// One metadata request on the producer's open connections (the relay's health
     /// probe asks every few seconds); only when it fails does a fresh client find out
     /// why (refused TLS or SASL, an unreachable host) with [`KafkaSink::check_connection`].
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>> {
         Box::pin(async move {
-            let admin = self.admin.clone();
+            let current = self.producer();
             let answered = tokio::task::spawn_blocking(move || {
                 // One topic, not the whole cluster's metadata; whether it exists does not
-                // matter (the admin client never creates topics by asking).
-                admin
-                    .inner()
+                // matter (the producer never creates topics by asking).
+                current
+                    .producer
+                    .base()
+                    .client()
                     .fetch_metadata(Some(HEALTH_TOPIC), timeout.min(CHECK_STEP))
             })
             .await
@@ -689,6 +709,17 @@ impl KafkaSink {
 }
 
 impl KafkaSink {
+    /// An admin client for one topic creation: it does not contact the brokers until
+    /// asked.
+    fn admin(&self) -> Result<AdminClient<QuietLog>, String> {
+        let redactor = self.settings.redactor();
+        let mut config = self.settings.client_config();
+        config.set("allow.auto.create.topics", "false");
+        config
+            .create_with_context(QuietLog::redacting(redactor.clone()))
+            .map_err(|err| redactor.redact(&err.to_string()))
+    }
+
     /// A topic deleted behind our back (or a broker replaced by an empty one): ask the
     /// admin API to create it again before the next send.
     fn forget_topic_if_missing(&self, err: &KafkaError, topic: &str) {

@@ -647,19 +647,17 @@ impl PollingStore {
         )
     }
 
-    /// The table's [`OutboxStats`], counted now.
+    /// The table's [`OutboxStats`], counted now, in one statement (the relay asks every
+    /// few seconds, idle or not).
     pub async fn stats(&self, conn: &mut PgConnection) -> Result<OutboxStats, Error> {
         let t = self.table.qualified();
         let row = sqlx::query(sqlx::AssertSqlSafe(String::from(&format!(
             "SELECT count(*) AS pending,
                     coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest,
-                    count(*) FILTER (WHERE next_attempt_at IS NOT NULL) AS retrying
+                    count(*) FILTER (WHERE next_attempt_at IS NOT NULL) AS retrying,
+                    (SELECT count(*) FROM {t} WHERE dead_lettered_at IS NOT NULL)
+                        AS dead_lettered
              FROM {t} WHERE {PENDING}"
-        ))))
-        .fetch_one(&mut *conn)
-        .await?;
-        let dead_lettered: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(String::from(&format!(
-            "SELECT count(*) FROM {t} WHERE dead_lettered_at IS NOT NULL"
         ))))
         .fetch_one(&mut *conn)
         .await?;
@@ -667,7 +665,7 @@ impl PollingStore {
             pending: row.try_get("pending")?,
             oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
             retrying: row.try_get("retrying")?,
-            dead_lettered,
+            dead_lettered: row.try_get("dead_lettered")?,
         })
     }
 
