@@ -94,6 +94,10 @@ struct Args {
     /// Above this many transactions per second, the writers put several events in one.
     #[arg(long, default_value_t = 1000)]
     max_tx_per_sec: u32,
+    /// How long each system's idle CPU is measured (quick: 5 s, full: 30 s). CPU time
+    /// is counted in 10 ms ticks: tenths of a percent need a minute or more.
+    #[arg(long)]
+    idle_secs: Option<f64>,
     /// A step is kept up with when its last event arrives at most this long after the
     /// writers' last commit.
     #[arg(long, default_value_t = 2.0)]
@@ -170,7 +174,7 @@ impl Args {
             rounds: self.rounds.unwrap_or(rounds),
             steps,
             step_seconds: self.step_secs.unwrap_or(step_seconds),
-            idle_seconds,
+            idle_seconds: self.idle_secs.unwrap_or(idle_seconds),
             probes,
             probe_seconds,
             backlog_events: self.backlog_events.unwrap_or(backlog),
