@@ -62,17 +62,7 @@ impl Topics {
     /// Deletes what an interrupted run left: every topic named as the harness names
     /// its own, and no other.
     pub async fn delete_leftovers(&self) -> Result<usize> {
-        let metadata = self
-            .admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(10))
-            .context("listing the broker's topics")?;
-        let leftovers: Vec<String> = metadata
-            .topics()
-            .iter()
-            .map(|topic| topic.name().to_string())
-            .filter(|name| is_bench_topic(name))
-            .collect();
+        let leftovers = self.topics_where(is_bench_topic)?;
         self.delete(&leftovers).await?;
         Ok(leftovers.len())
     }
@@ -80,23 +70,29 @@ impl Topics {
     /// The topics of one session: its own topic, and for Debezium whatever else it
     /// created under the session's prefix.
     pub async fn delete_with_prefix(&self, prefix: &str) -> Result<()> {
+        let names = self.topics_where(|name| {
+            name == prefix
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })?;
+        self.delete(&names).await
+    }
+
+    /// The broker's topics whose names `keep` accepts.
+    fn topics_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         let metadata = self
             .admin
             .inner()
             .fetch_metadata(None, Duration::from_secs(10))
             .context("listing the broker's topics")?;
-        let names: Vec<String> = metadata
+        Ok(metadata
             .topics()
             .iter()
-            .map(|topic| topic.name().to_string())
-            .filter(|name| {
-                name == prefix
-                    || name
-                        .strip_prefix(prefix)
-                        .is_some_and(|rest| rest.starts_with('.'))
-            })
-            .collect();
-        self.delete(&names).await
+            .map(|topic| topic.name())
+            .filter(|name| keep(name))
+            .map(str::to_string)
+            .collect())
     }
 }
 

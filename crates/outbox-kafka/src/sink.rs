@@ -8,8 +8,9 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use outbox_core::{BoxFuture, CheckError, DeliveryError, DeliveryOutcome, Message, Sink};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::metadata::Metadata;
 use rdkafka::producer::{Producer as _, PurgeConfig, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tracing::{info, warn};
@@ -338,18 +339,8 @@ impl KafkaSink {
     async fn check_topics_exist(&self, topics: &[&str]) -> HashMap<String, DeliveryError> {
         let mut failed = HashMap::new();
         for topic in topics {
-            let current = self.producer();
-            let name = topic.to_string();
             let timeout = self.settings.message_timeout.min(Duration::from_secs(10));
-            let metadata = tokio::task::spawn_blocking(move || {
-                current
-                    .producer
-                    .base()
-                    .client()
-                    .fetch_metadata(Some(&name), timeout)
-            })
-            .await
-            .expect("the metadata request does not panic");
+            let metadata = self.metadata(topic, timeout).await;
             let error = match metadata {
                 Ok(metadata) => {
                     let exists = metadata.topics().iter().any(|t| {
@@ -478,18 +469,9 @@ impl Sink for KafkaSink {
     /// why (refused TLS or SASL, an unreachable host) with [`KafkaSink::check_connection`].
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), CheckError>> {
         Box::pin(async move {
-            let current = self.producer();
-            let answered = tokio::task::spawn_blocking(move || {
-                // One topic, not the whole cluster's metadata; whether it exists does not
-                // matter (the producer never creates topics by asking).
-                current
-                    .producer
-                    .base()
-                    .client()
-                    .fetch_metadata(Some(HEALTH_TOPIC), timeout.min(CHECK_STEP))
-            })
-            .await
-            .expect("the metadata request does not panic");
+            // One topic, not the whole cluster's metadata; whether it exists does not
+            // matter (the producer never creates topics by asking).
+            let answered = self.metadata(HEALTH_TOPIC, timeout.min(CHECK_STEP)).await;
             if answered.is_ok() {
                 return Ok(());
             }
@@ -709,6 +691,21 @@ impl KafkaSink {
 }
 
 impl KafkaSink {
+    /// The metadata of `topic`, asked on the producer's connections.
+    async fn metadata(&self, topic: &str, timeout: Duration) -> KafkaResult<Metadata> {
+        let current = self.producer();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            current
+                .producer
+                .base()
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+        })
+        .await
+        .expect("the metadata request does not panic")
+    }
+
     /// An admin client for one topic creation: it does not contact the brokers until
     /// asked.
     fn admin(&self) -> Result<AdminClient<QuietLog>, String> {
