@@ -402,3 +402,95 @@ async fn large_events_keep_polling_memory_bounded() {
     );
     db.drop_db().await;
 }
+
+/// The last statement of the relay's notification listener, as PostgreSQL shows it:
+/// `LISTEN …` while it is subscribed, `UNLISTEN …` while not.
+async fn listener_statement(db: &TestDb) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'outbox-relay'
+           AND query ~ '^(UN)?LISTEN '",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until the listener's last statement starts with `prefix`, at most `timeout`.
+async fn wait_for_listener(db: &TestDb, prefix: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let statement = listener_statement(db).await;
+        if statement.as_deref().is_some_and(|s| s.starts_with(prefix)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener's last statement was {statement:?}, not {prefix}… within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every insert notification wakes PostgreSQL's listening backend: at 1,000 commits a
+/// second that cost the database as much CPU as the relay's fetches and records
+/// together. So a relay kept busy by its stream stops listening and fetches after each
+/// batch; once the stream is quiet it listens again, and an event written then is
+/// published at once, not a `polling.interval` (here a minute) later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_stream_is_fetched_without_notifications_and_a_quiet_one_wakes_the_relay() {
+    const WRITERS: usize = 8;
+    const COMMITS_EACH: usize = 300;
+    let db = TestDb::new().await;
+    let relay = InProcessRelay::start(db.relay_config("[polling]\ninterval = \"60s\"\n"));
+    wait_for_listener(&db, "LISTEN", WAIT).await;
+
+    // Busy: one event per transaction from several connections, as fast as they go.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                for n in 0..COMMITS_EACH {
+                    let event = event("order", &format!("{w}-{}", n % 10), n);
+                    let mut tx = pool.begin().await.unwrap();
+                    outbox::write(&mut *tx, &event).await.unwrap();
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut unlistened = false;
+    while !writers.iter().all(|w| w.is_finished()) {
+        unlistened |= listener_statement(&db)
+            .await
+            .is_some_and(|s| s.starts_with("UNLISTEN"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let rows = db.rows().await;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let received = consume_ids(vec![db.topic("order")], &ids, WAIT).await;
+    audit(&rows, &received).assert_complete_and_ordered();
+    assert!(
+        unlistened,
+        "the relay kept listening through {} commits",
+        WRITERS * COMMITS_EACH
+    );
+
+    // Quiet again: the relay listens, and the next event wakes it.
+    wait_for_listener(&db, "LISTEN", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late = event("order", "late", 0);
+    let written = std::time::Instant::now();
+    db.write(std::slice::from_ref(&late)).await;
+    consume_ids(vec![db.topic("order")], &[late.id], Duration::from_secs(30)).await;
+    let waited = written.elapsed();
+    relay.stop().await;
+    assert!(
+        waited < Duration::from_secs(5),
+        "an event written once the stream was quiet took {waited:?} (polling.interval 60s)"
+    );
+    db.drop_db().await;
+}

@@ -20,6 +20,12 @@ use crate::RelayError;
 /// transaction); the rest wait for the next.
 const MAX_NOTIFICATIONS_READ: usize = 10_000;
 
+/// A fetch that finds rows after this many insert notifications (commits since the last
+/// fetch) stops listening: the stream is busy enough that the next fetch will find rows
+/// anyway, and every notification costs PostgreSQL a wake-up of the listening backend
+/// (bench/README.md, "Listening only when idle").
+const BUSY_AFTER_NOTIFICATIONS: usize = 4;
+
 /// A source of events for the active relay.
 ///
 /// Contract: `next_batch` gives events in the order they must be published (per
@@ -69,10 +75,19 @@ pub(crate) trait Prefetch: Source {
 /// leadership lock (so a relay that lost it cannot mark anything); outcomes recorded in
 /// one transaction. Woken by the table's insert notification, or every
 /// `polling.interval`.
+///
+/// It listens only while the stream is quiet. Once commits arrive faster than it
+/// publishes, it stops listening and fetches after each batch without being told; the
+/// first fetch that finds nothing listens again and looks once more before it waits,
+/// for the rows committed before listening began.
 pub(crate) struct PollingSource<'r, 'c> {
     relay: &'r Relay<'r>,
     conn: &'c mut PgConnection,
     listener: PgListener,
+    /// The listener is subscribed to the table's channel.
+    listening: bool,
+    /// Insert notifications read since the last fetch.
+    announced: usize,
     /// The `seq` of every row given out and not yet recorded or given back: still
     /// pending in the table, so every fetch leaves them out.
     given_out: HashSet<i64>,
@@ -95,6 +110,8 @@ impl<'r, 'c> PollingSource<'r, 'c> {
             relay,
             conn,
             listener,
+            listening: true,
+            announced: 0,
             given_out: HashSet::new(),
             maybe_more: false,
         })
@@ -105,6 +122,7 @@ impl<'r, 'c> PollingSource<'r, 'c> {
     async fn fetch(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd> {
         let relay = self.relay;
         self.take_notifications().await;
+        let announced = std::mem::take(&mut self.announced);
         let in_flight: Vec<i64> = self.given_out.iter().copied().collect();
         let (events, full) = relay
             .fetch_from_table(self.conn, Fetch::Pending, &in_flight, max_bytes)
@@ -113,25 +131,46 @@ impl<'r, 'c> PollingSource<'r, 'c> {
         relay.health.database.ok(relay.health.started());
         self.given_out.extend(events.iter().map(|event| event.seq));
         self.maybe_more = full;
+        if self.listening && announced >= BUSY_AFTER_NOTIFICATIONS && !events.is_empty() {
+            self.set_listening(false).await?;
+        } else if !self.listening && events.is_empty() {
+            self.set_listening(true).await?;
+        }
         Ok(events)
+    }
+
+    /// Subscribes the listener to the table's channel, or unsubscribes it.
+    async fn set_listening(&mut self, listen: bool) -> Result<(), LeadEnd> {
+        let channel = self.relay.config.table.notify_channel();
+        let result = if listen {
+            self.listener.listen(&channel).await
+        } else {
+            self.listener.unlisten(&channel).await
+        };
+        result.map_err(|err| self.lost(RelayError::Store(err.into())))?;
+        debug!(listen, "insert notifications");
+        self.listening = listen;
+        Ok(())
     }
 
     /// Reads the insert notifications that have arrived, without waiting: a busy relay
     /// rarely waits on the listener, and they would pile up on the server, each one
     /// waking the idle relay later for a row already published.
-    /// Returns how many were read.
+    /// Returns how many were read (also added to `announced`).
     async fn take_notifications(&mut self) -> usize {
-        for read in 0..MAX_NOTIFICATIONS_READ {
+        let mut read = 0;
+        while read < MAX_NOTIFICATIONS_READ {
             match tokio::time::timeout(Duration::ZERO, self.listener.recv()).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => read += 1,
                 Ok(Err(err)) => {
                     debug!(%err, "notification listener reconnecting");
-                    return read;
+                    break;
                 }
-                Err(_) => return read,
+                Err(_) => break,
             }
         }
-        MAX_NOTIFICATIONS_READ
+        self.announced += read;
+        read
     }
 
     fn lost(&self, err: RelayError) -> LeadEnd {
@@ -150,9 +189,14 @@ impl Source for PollingSource<'_, '_> {
             if shutdown.is_cancelled() {
                 return Ok(None);
             }
+            let was_listening = self.listening;
             let events = self.fetch(relay.config.max_batch_bytes).await?;
             if !events.is_empty() {
                 return Ok(Some(events));
+            }
+            if !was_listening {
+                // Listening from now on: look once more, for the rows committed before.
+                continue;
             }
             // Idle: sleep until an insert is announced, the fallback interval passes, or
             // we are asked to stop.
@@ -198,10 +242,10 @@ impl Prefetch for PollingSource<'_, '_> {
         self.fetch(max_bytes).await
     }
 
-    /// Fetches when the last fetch was full or an insert was announced since: a quiet
-    /// table costs no query.
+    /// Fetches when the last fetch was full, an insert was announced since, or the
+    /// stream is busy (not listening): a quiet table costs no query.
     async fn next_batch_announced(&mut self, max_bytes: u64) -> Result<Vec<StoredEvent>, LeadEnd> {
-        if self.take_notifications().await == 0 && !self.maybe_more {
+        if self.listening && self.take_notifications().await == 0 && !self.maybe_more {
             return Ok(Vec::new());
         }
         self.fetch(max_bytes).await
