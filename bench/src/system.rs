@@ -266,7 +266,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// CPU time of every PostgreSQL process on the machine (server, background workers,
-/// backends and WAL senders), seconds: the load a system puts on the database.
+/// backends and WAL senders), seconds: the load a system puts on the database. It
+/// includes the processes that have exited (autovacuum workers come and go within a
+/// step), counted in the postmaster's time for its reaped children.
 pub fn postgres_cpu_seconds() -> f64 {
     let mut ticks = 0.0;
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -280,9 +282,9 @@ pub fn postgres_cpu_seconds() -> f64 {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        if let Some((comm, t)) = stat_cpu(&stat) {
+        if let (Some((comm, t)), Some(reaped)) = (stat_cpu(&stat), reaped_children_cpu(&stat)) {
             if comm == "postgres" {
-                ticks += t;
+                ticks += t + reaped;
             }
         }
     }
@@ -300,6 +302,17 @@ fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
     Some((comm, utime + stime))
 }
 
+/// cutime + cstime (in clock ticks) of a /proc/PID/stat line: the CPU time of the
+/// process's children that have exited and been waited for.
+fn reaped_children_cpu(stat: &str) -> Option<f64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the line, 14th and 15th after the ")".
+    let cutime: f64 = fields.get(13)?.parse().ok()?;
+    let cstime: f64 = fields.get(14)?.parse().ok()?;
+    Some(cutime + cstime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +321,8 @@ mod tests {
     fn reads_utime_and_stime_after_a_command_with_spaces() {
         let line = "42 (post gres) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
         assert_eq!(stat_cpu(line), Some(("post gres", 300.0)));
+        assert_eq!(reaped_children_cpu(line), Some(0.0));
+        let postmaster = "7 (postgres) S 1 7 7 0 -1 4194560 100 0 0 0 250 50 4000 600 20 0 1 0";
+        assert_eq!(reaped_children_cpu(postmaster), Some(4600.0));
     }
 }
