@@ -2,14 +2,15 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::system::System;
+use crate::system::{System, BENCH_APPLICATION_NAME};
 
 pub struct BenchDb {
     pub name: String,
@@ -89,9 +90,14 @@ impl BenchDb {
         if !migrate.status()?.success() {
             bail!("outbox migrate failed on {name}");
         }
+        // Named, so their backends' CPU can be told from the system's; kept for the
+        // whole session, so none of it leaves with a closed connection.
+        let options = PgConnectOptions::from_str(&url)?.application_name(BENCH_APPLICATION_NAME);
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
-            .connect(&url)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
             .await?;
         Ok(BenchDb {
             name,

@@ -125,6 +125,11 @@ pub struct Step {
     /// CPU time of the system's process from the step's start to its last arrival.
     pub cpu_seconds_per_million: f64,
     pub postgres_cpu_seconds_per_million: f64,
+    /// The same less the backends of the harness's own connections (the writers): what
+    /// the system under test costs PostgreSQL, without the writers' noise. `None` in
+    /// reports from before it was measured.
+    #[serde(default)]
+    pub postgres_cpu_less_writers_seconds_per_million: Option<f64>,
     /// Highest VmRSS sampled (every 50 ms) during the step.
     pub peak_rss_mib: f64,
 }

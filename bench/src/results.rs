@@ -31,7 +31,8 @@ pub fn markdown(report: &Report) -> String {
          resumed and the drain is timed. {} round(s), the systems alternating within each \
          round. Latency is the writer's COMMIT returning → the consumer receiving the message. \
          CPU and memory come from /proc: the system's process (Kafka Connect's JVM for \
-         Debezium), and all PostgreSQL processes.{}\n",
+         Debezium), and all PostgreSQL processes (those that exited within a step included), \
+         also less the writers' own backends.{}\n",
         report.started_at,
         plan.profile,
         report.command,
@@ -92,6 +93,13 @@ pub fn markdown(report: &Report) -> String {
         (
             format!("PostgreSQL CPU-seconds per million events at {first}/s ↓"),
             Box::new(move |s: &Session| s.step(first).map(|x| x.postgres_cpu_seconds_per_million)),
+        ),
+        (
+            format!("PostgreSQL CPU-seconds per million events at {first}/s, less the writers' backends ↓"),
+            Box::new(move |s: &Session| {
+                s.step(first)
+                    .and_then(|x| x.postgres_cpu_less_writers_seconds_per_million)
+            }),
         ),
         (
             "peak RSS (MiB) ↓".into(),
@@ -185,13 +193,16 @@ pub fn markdown(report: &Report) -> String {
     });
     let _ = writeln!(
         out,
-        "\n## CPU per step (CPU-seconds per million events: the system / all of PostgreSQL)\n"
+        "\n## CPU per step (CPU-seconds per million events: the system / all of PostgreSQL / PostgreSQL less the writers' backends)\n"
     );
     step_table(&mut out, report, |steps| {
         format!(
-            "{} / {}",
+            "{} / {} / {}",
             number(avg(steps, |s| s.cpu_seconds_per_million)),
-            number(avg(steps, |s| s.postgres_cpu_seconds_per_million))
+            number(avg(steps, |s| s.postgres_cpu_seconds_per_million)),
+            number(avg(steps, |s| s
+                .postgres_cpu_less_writers_seconds_per_million
+                .unwrap_or(f64::NAN)))
         )
     });
     let _ = writeln!(

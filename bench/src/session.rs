@@ -11,7 +11,9 @@ use crate::arrivals::Arrivals;
 use crate::db::BenchDb;
 use crate::load::{self, Shape, Written};
 use crate::report::{Backlog, Idle, LargeBacklog, MaxSustained, Plan, Session, Step, Verdict};
-use crate::system::{postgres_cpu_seconds, Launcher, Running, System};
+use crate::system::{
+    bench_backends_cpu, cpu_spent, postgres_cpu_seconds, Launcher, Running, System,
+};
 use crate::topics::Topics;
 
 pub struct Context<'a> {
@@ -280,12 +282,14 @@ pub(crate) async fn step(
     seconds: f64,
 ) -> Result<Step> {
     sut.take_sampled_peak_rss_mib();
+    let writers = bench_backends_cpu(db).await?;
     let (cpu, pg) = (sut.cpu_seconds(), postgres_cpu_seconds());
     let written = load::open_loop(&db.pool, cx.shape, rate, seconds).await?;
     let settled = arrivals
         .settle(&written.commits, settle_timeout(&written))
         .await;
     let (cpu, pg) = (sut.cpu_seconds() - cpu, postgres_cpu_seconds() - pg);
+    let writers = cpu_spent(&writers, &bench_backends_cpu(db).await?);
     sut.check_alive()?;
     let events = written.events();
     let end_lag_seconds = settled.last_arrival.saturating_sub(written.finished) as f64 / 1e6;
@@ -312,6 +316,7 @@ pub(crate) async fn step(
         max_ms: settled.latency.max() as f64 / 1000.0,
         cpu_seconds_per_million: cpu / events as f64 * 1e6,
         postgres_cpu_seconds_per_million: pg / events as f64 * 1e6,
+        postgres_cpu_less_writers_seconds_per_million: Some((pg - writers) / events as f64 * 1e6),
         peak_rss_mib: sut.take_sampled_peak_rss_mib(),
     })
 }

@@ -1,5 +1,6 @@
 //! The systems under test, run as real processes, and what /proc says about them.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,6 +301,36 @@ fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((comm, utime + stime))
+}
+
+/// The application name of the harness's own connections to the session's database
+/// (the writers).
+pub const BENCH_APPLICATION_NAME: &str = "outbox-bench";
+
+/// CPU seconds so far of each PostgreSQL backend serving the harness's own connections
+/// to the session's database, by pid.
+pub async fn bench_backends_cpu(db: &BenchDb) -> Result<HashMap<i32, f64>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(BENCH_APPLICATION_NAME)
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(pids
+        .into_iter()
+        .map(|pid| (pid, cpu_seconds(pid as u32)))
+        .filter(|(_, seconds)| seconds.is_finite())
+        .collect())
+}
+
+/// CPU seconds spent between two readings of [`bench_backends_cpu`]: a backend that
+/// started in between counts whole.
+pub fn cpu_spent(before: &HashMap<i32, f64>, after: &HashMap<i32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, seconds)| seconds - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 /// cutime + cstime (in clock ticks) of a /proc/PID/stat line: the CPU time of the
