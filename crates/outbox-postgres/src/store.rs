@@ -338,10 +338,10 @@ impl PollingStore {
                 } => dead.push(*id, *attempts, Duration::ZERO, error),
             }
         }
-        let t = self.table.qualified();
         if retry.ids.is_empty() && dead.ids.is_empty() {
             return self.apply_published(conn, &published, on_publish).await;
         }
+        let t = self.table.qualified();
         // Every statement below finds its rows by id. With a batch of ids the planner
         // may price a scan of the whole table below a thousand index probes (a table of
         // small rows), and then each batch reads every row ever written: a relay
@@ -422,7 +422,7 @@ impl PollingStore {
             ),
             OnPublish::Delete => format!(
                 "SET LOCAL enable_seqscan = off;
-                 SET LOCAL outbox.relay_delete = 'on';
+                 SET LOCAL {RELAY_DELETE} = 'on';
                  DELETE FROM {t} WHERE id = ANY({ids})"
             ),
         };
@@ -809,10 +809,15 @@ impl PollingStore {
     }
 }
 
+/// The setting, local to a transaction, that marks its deletes as the relay's own for
+/// the table's `writer_deletes` trigger (migration 2).
+const RELAY_DELETE: &str = "outbox.relay_delete";
+
 /// Marks the transaction's deletes as the relay's own, so that the table's
 /// writer-delete trigger does not take them for a writer's.
 async fn mark_relay_delete(conn: &mut PgConnection) -> Result<(), Error> {
-    sqlx::query("SELECT set_config('outbox.relay_delete', 'on', true)")
+    sqlx::query("SELECT set_config($1, 'on', true)")
+        .bind(RELAY_DELETE)
         .execute(&mut *conn)
         .await?;
     Ok(())
