@@ -130,6 +130,7 @@ impl Relay<'_> {
             retry: Vec::new(),
             retry_at: None,
             standbys_unconfigured_until: None,
+            ended_ahead: None,
         };
         let end = self.pump(&mut source, shutdown).await;
         // A stream that still works reports its last confirmed position before it ends
@@ -540,6 +541,16 @@ pub(crate) struct CdcSource<'r, 'c> {
     retry_at: Option<Instant>,
     /// No synchronous standby was configured at the last look: none is awaited until.
     standbys_unconfigured_until: Option<Instant>,
+    /// How the stream ended while reading ahead, given out by the next `next_batch`
+    /// (after the batch being published then is recorded).
+    ended_ahead: Option<StreamEnd>,
+}
+
+/// How the stream ended.
+enum StreamEnd {
+    /// The server ended it.
+    Closed,
+    Failed(CdcError),
 }
 
 impl CdcSource<'_, '_> {
@@ -548,6 +559,54 @@ impl CdcSource<'_, '_> {
         self.relay.health.replication.failed(err.to_string());
         self.stream = None;
         cdc_end(err)
+    }
+
+    /// The server ended the stream.
+    fn closed(&mut self) -> LeadEnd {
+        self.relay
+            .health
+            .replication
+            .failed("the server ended the replication stream");
+        self.stream = None;
+        LeadEnd::Lost(RelayError::StreamEnded)
+    }
+
+    /// Takes one event of the stream into the batch being collected. An idle position
+    /// is returned, not confirmed: only the caller knows whether nothing is in flight.
+    fn take(&mut self, event: CdcEvent) -> Option<Lsn> {
+        let relay = self.relay;
+        if matches!(event, CdcEvent::Idle { .. } | CdcEvent::Commit { .. }) {
+            relay.health.replication.ok(relay.health.started());
+        }
+        match event {
+            CdcEvent::Begin => self.in_transaction = true,
+            CdcEvent::Row(row) => {
+                if self.batch.is_empty() {
+                    self.batch_started = Some(Instant::now());
+                }
+                self.batch_bytes += row.weight();
+                self.batch.push(row)
+            }
+            CdcEvent::Commit { end_lsn } => {
+                self.in_transaction = false;
+                self.confirm_after = Some(end_lsn);
+            }
+            CdcEvent::Idle { wal_end } => return Some(wal_end),
+            CdcEvent::Waiting {
+                aggregate_type,
+                aggregate_id,
+            } => {
+                // Published from the table (a retried dead letter): its
+                // aggregate's later rows wait behind it.
+                self.parked.insert((aggregate_type, aggregate_id));
+                self.next_drain = Instant::now();
+            }
+            CdcEvent::RejectedUpdate { id } => {
+                relay.metrics.rejected_updates.inc();
+                warn!(?id, "an outbox row was UPDATEd; outbox rows are immutable events, so the update is not published (insert a new event instead)");
+            }
+        }
+        None
     }
 
     /// Confirms `lsn` to PostgreSQL, then moves the checkpoint if it is now behind.
@@ -708,6 +767,11 @@ impl Source for CdcSource<'_, '_> {
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<StoredEvent>>, LeadEnd> {
         let relay = self.relay;
+        match self.ended_ahead.take() {
+            Some(StreamEnd::Closed) => return Err(self.closed()),
+            Some(StreamEnd::Failed(err)) => return Err(self.failed(err)),
+            None => {}
+        }
         if !self.retry.is_empty() {
             let wait = self
                 .retry_at
@@ -781,53 +845,18 @@ impl Source for CdcSource<'_, '_> {
                 }
             };
             let mut flush = next.is_none();
-            if let Some(Ok(Some(CdcEvent::Idle { .. } | CdcEvent::Commit { .. }))) = &next {
-                relay.health.replication.ok(relay.health.started());
-            }
             match next {
                 None => {}
-                Some(Ok(Some(event))) => match event {
-                    CdcEvent::Begin => self.in_transaction = true,
-                    CdcEvent::Row(row) => {
-                        if self.batch.is_empty() {
-                            self.batch_started = Some(Instant::now());
-                        }
-                        self.batch_bytes += row.weight();
-                        self.batch.push(row)
-                    }
-                    CdcEvent::Commit { end_lsn } => {
-                        self.in_transaction = false;
-                        self.confirm_after = Some(end_lsn);
-                    }
-                    CdcEvent::Idle { wal_end } => {
+                Some(Ok(Some(event))) => {
+                    if let Some(wal_end) = self.take(event) {
                         // Nothing in flight: the slot may move on, so an idle outbox next
                         // to a busy database does not hold WAL back.
                         if idle && !self.in_transaction {
                             self.confirm(wal_end).await?;
                         }
                     }
-                    CdcEvent::Waiting {
-                        aggregate_type,
-                        aggregate_id,
-                    } => {
-                        // Published from the table (a retried dead letter): its
-                        // aggregate's later rows wait behind it.
-                        self.parked.insert((aggregate_type, aggregate_id));
-                        self.next_drain = Instant::now();
-                    }
-                    CdcEvent::RejectedUpdate { id } => {
-                        relay.metrics.rejected_updates.inc();
-                        warn!(?id, "an outbox row was UPDATEd; outbox rows are immutable events, so the update is not published (insert a new event instead)");
-                    }
-                },
-                Some(Ok(None)) => {
-                    relay
-                        .health
-                        .replication
-                        .failed("the server ended the replication stream");
-                    self.stream = None;
-                    return Err(LeadEnd::Lost(RelayError::StreamEnded));
                 }
+                Some(Ok(None)) => return Err(self.closed()),
                 Some(Err(err)) => return Err(self.failed(err)),
             }
             if self.batch.len() >= relay.config.batch_size as usize
@@ -881,6 +910,39 @@ impl Source for CdcSource<'_, '_> {
                     .await
             }
             None => unreachable!("record follows next_batch"),
+        }
+    }
+
+    /// Under a backlog (a batch in flight of at least a quarter of the batch size, rows
+    /// or bytes), reads the stream into the next batch while `in_flight` is published,
+    /// until it is full: `batch_size` rows, or its bytes and the in-flight batch's
+    /// together at `cdc.max_batch_bytes`. Without it the next batch would only begin to
+    /// be read once the broker has acknowledged this one. Nothing is confirmed here,
+    /// not even an idle position: the batch in flight is before it. Parked aggregates
+    /// are left to the flush, after that batch is recorded. `CdcStream::next` is safe to
+    /// drop at its await, as `next_batch`'s timeouts already rely on.
+    async fn read_ahead(&mut self, in_flight: &[StoredEvent]) {
+        let limit = self.relay.config.batch_size as usize;
+        let max_bytes = self.relay.config.cdc_max_batch_bytes;
+        let in_flight_bytes: u64 = in_flight.iter().map(StoredEvent::weight).sum();
+        // Below a backlog the rows that come during a publish are few, and already
+        // received when it ends: reading them meanwhile would only cost wake-ups
+        // (bench/README.md, "Reading the stream beside the publish").
+        if in_flight.len() * 4 < limit && in_flight_bytes * 4 < max_bytes {
+            return;
+        }
+        let room = max_bytes.saturating_sub(in_flight_bytes);
+        while self.ended_ahead.is_none() && self.batch.len() < limit && self.batch_bytes < room {
+            let Some(stream) = self.stream.as_mut() else {
+                return;
+            };
+            match stream.next().await {
+                Ok(Some(event)) => {
+                    let _ = self.take(event);
+                }
+                Ok(None) => self.ended_ahead = Some(StreamEnd::Closed),
+                Err(err) => self.ended_ahead = Some(StreamEnd::Failed(err)),
+            }
         }
     }
 }

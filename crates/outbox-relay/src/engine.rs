@@ -417,8 +417,8 @@ impl Relay<'_> {
         end
     }
 
-    /// The engine's loop, the same for every source: take a batch, publish it, let the
-    /// source record what became of each event.
+    /// The engine's loop, the same for every source: take a batch, publish it (the
+    /// source reading ahead meanwhile), let the source record what became of each event.
     pub(crate) async fn pump<S: Source>(
         &self,
         source: &mut S,
@@ -432,7 +432,15 @@ impl Relay<'_> {
                 Err(end) => return end,
             };
             let started = Instant::now();
-            let (actions, outcomes) = self.deliver(&events).await;
+            let (actions, outcomes) = {
+                let delivering = self.deliver(&events);
+                tokio::pin!(delivering);
+                tokio::select! {
+                    biased;
+                    delivered = &mut delivering => delivered,
+                    () = source.read_ahead(&events) => delivering.await,
+                }
+            };
             if self.sink.is_fenced() {
                 return LeadEnd::Lost(RelayError::Fenced);
             }

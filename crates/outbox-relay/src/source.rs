@@ -52,6 +52,12 @@ pub(crate) trait Source {
         outcomes: &[DeliveryOutcome],
         shutdown: &CancellationToken,
     ) -> Result<(), LeadEnd>;
+
+    /// Reads on while `in_flight` is being published, so that the next batch is ready
+    /// when it is done; returns once there is no more room. The engine drops it when
+    /// the publish is done, so it must leave the source whole at each await. Sources
+    /// that do not read ahead return at once.
+    async fn read_ahead(&mut self, _in_flight: &[StoredEvent]) {}
 }
 
 /// A source that can give its next batch while the last one is still being published:
